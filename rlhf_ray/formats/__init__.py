@@ -1,0 +1,1 @@
+"""Dataset formats: hh-rlhf, split preference pairs, self-instruct, prompt/completion, prompts."""

@@ -1,0 +1,72 @@
+"""Read JSON rows from a .jsonl / .jsonl.gz file, a folder of them, or a Hugging Face hub dataset."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+from rlhf_ray.formats.rows import DataError, RowProblems, RowRef
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def jsonl_files(path: Path) -> list[Path]:
+    """The data files a local path stands for: itself, or the .jsonl/.jsonl.gz files under a folder, in path order."""
+    if path.is_file():
+        if not path.name.endswith(JSONL_SUFFIXES):
+            raise DataError(str(path), "<file>", f"unsupported file type; expected one of {', '.join(JSONL_SUFFIXES)}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+    if not files:
+        raise DataError(str(path), "<folder>", f"holds no {' or '.join(JSONL_SUFFIXES)} files")
+    return files
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _file_rows(path: Path, problems: RowProblems) -> Iterator[tuple[RowRef, dict]]:
+    with _open_text(path) as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            ref = RowRef(str(path), number)
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                problems.handle(DataError(ref, "<json>", f"not valid JSON ({err.msg} at column {err.colno})"))
+                continue
+            if not isinstance(row, dict):
+                problems.handle(DataError(ref, "<json>", f"expected a JSON object, got {type(row).__name__}"))
+                continue
+            yield ref, row
+
+
+def _hub_rows(name: str, split: str) -> Iterator[tuple[RowRef, dict]]:
+    import datasets  # heavy import, only for hub datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # the hub client raises many types; name the source in one message
+        raise DataError(name, "<source>", f"no such local file or folder, and loading it from the Hugging Face hub failed: {err}") from err
+    for index, row in enumerate(dataset):
+        yield RowRef(f"hf:{name}[{split}]", index + 1), dict(row)
+
+
+def iter_rows(source: str, problems: RowProblems, split: str = "train") -> Iterator[tuple[RowRef, dict]]:
+    """Yield (where, row) for every JSON object row of `source`."""
+    path = Path(source)
+    if path.exists():
+        for file in jsonl_files(path):
+            yield from _file_rows(file, problems)
+    elif _HUB_NAME.match(source) and not source.endswith(JSONL_SUFFIXES):
+        yield from _hub_rows(source, split)
+    else:
+        raise DataError(source, "<source>", "no such file or folder")

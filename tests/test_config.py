@@ -1,0 +1,93 @@
+import pytest
+
+from rlhf_ray import typed_yaml
+from rlhf_ray.config import Config, ConfigError, load_config, save_config
+
+pytestmark = pytest.mark.unit
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid():
+    config = load_config(None)
+    assert config.ppo.kl_coef == 0.05 and config.model.trust_remote_code is False
+
+
+def test_file_and_dotted_overrides(tmp_path):
+    path = write(tmp_path, "ppo:\n  kl_coef: 0.2\n  iterations: 3\nlora:\n  r: 8\n")
+    config = load_config(path, ["ppo.kl_coef=0.05", "lora.target_modules=[q_proj]", "model.tokenizer=null"])
+    assert config.ppo.kl_coef == 0.05  # override wins over the file
+    assert config.ppo.iterations == 3  # file wins over the default
+    assert config.lora.r == 8 and config.lora.target_modules == ["q_proj"]
+    assert config.model.tokenizer is None
+
+
+def test_int_accepted_for_float(tmp_path):
+    assert load_config(write(tmp_path, "ppo:\n  kl_coef: 1\n")).ppo.kl_coef == 1.0
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    path = write(tmp_path, "run:\n  name: x\nppo:\n  iterations: 2\n  kl_coeff: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:5" in message and "'ppo.kl_coeff'" in message and "did you mean 'ppo.kl_coef'" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: unknown key 'pop'"):
+        load_config(write(tmp_path, "pop:\n  kl_coef: 0.1\n"))
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("ppo:\n  iterations: ten\n", r"c\.yaml:2: 'ppo\.iterations' must be int, got str 'ten'"),
+    ("ppo:\n  iterations: 2.5\n", r"'ppo\.iterations' must be int, got float"),
+    ("model:\n  trust_remote_code: 1\n", r"'model\.trust_remote_code' must be bool, got int"),
+    ("lora:\n  target_modules: q_proj\n", r"'lora\.target_modules' must be a list"),
+    ("data:\n  overlong: cut\n", r"'data\.overlong' must be one of \['error', 'skip', 'truncate_prompt'\]"),
+    ("ppo: 3\n", r"'ppo' must be a mapping"),
+    ("- a\n- b\n", r"top level must be a mapping"),
+    ("ppo:\n  kl_coef: [1\n", r"not valid YAML"),
+])
+def test_wrong_types(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("sft.batch_size=0", r"override 'sft\.batch_size=0'.*batch_size must be > 0"),
+    ("ppo.minibatch_size=64", r"minibatch_size must be <= rollout_batch_size"),
+    ("ppo.kl_coef", r"must look like key\.path=value"),
+    ("ppo.kl_coef.x=1", r"override 'ppo\.kl_coef\.x=1'.*'ppo\.kl_coef' must be float"),
+    ("data.eval_fraction=1.5", r"eval_fraction must be in \[0, 1\)"),
+])
+def test_validation_errors_name_the_override(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config(None, ["ppo.kl_coef=0.3", "sweep.lrs=[1.0e-6, 2.0e-6]", "run.name=rt"])
+    saved = save_config(config, tmp_path / "run")
+    assert saved.name == "config.yaml"
+    again = load_config(saved)
+    assert again == config
+    assert typed_yaml.dump(again) == saved.read_text()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        assert isinstance(load_config(path), Config), path
