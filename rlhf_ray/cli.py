@@ -47,6 +47,13 @@ def _models_list(args) -> None:
         print(f"{name}\t{'fetched: ' + str(folder) if folder.exists() else 'not fetched (rlhf-ray models fetch ' + name + ')'}")
 
 
+def _train_stage(args) -> None:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train.launch import run_stage
+
+    run_stage(load_config(args.file, args.overrides), args.command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="Ray-distributed RLHF: SFT -> reward model -> PPO.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_models_tiny)
+    for stage, what in (("sft", "supervised fine-tuning"), ("rm", "reward-model training")):
+        job = commands.add_parser(stage, help=f"{what} as a Ray Train job on DeepSpeed (resumes a same-named run)")
+        job.add_argument("file", help="config YAML")
+        job.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        job.set_defaults(run=_train_stage)
     models.add_parser("list", help="known model names and where they are cached").set_defaults(run=_models_list)
     return parser
 

@@ -1,0 +1,1 @@
+"""SFT and reward-model training as Ray Train jobs on DeepSpeed."""

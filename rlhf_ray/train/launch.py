@@ -1,0 +1,102 @@
+"""Driver side of the SFT and RM jobs: load and tokenize data, launch the Ray Train TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_ray.config import Config, save_config
+from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
+from rlhf_ray.models.loading import load_tokenizer
+from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.train import batches
+from rlhf_ray.train.model_setup import deepspeed_config
+
+
+@dataclass
+class StageResult:
+    output_dir: Path
+    model_dir: Path
+    metrics: dict  # the last metrics reported
+
+
+def prepare_rows(config: Config, stage: str, tokenizer) -> tuple[list, list, str]:
+    """Tokenized train and eval rows, and a summary of what was read, skipped or truncated."""
+    data = config.data
+    if stage == "sft":
+        source = data.sft
+        loaded = load_sft_examples(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
+        tokenized = batches.tokenize_sft(loaded.examples, tokenizer, data.max_length, data.overlong)
+    else:
+        source = data.preference
+        loaded = load_preference_pairs(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
+        tokenized = batches.tokenize_pairs(loaded.examples, tokenizer, data.max_length, data.overlong)
+    train, held_out = batches.split_rows(tokenized.rows, data.eval_fraction, data.seed)
+    summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(loaded.examples)} examples; "
+               f"bad rows: {loaded.problems.summary()}; lengths: {tokenized.lengths.summary()}; "
+               f"{len(train)} train / {len(held_out)} eval")
+    return train, held_out, summary
+
+
+def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail_once_at_step: int | None = None) -> StageResult:
+    """Run the `sft` or `rm` job to completion (resuming a same-named run) and export its model."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rlhf_ray.ray_session import connect
+    from rlhf_ray.run_log import plot_curves
+    from rlhf_ray.train.worker import train_fn_per_worker
+
+    stage_config = getattr(config, stage)
+    out = (config.run.path / stage).resolve()
+    model_path = resolve_model(base_model or config.model.name_or_path).resolve()
+    tokenizer_path = resolve_model(config.model.tokenizer).resolve() if config.model.tokenizer else model_path
+    tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
+    train, held_out, summary = prepare_rows(config, stage, tokenizer)
+    print(f"[{stage}] data: {summary}", flush=True)
+    ds = deepspeed_config(config, stage_config, config.resources.num_workers)
+    save_config(config, out)
+    (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
+    print(f"[{stage}] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+
+    loop_config = {
+        "config": _as_dict(config), "stage": stage, "deepspeed": ds, "output_dir": str(out),
+        "model_path": str(model_path), "tokenizer_path": str(tokenizer_path), "pad_id": tokenizer.pad_token_id,
+        "data": ray.put({"train": train, "eval": held_out}),
+    }
+    if fail_once_at_step is not None:
+        loop_config["fail_once_at_step"] = {"step": fail_once_at_step, "marker": str(out / ".injected-failure"),
+                                            "world": config.resources.num_workers}
+    resources = config.resources
+    trainer = TorchTrainer(
+        _resolve_data_ref_then(train_fn_per_worker), train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        run_config=RunConfig(name=stage, storage_path=str(out / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=stage_config.num_to_keep),
+                             failure_config=FailureConfig(max_failures=stage_config.max_failures)),
+    )
+    result = trainer.fit()
+    png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: {stage}")
+    print(f"[{stage}] done: model {out / 'model'}" + (f", curves {png}" if png else ""), flush=True)
+    return StageResult(out, out / "model", dict(result.metrics or {}))
+
+
+def _as_dict(config: Config) -> dict:
+    from rlhf_ray.typed_yaml import to_dict
+
+    return to_dict(config)
+
+
+def _resolve_data_ref_then(fn):
+    """Workers receive the data as an object ref inside the config; fetch it before `fn` runs."""
+
+    def train_fn(loop_config: dict) -> None:
+        import ray
+
+        fn({**loop_config, "data": ray.get(loop_config["data"])})
+
+    return train_fn

@@ -1,0 +1,93 @@
+"""Build the models the SFT and RM jobs train, and the DeepSpeed config they use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.config import Config, LoraConfig, TrainStageConfig
+from rlhf_ray.models.loading import torch_dtype
+
+
+def _apply_lora(model, lora: LoraConfig, task_type: str, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), task_type=task_type,
+                                 modules_to_save=modules_to_save)
+    return get_peft_model(model, peft_config)
+
+
+def build_causal_lm(config: Config, model_path: str | Path):
+    """The SFT model: the base causal LM, wrapped with a LoRA adapter when `lora.enabled`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype(config.model.dtype),
+                                                 use_safetensors=True, trust_remote_code=config.model.trust_remote_code)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return _apply_lora(model, config.lora, "CAUSAL_LM") if config.lora.enabled else model
+
+
+def build_reward_model(config: Config, model_path: str | Path, pad_token_id: int):
+    """A causal-LM backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1).
+
+    The score is read at the last non-pad token (transformers pools there using pad_token_id;
+    our sequences are right-padded and end with the chat template's end-of-turn tokens).
+    With LoRA the head is trained in full (`modules_to_save`).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_path), num_labels=1, dtype=torch_dtype(config.model.dtype), use_safetensors=True,
+        trust_remote_code=config.model.trust_remote_code)
+    model.config.pad_token_id = pad_token_id
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return _apply_lora(model, config.lora, "SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else model
+
+
+def use_bf16(config: Config) -> bool:
+    """bf16 where asked, else only on GPUs that support it."""
+    if config.deepspeed.bf16 is not None:
+        return config.deepspeed.bf16
+    return config.resources.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def deepspeed_config(config: Config, stage: TrainStageConfig, world_size: int) -> dict:
+    """The JSON DeepSpeed gets: the file from `deepspeed.config_file`, with batch sizes, lr and precision filled in."""
+    path = Path(config.deepspeed.config_file)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"DeepSpeed config not found: {path} (deepspeed.config_file)") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    ds["train_micro_batch_size_per_gpu"] = stage.batch_size
+    ds["gradient_accumulation_steps"] = stage.grad_accum
+    ds["train_batch_size"] = stage.batch_size * stage.grad_accum * world_size
+    ds["gradient_clipping"] = stage.max_grad_norm
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    ds["optimizer"].setdefault("params", {}).update(lr=stage.lr, weight_decay=stage.weight_decay)
+    if config.deepspeed.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = config.deepspeed.zero_stage
+    ds["bf16"] = {"enabled": use_bf16(config)}
+    ds.pop("scheduler", None)  # the warmup/cosine schedule is ours (see warmup_cosine)
+    return ds
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    """LR multiplier: linear warmup over warmup_ratio * total steps, then cosine decay to 0."""
+    import math
+
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

@@ -1,0 +1,103 @@
+"""What differs between the SFT and RM jobs: the model, the batch, the loss, eval metrics and export.
+
+Each task works on sums (not means) so data-parallel workers can all-reduce them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rlhf_ray.algo.losses import next_token_loss, pairwise_reward_loss
+from rlhf_ray.config import Config
+from rlhf_ray.train import batches
+from rlhf_ray.train.model_setup import build_causal_lm, build_reward_model
+
+
+class Task(Protocol):
+    name: str
+
+    def build_model(self, config: Config, model_path: str, pad_id: int) -> torch.nn.Module: ...
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss_and_sums(self, model, batch: dict, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def export_extras(self, folder: Path, eval_sums: dict[str, float]) -> None: ...
+
+
+class SFTTask:
+    name = "sft"
+
+    def build_model(self, config, model_path, pad_id):
+        return build_causal_lm(config, model_path)
+
+    def collate(self, rows, pad_id):
+        return batches.collate_sft(rows, pad_id)
+
+    def loss_and_sums(self, model, batch, config):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total, count = next_token_loss(logits, batch["labels"])
+        return total / count.clamp(min=1), {"loss_sum": total.detach(), "tokens": count.float()}
+
+    def train_metrics(self, sums):
+        return {"loss": sums["loss_sum"] / max(sums["tokens"], 1.0), "tokens": sums["tokens"]}
+
+    def eval_metrics(self, sums):
+        loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    def export_extras(self, folder, eval_sums):
+        pass
+
+
+class RMTask:
+    name = "rm"
+
+    def build_model(self, config, model_path, pad_id):
+        return build_reward_model(config, model_path, pad_id)
+
+    def collate(self, rows, pad_id):
+        return batches.collate_pairs(rows, pad_id)
+
+    def loss_and_sums(self, model, batch, config):
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+        chosen, rejected = rewards.chunk(2)  # collate_pairs puts chosen first
+        loss = pairwise_reward_loss(chosen, rejected, config.rm.margin)
+        sums = {"loss_sum": loss.detach() * chosen.numel(), "pairs": torch.tensor(float(chosen.numel())),
+                "correct": (chosen > rejected).float().sum().detach(), "margin_sum": (chosen - rejected).sum().detach(),
+                "reward_sum": rewards.sum().detach(), "reward_sq_sum": (rewards ** 2).sum().detach()}
+        return loss, sums
+
+    def train_metrics(self, sums):
+        pairs = max(sums["pairs"], 1.0)
+        return {"loss": sums["loss_sum"] / pairs, "accuracy": sums["correct"] / pairs}
+
+    def eval_metrics(self, sums):
+        pairs = max(sums["pairs"], 1.0)
+        mean, var = reward_moments(sums)
+        return {"eval_loss": sums["loss_sum"] / pairs, "eval_accuracy": sums["correct"] / pairs,
+                "eval_margin": sums["margin_sum"] / pairs, "eval_reward_mean": mean, "eval_reward_std": math.sqrt(var)}
+
+    def export_extras(self, folder, eval_sums):
+        """reward_stats.json: mean/std of held-out rewards, which PPO uses to normalise scores."""
+        mean, var = reward_moments(eval_sums)
+        stats = {"mean": mean, "std": math.sqrt(var), "count": int(2 * eval_sums["pairs"])}
+        (folder / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def reward_moments(sums: dict[str, float]) -> tuple[float, float]:
+    n = max(2 * sums["pairs"], 1.0)
+    mean = sums["reward_sum"] / n
+    return mean, max(sums["reward_sq_sum"] / n - mean * mean, 0.0)
+
+
+TASKS: dict[str, Task] = {"sft": SFTTask(), "rm": RMTask()}
