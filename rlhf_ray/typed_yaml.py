@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -102,6 +106,8 @@ def _coerce(value: Any, tp: Any, dotted: str, origin: Origin) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+        return float(value)  # PyYAML reads "1e-5" (no dot) as a string
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{where}: '{dotted}' must be {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -26,8 +26,12 @@ def test_file_and_dotted_overrides(tmp_path):
     assert config.model.tokenizer is None
 
 
-def test_int_accepted_for_float(tmp_path):
+def test_int_and_exponent_strings_accepted_for_float(tmp_path):
     assert load_config(write(tmp_path, "ppo:\n  kl_coef: 1\n")).ppo.kl_coef == 1.0
+    assert load_config(write(tmp_path, "ppo:\n  lr: 1e-5\n")).ppo.lr == 1e-5  # YAML 1.1 reads this as a string
+    assert load_config(None, ["sft.lr=3E-4"]).sft.lr == 3e-4
+    with pytest.raises(ConfigError, match="'ppo.lr' must be float, got str 'fast'"):
+        load_config(None, ["ppo.lr=fast"])
 
 
 def test_unknown_key_names_key_file_and_line(tmp_path):
