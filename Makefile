@@ -22,11 +22,8 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Until the pipeline command exists: provision the built-in model and inspect the demo data with it.
 demo: setup
-	$(VENV)/bin/rlhf-ray models fetch smollm2-135m-instruct
-	$(VENV)/bin/rlhf-ray data inspect data/demo/sft.jsonl
-	$(VENV)/bin/rlhf-ray data inspect data/demo/pairs.jsonl
+	$(VENV)/bin/rlhf-ray pipeline configs/demo.yaml
 
 clean-venv:
 	rm -rf $(VENV)

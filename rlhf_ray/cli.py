@@ -54,6 +54,20 @@ def _train_stage(args) -> None:
     run_stage(load_config(args.file, args.overrides), args.command)
 
 
+def _ppo(args) -> None:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.ppo.run import run_ppo
+
+    run_ppo(load_config(args.file, args.overrides), resume=args.resume)
+
+
+def _pipeline(args) -> None:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.pipeline import run_pipeline
+
+    run_pipeline(load_config(args.file, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="Ray-distributed RLHF: SFT -> reward model -> PPO.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("file", help="config YAML")
         job.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         job.set_defaults(run=_train_stage)
+    ppo = commands.add_parser("ppo", help="PPO over Ray actors: vLLM generator, LoRA learner, reward and reference models")
+    ppo.add_argument("file", help="config YAML")
+    ppo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ppo.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this run")
+    ppo.set_defaults(run=_ppo)
+    pipeline = commands.add_parser("pipeline", help="SFT then the reward model (PPO to come), skipping finished stages")
+    pipeline.add_argument("file", help="config YAML")
+    pipeline.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pipeline.set_defaults(run=_pipeline)
     models.add_parser("list", help="known model names and where they are cached").set_defaults(run=_models_list)
     return parser
 

@@ -125,27 +125,37 @@ class RMConfig(TrainStageConfig):
 
 @dataclass
 class PPOConfig:
+    policy_model: Optional[str] = None  # starting policy; None = this run's SFT model if exported, else model.name_or_path
+    reward_model: Optional[str] = None  # RM folder; None = this run's RM model (rm/model)
     iterations: int = 20  # experience-collection + update rounds
     rollout_batch_size: int = 16  # prompts per iteration
+    responses_per_prompt: int = 1  # samples per prompt (the batch holds rollout_batch_size * this responses)
     max_new_tokens: int = 48  # response length cap
     temperature: float = 1.0
     top_p: float = 1.0
     kl_coef: float = 0.05  # weight of the per-token KL penalty to the reference policy
+    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate (k1: log-ratio; k3: unbiased, non-negative)
     adaptive_kl: bool = False  # adapt kl_coef towards target_kl (Ziegler et al. 2019)
     target_kl: float = 6.0  # target KL (nats per sequence) for the adaptive controller
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     clip_range: float = 0.2  # policy ratio clip
     clip_range_value: float = 0.2  # value prediction clip
     vf_coef: float = 0.1  # value-loss weight
     ppo_epochs: int = 2  # passes over each batch of experience
-    minibatch_size: int = 8  # sequences per PPO minibatch
+    minibatch_size: int = 8  # sequences per PPO minibatch (one optimizer step)
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None = minibatch_size (no accumulation)
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch
     lr: float = 1e-5  # policy (LoRA + value head) learning rate
     max_grad_norm: float = 1.0
     reward_clip: float = 10.0  # clip normalised rewards to [-reward_clip, reward_clip]
     normalize_reward: bool = True  # use the RM's saved mean/std
     sample_every: int = 5  # iterations between saved sample generations
     checkpoint_every: int = 5  # iterations between checkpoints
+    vllm_enforce_eager: bool = True  # skip vLLM graph compilation: starts in ~25 s instead of ~90 s on CPU, ~10% slower
+    vllm_kv_cache_gib: float = 1.0  # CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); on GPU see vllm_gpu_memory_utilization
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (GPU only)
 
     def __post_init__(self):
         for name in ("iterations", "rollout_batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size"):
@@ -156,7 +166,12 @@ class PPOConfig:
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip ranges must be > 0")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.minibatch_size <= self.rollout_batch_size, "minibatch_size must be <= rollout_batch_size")
+        _check(self.responses_per_prompt > 0, f"responses_per_prompt must be > 0, got {self.responses_per_prompt}")
+        _check(self.minibatch_size <= self.rollout_batch_size * self.responses_per_prompt,
+               "minibatch_size must be <= rollout_batch_size * responses_per_prompt")
+        _check(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.minibatch_size,
+               "micro_batch_size must be in (0, minibatch_size]")
+        _check(self.kl_horizon > 0 and self.target_kl > 0, "kl_horizon and target_kl must be > 0")
 
 
 @dataclass

@@ -26,7 +26,7 @@ class MetricsLog:
             self._writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self._writer is not None:

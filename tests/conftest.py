@@ -19,7 +19,9 @@ def shared_file(relative: str) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     from rlhf_ray.models.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+    # head_dim 32: the smallest head size vLLM's CPU attention supports
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0, hidden_size=64, num_heads=2,
+                           num_kv_heads=1, intermediate_size=128)
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,24 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tiny_model_dir):
+    """An untrained reward model on the tiny backbone (scalar head), with neutral reward statistics."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_ray.models.loading import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-rm"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0, "count": 0}))
+    return folder

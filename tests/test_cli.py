@@ -36,3 +36,14 @@ def test_data_inspect_demo_pairs(tiny_model_dir, capsys):
 def test_data_inspect_missing_file(capsys):
     assert main(["data", "inspect", "nope.jsonl", "--tokenizer", "nope-model"]) == 2
     assert "rlhf-ray: error:" in capsys.readouterr().err
+
+
+@pytest.mark.component
+def test_data_inspect_real_hh_rlhf(tiny_model_dir, capsys):
+    from tests.conftest import shared_file
+
+    path = shared_file("hh-rlhf/helpful-online/test.jsonl.gz")
+    assert main(["data", "inspect", str(path), "--format", "hh-rlhf", "--tokenizer", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "rows read: 1137" in out and "valid preference examples: 1129" in out
+    assert "2 x rejected: identical to 'chosen'" in out and "test.jsonl.gz:199" in out

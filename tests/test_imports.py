@@ -5,7 +5,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-LIGHT_MODULES = ["rlhf_ray", "rlhf_ray.algo.losses", "rlhf_ray.config", "rlhf_ray.formats.load",
+LIGHT_MODULES = ["rlhf_ray", "rlhf_ray.algo.losses", "rlhf_ray.algo.ppo", "rlhf_ray.config", "rlhf_ray.formats.load",
                  "rlhf_ray.tokenization", "rlhf_ray.models", "rlhf_ray.cli"]
 
 

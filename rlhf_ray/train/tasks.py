@@ -46,7 +46,8 @@ class SFTTask:
     def loss_and_sums(self, model, batch, config):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total, count = next_token_loss(logits, batch["labels"])
-        return total / count.clamp(min=1), {"loss_sum": total.detach(), "tokens": count.float()}
+        sums = {"loss_sum": total.detach(), "tokens": count.float(), "seq_tokens": batch["attention_mask"].sum().float()}
+        return total / count.clamp(min=1), sums
 
     def train_metrics(self, sums):
         return {"loss": sums["loss_sum"] / max(sums["tokens"], 1.0), "tokens": sums["tokens"]}
@@ -74,7 +75,8 @@ class RMTask:
         loss = pairwise_reward_loss(chosen, rejected, config.rm.margin)
         sums = {"loss_sum": loss.detach() * chosen.numel(), "pairs": torch.tensor(float(chosen.numel())),
                 "correct": (chosen > rejected).float().sum().detach(), "margin_sum": (chosen - rejected).sum().detach(),
-                "reward_sum": rewards.sum().detach(), "reward_sq_sum": (rewards ** 2).sum().detach()}
+                "reward_sum": rewards.sum().detach(), "reward_sq_sum": (rewards ** 2).sum().detach(),
+                "seq_tokens": batch["attention_mask"].sum().float()}
         return loss, sums
 
     def train_metrics(self, sums):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,78 +102,115 @@ def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure at step {step} on rank {rank}")
 
 
+class WorkerJob:
+    """One worker's share of an SFT or RM run: set-up, the step loop, and export."""
+
+    def __init__(self, loop_config: dict):
+        import deepspeed
+        import ray.train
+
+        self.loop_config = loop_config
+        self.config = config_from_dict(loop_config["config"])
+        self.task = TASKS[loop_config["stage"]]
+        self.stage = getattr(self.config, self.task.name)
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.train_rows, self.eval_rows = loop_config["data"]["train"], loop_config["data"]["eval"]
+        self.pad_id = loop_config["pad_id"]
+
+        torch.manual_seed(self.config.run.seed)  # identical initial adapter / head on every rank
+        model = self.task.build_model(self.config, loop_config["model_path"], self.pad_id)
+        micro = len(self._epoch_micro_batches(0, truncate=False))
+        self.steps_per_epoch = micro // self.stage.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_rows)} training rows are fewer than one optimizer step needs "
+                             f"(batch_size {self.stage.batch_size} x grad_accum {self.stage.grad_accum} x {self.world} workers)")
+        self.total_steps = self.stage.max_steps or self.stage.epochs * self.steps_per_epoch
+        schedule = warmup_cosine(self.total_steps, self.stage.warmup_ratio)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=loop_config["deepspeed"],
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.position = restore_checkpoint(self.engine, self.rank)
+        self.log = None
+        if self.rank == 0:
+            from rlhf_ray.run_log import MetricsLog
+
+            self.log = MetricsLog(loop_config["output_dir"], resume_step=self.position.step)
+            if self.position.step:
+                print(f"[{self.task.name}] resumed from checkpoint at step {self.position.step} "
+                      f"(epoch {self.position.epoch})", flush=True)
+        self.train_sums: dict[str, float] = {}
+        self.eval_sums: dict[str, float] = {}
+        self.since = time.perf_counter()  # start of the current logging interval (excludes eval and checkpoints)
+
+    def _epoch_micro_batches(self, epoch: int, truncate: bool = True) -> list[list[int]]:
+        micro = epoch_batches(len(self.train_rows), self.stage.batch_size, self.rank, self.world, self.config.data.seed, epoch)
+        return micro[: self.steps_per_epoch * self.stage.grad_accum] if truncate else micro
+
+    def _evaluate(self) -> dict[str, float]:
+        self.eval_sums = evaluate(self.engine, self.task, self.eval_rows, self.rank, self.world,
+                                  self.stage.batch_size, self.pad_id, self.config)
+        return self.task.eval_metrics(self.eval_sums)
+
+    def _end_of_step(self, epoch_done: bool) -> dict:
+        """After an optimizer step: metrics, eval, log line, checkpoint."""
+        position, stage = self.position, self.stage
+        done = position.step == self.total_steps
+        metrics: dict = {}
+        if position.step % stage.log_every == 0 or done:
+            reduced = all_reduce_sums(self.train_sums)
+            metrics.update(self.task.train_metrics(reduced), lr=self.engine.get_lr()[0], epoch=position.epoch,
+                           tokens_per_s=reduced["seq_tokens"] / max(time.perf_counter() - self.since, 1e-9))
+            self.train_sums = {}
+        if (stage.eval_every and position.step % stage.eval_every == 0 or done) and self.eval_rows:
+            metrics.update(self._evaluate())
+        if self.log is not None and metrics:
+            self.log.log(position.step, metrics)
+        if epoch_done:
+            position.epoch, position.micro_in_epoch = position.epoch + 1, 0
+        if stage.checkpoint_every and position.step % stage.checkpoint_every == 0 or done:
+            save_checkpoint(self.engine, position, {"step": position.step, **metrics}, self.rank)
+        if not self.train_sums:  # a logging interval closed; the next starts after eval and checkpointing
+            self.since = time.perf_counter()
+        return metrics
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        position, task = self.position, self.task
+        bar = tqdm(total=self.total_steps, initial=position.step, desc=task.name, disable=self.rank != 0, mininterval=2.0)
+        while position.step < self.total_steps:
+            micro = self._epoch_micro_batches(position.epoch)
+            for indices in micro[position.micro_in_epoch:]:
+                loss, sums = task.loss_and_sums(self.engine, task.collate([self.train_rows[i] for i in indices], self.pad_id), self.config)
+                self.engine.backward(loss)
+                self.engine.step()
+                add_sums(self.train_sums, sums)
+                position.micro_in_epoch += 1
+                if position.micro_in_epoch % self.stage.grad_accum:
+                    continue
+                position.step += 1
+                _maybe_inject_failure(self.loop_config, position.step, self.rank)
+                epoch_done = position.micro_in_epoch == len(micro)
+                metrics = self._end_of_step(epoch_done)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_KEYS}, refresh=False)
+                bar.update(1)
+                if epoch_done or position.step == self.total_steps:
+                    break
+        bar.close()
+
+    def finish(self) -> None:
+        if not self.eval_sums and self.eval_rows:
+            self._evaluate()
+        export_model(self.engine, self.task, self.config, self.loop_config, self.rank, self.eval_sums)
+        if self.log is not None:
+            self.log.close()
+
+
+PROGRESS_KEYS = ("loss", "tokens_per_s", "eval_loss", "eval_accuracy")
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
-    import deepspeed
-    import ray.train
-    from tqdm import tqdm
-
-    config = config_from_dict(loop_config["config"])
-    task = TASKS[loop_config["stage"]]
-    stage = getattr(config, task.name)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    data = loop_config["data"]
-    train_rows, eval_rows, pad_id = data["train"], data["eval"], loop_config["pad_id"]
-    out = Path(loop_config["output_dir"])
-
-    torch.manual_seed(config.run.seed)  # identical initial adapter / head on every rank
-    model = task.build_model(config, loop_config["model_path"], pad_id)
-    micro_per_epoch = len(epoch_batches(len(train_rows), stage.batch_size, rank, world, config.data.seed, 0))
-    steps_per_epoch = micro_per_epoch // stage.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_rows)} training rows are fewer than one optimizer step needs "
-                         f"(batch_size {stage.batch_size} x grad_accum {stage.grad_accum} x {world} workers)")
-    total_steps = stage.max_steps or stage.epochs * steps_per_epoch
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=loop_config["deepspeed"],
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, stage.warmup_ratio)))
-    position = restore_checkpoint(engine, rank)
-    log = None
-    if rank == 0:
-        from rlhf_ray.run_log import MetricsLog
-
-        log = MetricsLog(out, resume_step=position.step)
-        if position.step:
-            print(f"[{task.name}] resumed from checkpoint at step {position.step} (epoch {position.epoch})", flush=True)
-    bar = tqdm(total=total_steps, initial=position.step, desc=task.name, disable=rank != 0, mininterval=2.0)
-    train_sums: dict[str, float] = {}
-    eval_sums: dict[str, float] = {}
-    while position.step < total_steps:
-        micro = epoch_batches(len(train_rows), stage.batch_size, rank, world, config.data.seed, position.epoch)
-        micro = micro[: steps_per_epoch * stage.grad_accum]
-        for indices in micro[position.micro_in_epoch:]:
-            loss, sums = task.loss_and_sums(engine, task.collate([train_rows[i] for i in indices], pad_id), config)
-            engine.backward(loss)
-            engine.step()
-            add_sums(train_sums, sums)
-            position.micro_in_epoch += 1
-            if position.micro_in_epoch % stage.grad_accum:
-                continue
-            position.step += 1
-            _maybe_inject_failure(loop_config, position.step, rank)
-            metrics = {}
-            if position.step % stage.log_every == 0 or position.step == total_steps:
-                metrics.update(task.train_metrics(all_reduce_sums(train_sums)), lr=engine.get_lr()[0], epoch=position.epoch)
-                train_sums = {}
-            done = position.step == total_steps
-            if (stage.eval_every and position.step % stage.eval_every == 0 or done) and eval_rows:
-                eval_sums = evaluate(engine, task, eval_rows, rank, world, stage.batch_size, pad_id, config)
-                metrics.update(task.eval_metrics(eval_sums))
-            if log is not None and metrics:
-                log.log(position.step, metrics)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "eval_loss", "eval_accuracy")})
-            bar.update(1)
-            epoch_done = position.micro_in_epoch == len(micro)
-            if epoch_done:
-                position.epoch, position.micro_in_epoch = position.epoch + 1, 0
-            if stage.checkpoint_every and position.step % stage.checkpoint_every == 0 or done:
-                save_checkpoint(engine, position, {"step": position.step, **metrics}, rank)
-            if done or epoch_done:
-                break
-    bar.close()
-    if not eval_sums and eval_rows:
-        eval_sums = evaluate(engine, task, eval_rows, rank, world, stage.batch_size, pad_id, config)
-    export_model(engine, task, config, loop_config, rank, eval_sums)
-    if log is not None:
-        log.close()
+    job = WorkerJob(loop_config)
+    job.train()
+    job.finish()

@@ -1,0 +1,145 @@
+"""PolicyLearner: the SFT model with a LoRA adapter and a value head; PPO updates.
+
+Plain torch (AdamW) on CPU: with one learner process, DeepSpeed's ZeRO partitioning has
+nothing to shard and its CPU optimizer path gave no speed-up, so it is not used here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.algo.losses import masked_mean
+from rlhf_ray.algo.ppo import policy_loss, value_loss
+from rlhf_ray.config import LoraConfig, PPOConfig
+from rlhf_ray.models.loading import load_causal_lm
+from rlhf_ray.ppo.experience import Experience
+from rlhf_ray.ppo.forward import response_forward
+from rlhf_ray.ppo.sequences import PackedBatch
+
+
+@dataclass
+class AdapterPayload:
+    """A LoRA adapter as bytes, so it can travel through the object store to any node."""
+
+    version: int
+    files: dict[str, bytes]  # adapter_config.json, adapter_model.safetensors
+
+    def write(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (folder / name).write_bytes(data)
+        return folder
+
+
+class PolicyLearner:
+    def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
+                 seed: int = 0, trust_remote_code: bool = False):
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        base = load_causal_lm(model_path, dtype, trust_remote_code)
+        peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, peft_config)
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=base.dtype)
+        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (base.config.hidden_size + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.ppo = ppo
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=ppo.lr, eps=1e-8)
+        self.generator = torch.Generator().manual_seed(seed)  # minibatch order
+        self.version = 0  # bumped by every update
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+
+    def _forward(self, batch: PackedBatch, entropy: bool = False):
+        out = response_forward(self.model, batch, entropy=entropy, hidden=True, temperature=self.ppo.temperature)
+        values = self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
+        return out, values
+
+    @torch.no_grad()
+    def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) old log-probs and values, with the same code path the update uses."""
+        self.model.eval()
+        out, values = self._forward(batch)
+        return out.logprobs, values
+
+    def train_step(self, experience: Experience) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches, with gradient accumulation over micro-batches."""
+        self.model.train()
+        n = experience.batch.input_ids.size(0)
+        mb, micro = self.ppo.minibatch_size, self.ppo.micro_batch_size or self.ppo.minibatch_size
+        totals: dict[str, float] = {}
+        updates = 0
+        for _ in range(self.ppo.ppo_epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n - mb + 1, mb):
+                rows = order[start:start + mb]
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, mb, micro):
+                    stats = self._micro_step(experience.select(rows[micro_start:micro_start + micro]), mb)
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + value * len(rows[micro_start:micro_start + micro]) / mb
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm)
+                self.optimizer.step()
+                updates += 1
+        self.version += 1
+        return {key: value / max(updates, 1) for key, value in totals.items()} | {"policy_version": self.version}
+
+    def _micro_step(self, exp: Experience, minibatch_rows: int) -> dict[str, float]:
+        out, values = self._forward(exp.batch, entropy=True)
+        mask = exp.batch.response_mask
+        pg_loss, pg_stats = policy_loss(out.logprobs, exp.old_logprobs, exp.advantages, mask, self.ppo.clip_range)
+        vf_loss, vf_stats = value_loss(values, exp.values, exp.returns, mask, self.ppo.clip_range_value)
+        loss = pg_loss + self.ppo.vf_coef * vf_loss
+        (loss * exp.batch.input_ids.size(0) / minibatch_rows).backward()
+        return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": masked_mean(out.entropy, mask).item(),
+                **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+
+    def export_adapter(self) -> AdapterPayload:
+        with tempfile.TemporaryDirectory() as folder:
+            self.model.save_pretrained(folder)
+            files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")}
+        return AdapterPayload(self.version, files)
+
+    def save(self, folder: str | Path) -> None:
+        """Adapter, value head, optimizer and minibatch RNG into `folder` (the caller makes it atomic)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.model.save_pretrained(folder / "adapter")
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+        buffer = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}, buffer)
+        (folder / "learner_state.pt").write_bytes(buffer.getvalue())
+        (folder / "learner.json").write_text(json.dumps({"version": self.version}))
+
+    def load(self, folder: str | Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        set_peft_model_state_dict(self.model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        self.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+        state = torch.load(folder / "learner_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.version = json.loads((folder / "learner.json").read_text())["version"]
+
+    def export_merged(self, folder: str | Path, tokenizer_path: str) -> None:
+        """The merged policy (transformers format) and its adapter (peft format) for the final output."""
+        from rlhf_ray.models.loading import load_tokenizer
+
+        folder = Path(folder)
+        self.model.save_pretrained(folder / "adapter")
+        merged = self.model.merge_and_unload()
+        merged.save_pretrained(folder / "model")
+        load_tokenizer(tokenizer_path).save_pretrained(folder / "model")

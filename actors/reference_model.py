@@ -1,0 +1,24 @@
+"""ReferenceModel: the frozen starting policy; per-token log-probs of responses."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.models.loading import load_causal_lm
+from rlhf_ray.ppo.forward import response_forward
+from rlhf_ray.ppo.sequences import PackedBatch
+
+
+class ReferenceModel:
+    def __init__(self, model_path: str, dtype: str = "float32", temperature: float = 1.0, trust_remote_code: bool = False):
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
+        self.model.requires_grad_(False)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logprobs(self, batch: PackedBatch) -> torch.Tensor:
+        """(B, A) log-probs of the response tokens under the reference policy."""
+        return response_forward(self.model, batch, temperature=self.temperature).logprobs
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,84 @@
+"""RolloutGenerator: a vLLM engine over the SFT weights that samples responses with the newest LoRA adapter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class SamplingSpec:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1  # responses per prompt
+    seed: Optional[int] = None  # per-call seed; the generator derives one per prompt from it
+
+
+@dataclass
+class Rollout:
+    prompt_index: int  # which prompt of the call this answers
+    token_ids: list[int]  # sampled response tokens (EOS included when the model stopped)
+    logprobs: list[float]  # vLLM's log-prob of each sampled token (diagnostics only)
+    finished: bool  # stopped at EOS rather than at max_new_tokens
+
+
+class RolloutGenerator:
+    """`load_adapter` swaps in a new LoRA adapter (a new LoRA id per policy version) without restarting vLLM."""
+
+    def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
+                 enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
+                 seed: int = 0, trust_remote_code: bool = False):
+        import torch
+
+        if not torch.cuda.is_available():  # vLLM's CPU backend settings; set before vLLM starts
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+                       max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
+        self.version = 0  # 0 = the SFT weights alone
+        self._lora = None
+
+    def load_adapter(self, version: int, adapter) -> int:
+        """Use `adapter` (an AdapterPayload, or a folder path) for every later generate call."""
+        from vllm.lora.request import LoRARequest
+
+        folder = self.adapter_root / f"v{version}"
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(adapter, (str, Path)):
+            shutil.copytree(adapter, folder)
+        else:
+            adapter.write(folder)
+        # LoRA ids must be >= 1; vLLM evicts the least recently used adapter when its slots are full.
+        self._lora = LoRARequest(f"policy-v{version}", version + 1, str(folder))
+        self.version = version
+        return self.version
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[Rollout]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, logprobs=0,
+                                 seed=None if sampling.seed is None else sampling.seed * 100_003 + i)
+                  for i in range(len(prompt_token_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        rollouts = []
+        for index, output in enumerate(outputs):
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(sample.logprobs or [], ids)]
+                rollouts.append(Rollout(index, ids, logprobs, sample.finish_reason == "stop"))
+        return rollouts
+
+    def current_version(self) -> int:
+        return self.version

@@ -1,0 +1,1 @@
+"""PPO: experience batches, the driver loop, and actor launching."""

@@ -1,0 +1,31 @@
+"""Forward passes shared by the policy learner and the reference model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rlhf_ray.algo.ppo import entropy_from_logits, logprobs_from_logits
+from rlhf_ray.ppo.sequences import PackedBatch, at_response_positions
+
+
+@dataclass
+class ResponseOutputs:
+    logprobs: torch.Tensor  # (B, A) log-prob of each sampled response token
+    entropy: Optional[torch.Tensor] = None  # (B, A)
+    hidden: Optional[torch.Tensor] = None  # (B, A, H) last hidden state before each response token
+
+
+def response_forward(model, batch: PackedBatch, *, entropy: bool = False, hidden: bool = False,
+                     temperature: float = 1.0) -> ResponseOutputs:
+    """Log-probs (under the sampling temperature) of the response tokens, optionally entropy and hidden states."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden)
+    logits = at_response_positions(out.logits, batch.positions).float() / temperature  # (B, A, V)
+    result = ResponseOutputs(logprobs_from_logits(logits, batch.response_ids) * batch.response_mask)
+    if entropy:
+        result.entropy = entropy_from_logits(logits) * batch.response_mask
+    if hidden:
+        result.hidden = at_response_positions(out.hidden_states[-1], batch.positions)
+    return result

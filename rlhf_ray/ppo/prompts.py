@@ -1,0 +1,48 @@
+"""PPO prompts: tokenized once, served in a seeded order that depends only on the iteration number."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rlhf_ray.config import Config
+from rlhf_ray.formats.load import load_prompts
+from rlhf_ray.formats.parsers import PromptExample
+from rlhf_ray.tokenization import LengthReport, fit_length, prompt_ids
+
+
+@dataclass
+class PromptSet:
+    examples: list[PromptExample]
+    token_ids: list[list[int]]
+    summary: str
+
+    def batch(self, iteration: int, size: int, seed: int) -> list[int]:
+        """Prompt indices of `iteration`: a stream of per-epoch seeded permutations, cut into batches."""
+        n = len(self.token_ids)
+        indices = []
+        for position in range(iteration * size, (iteration + 1) * size):
+            epoch, offset = divmod(position, n)
+            order = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            indices.append(order[offset])
+        return indices
+
+
+def load_prompt_set(config: Config, tokenizer) -> PromptSet:
+    """Read `data.prompts`, apply the chat template, and the over-length policy at `data.max_prompt_length`."""
+    data = config.data
+    source = data.prompts
+    loaded = load_prompts(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
+    report = LengthReport(data.overlong)
+    examples, token_ids = [], []
+    for example in loaded.examples:
+        ids = fit_length(prompt_ids(tokenizer, example.prompt), [[]], data.max_prompt_length, report, example.ref)
+        if ids is not None:
+            examples.append(example)
+            token_ids.append(ids)
+    if not token_ids:
+        raise ValueError(f"{source.path}: no prompts left after the length policy ({report.summary()})")
+    summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(token_ids)} prompts; "
+               f"bad rows: {loaded.problems.summary()}; lengths: {report.summary()}")
+    return PromptSet(examples, token_ids, summary)

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from rlhf_ray.algo.losses import IGNORE_INDEX
+from rlhf_ray.formats.parsers import PreferencePair, SFTExample
+from rlhf_ray.formats.rows import RowRef
+from rlhf_ray.train.batches import collate_pairs, collate_sft, epoch_batches, split_rows, tokenize_pairs, tokenize_sft
+from rlhf_ray.train.model_setup import warmup_cosine
+
+pytestmark = pytest.mark.unit
+
+
+def test_epoch_batches_partition_rows_across_workers():
+    per_worker = [epoch_batches(10, 2, rank, 2, seed=0, epoch=0) for rank in range(2)]
+    assert [len(b) for b in per_worker] == [2, 2]  # 8 of 10 rows used: the ragged 2 are left out
+    seen = [i for batches in per_worker for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == 8
+    assert epoch_batches(10, 2, 0, 2, seed=0, epoch=1) != per_worker[0]  # reshuffled each epoch
+    assert epoch_batches(10, 2, 0, 2, seed=0, epoch=0) == per_worker[0]  # and reproducible
+
+
+def test_split_rows_is_seeded_and_keeps_every_row():
+    rows = list(range(20))
+    train, held_out = split_rows(rows, 0.1, seed=3)
+    assert len(held_out) == 2 and sorted(train + held_out) == rows
+    assert split_rows(rows, 0.1, seed=3) == (train, held_out)
+    assert split_rows(rows, 0.0, seed=3)[1] == []
+
+
+def test_collate_pads_right_and_masks_labels():
+    batch = collate_sft([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    pairs = collate_pairs([{"chosen_ids": [1, 2], "rejected_ids": [1]}, {"chosen_ids": [3], "rejected_ids": [3, 4, 5]}], pad_id=0)
+    assert pairs["input_ids"].tolist() == [[1, 2, 0], [3, 0, 0], [1, 0, 0], [3, 4, 5]]  # chosen rows, then rejected
+
+
+@pytest.mark.component
+def test_tokenized_rows_put_loss_on_the_response_only(tiny_tokenizer):
+    prompt = [{"role": "user", "content": "Name a fruit."}]
+    (row,) = tokenize_sft([SFTExample(prompt, "An apple.", RowRef("f", 1))], tiny_tokenizer, 256, "error").rows
+    scored = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(scored) == "An apple.<|im_end|>\n"
+    (pair,) = tokenize_pairs([PreferencePair(prompt, "An apple.", "A chair.", RowRef("f", 1))], tiny_tokenizer, 256, "error").rows
+    assert tiny_tokenizer.decode(pair["chosen_ids"]).endswith("An apple.<|im_end|>\n")
+    assert tiny_tokenizer.decode(pair["rejected_ids"]).endswith("A chair.<|im_end|>\n")
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(total_steps=10, warmup_ratio=0.2)
+    assert [round(factor(s), 4) for s in (0, 1)] == [round(1 / 3, 4), round(2 / 3, 4)]  # linear warmup over 2 steps
+    assert factor(2) == pytest.approx(1.0) and factor(10) == pytest.approx(0.0)
+    assert factor(6) == pytest.approx(0.5)  # halfway through the cosine
+    assert torch.tensor([factor(s) for s in range(2, 11)]).diff().le(0).all()
