@@ -45,3 +45,4 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert PeftModel.from_pretrained(base, str(result.output_dir / "adapter")) is not None
     assert merged.config.vocab_size == base.config.vocab_size
+
