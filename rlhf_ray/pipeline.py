@@ -8,14 +8,15 @@ from rlhf_ray.config import Config
 from rlhf_ray.run_log import read_metrics
 from rlhf_ray.train.export import is_exported
 
-SUMMARY_KEYS = {"sft": ("eval_loss", "eval_perplexity"), "rm": ("eval_accuracy", "eval_margin")}
+SUMMARY_KEYS = {"sft": ("eval_loss", "eval_perplexity"), "rm": ("eval_accuracy", "eval_margin"),
+                "ppo": ("reward_mean", "kl")}
 
 
 def run_pipeline(config: Config) -> dict[str, Path]:
-    """SFT on the base model, then the reward model initialised from the SFT model (as in InstructGPT).
-
-    PPO joins when its actors exist; until then the pipeline ends after the reward model.
-    """
+    """SFT on the base model, the reward model initialised from the SFT model (as in InstructGPT),
+    then PPO from the SFT policy against that reward model. A finished stage is skipped; an
+    interrupted PPO stage resumes from its newest complete checkpoint."""
+    from rlhf_ray.ppo.run import run_ppo
     from rlhf_ray.train.launch import run_stage
 
     models: dict[str, Path] = {}
@@ -27,8 +28,13 @@ def run_pipeline(config: Config) -> dict[str, Path]:
         else:
             run_stage(config, stage, base_model=base() if base else None)
         models[stage] = folder
+    ppo_dir = (config.run.path / "ppo").resolve()
+    if is_exported(ppo_dir / "model"):
+        print(f"[pipeline] ppo: finished output exists at {ppo_dir / 'model'}; skipping (delete it to rerun)", flush=True)
+    else:
+        run_ppo(config, resume=(ppo_dir / "checkpoints").exists())
+    models["ppo"] = ppo_dir / "model"
     print(summary_table(config), flush=True)
-    print("[pipeline] PPO is not part of the pipeline yet (its actors are still being built).", flush=True)
     return models
 
 

@@ -24,6 +24,25 @@ def end_of_turn_suffix(tokenizer) -> list[int]:
     return ids[len(ids) - ids[::-1].index(eos):] if eos in ids else []
 
 
+def wait_until_names_free(names: list[str], namespace: str, timeout_s: float = 60.0) -> None:
+    """A driver that died leaves its actors for Ray to reap; a resumed run waits for their names."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while True:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break  # no such actor
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"actor '{name}' of namespace '{namespace}' is still alive: another driver is "
+                                   "running this run.name; stop it or choose another run.name")
+            time.sleep(0.5)
+
+
 def launch_actors(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> PPOActors:
     import ray
 
@@ -38,8 +57,11 @@ def launch_actors(config: Config, paths: ModelPaths, tokenizer, max_model_len: i
     def options(name: str, gpus: float) -> dict:
         return {"name": name, "namespace": namespace, "num_cpus": res.actor_num_cpus, "num_gpus": gpus}
 
+    names = [f"rollout-generator-{i}" for i in range(res.generator_replicas)]
+    wait_until_names_free(names + ["policy-learner", "reward-model", "reference-model"], namespace)
+
     generators = [
-        ray.remote(RolloutGenerator).options(**options(f"rollout-generator-{i}", res.generator_num_gpus)).remote(
+        ray.remote(RolloutGenerator).options(**options(names[i], res.generator_num_gpus)).remote(
             str(paths.policy), max_lora_rank=config.lora.r, max_model_len=max_model_len, dtype=model.dtype,
             enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
             gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,

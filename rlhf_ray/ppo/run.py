@@ -159,6 +159,8 @@ def run_ppo(config: Config, resume: bool = False) -> PPOResult:
 def _export_final(actors, out: Path, paths: ModelPaths) -> None:
     import ray
 
+    from rlhf_ray.train.export import COMPLETE_MARKER
+
     staging = out / ".export-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     ray.get(actors.learner.export_merged.remote(str(staging), str(paths.policy)))
@@ -166,3 +168,5 @@ def _export_final(actors, out: Path, paths: ModelPaths) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
         os.replace(staging / name, out / name)
     shutil.rmtree(staging, ignore_errors=True)
+    summary = {"stage": "ppo", "lora": True, "base_model": str(paths.policy), "reward_model": str(paths.reward)}
+    (out / "model" / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
