@@ -17,7 +17,7 @@ import torch
 from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
-from rlhf_ray.models.loading import load_causal_lm
+from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.ppo.experience import Experience
 from rlhf_ray.ppo.forward import response_forward
 from rlhf_ray.ppo.sequences import PackedBatch
@@ -44,11 +44,12 @@ class PolicyLearner:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         torch.manual_seed(seed)
-        base = load_causal_lm(model_path, dtype, trust_remote_code)
+        self.device = default_device()
+        base = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device)
         peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
         self.model = get_peft_model(base, peft_config)
-        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=base.dtype)
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=base.dtype, device=self.device)
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / (base.config.hidden_size + 1))
         torch.nn.init.zeros_(self.value_head.bias)
         self.ppo = ppo
@@ -60,6 +61,7 @@ class PolicyLearner:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     def _forward(self, batch: PackedBatch, entropy: bool = False):
+        """Response log-probs (and entropy) plus values; `batch` must already be on self.device."""
         out = response_forward(self.model, batch, entropy=entropy, hidden=True, temperature=self.ppo.temperature)
         values = self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
         return out, values
@@ -68,8 +70,8 @@ class PolicyLearner:
     def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) old log-probs and values, with the same code path the update uses."""
         self.model.eval()
-        out, values = self._forward(batch)
-        return out.logprobs, values
+        out, values = self._forward(batch.to(self.device))
+        return out.logprobs.cpu(), values.cpu()
 
     def train_step(self, experience: Experience) -> dict[str, float]:
         """PPO epochs over shuffled minibatches, with gradient accumulation over micro-batches."""
@@ -95,6 +97,7 @@ class PolicyLearner:
         return {key: value / max(updates, 1) for key, value in totals.items()} | {"policy_version": self.version}
 
     def _micro_step(self, exp: Experience, minibatch_rows: int) -> dict[str, float]:
+        exp = exp.to(self.device)
         out, values = self._forward(exp.batch, entropy=True)
         mask = exp.batch.response_mask
         pg_loss, pg_stats = policy_loss(out.logprobs, exp.old_logprobs, exp.advantages, mask, self.ppo.clip_range)

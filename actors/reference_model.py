@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ray.models.loading import load_causal_lm
+from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.ppo.forward import response_forward
 from rlhf_ray.ppo.sequences import PackedBatch
 
 
 class ReferenceModel:
     def __init__(self, model_path: str, dtype: str = "float32", temperature: float = 1.0, trust_remote_code: bool = False):
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
+        self.device = default_device()
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
         self.temperature = temperature
 
     @torch.no_grad()
     def logprobs(self, batch: PackedBatch) -> torch.Tensor:
         """(B, A) log-probs of the response tokens under the reference policy."""
-        return response_forward(self.model, batch, temperature=self.temperature).logprobs
+        return response_forward(self.model, batch.to(self.device), temperature=self.temperature).logprobs.cpu()
 
     def ready(self) -> bool:
         return True

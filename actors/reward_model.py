@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.models.loading import torch_dtype
+from rlhf_ray.models.loading import default_device, torch_dtype
 
 
 class RewardModel:
@@ -42,7 +42,8 @@ class RewardModel:
         width = max(len(s) for s in sequences)
         input_ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in sequences])
         attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-        raw = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        device = self.model.device
+        raw = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.squeeze(-1).float().cpu()
         return ((raw - self.mean) / self.std).clamp(-self.clip, self.clip)
 
     def ready(self) -> bool:

@@ -46,15 +46,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str) -> Path | None:
-    """One panel per numeric metric over steps; None when there is nothing to plot."""
+def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str, keys: list[str] | None = None) -> Path | None:
+    """One panel per numeric metric (or per name in `keys` that was logged) over steps; None when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    keys = sorted({k for row in rows for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+    logged = {k for row in rows for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+    keys = [k for k in keys if k in logged] if keys else sorted(logged)
     if not keys:
         return None
     cols = min(3, len(keys))
@@ -68,7 +69,7 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str) -> Pa
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return Path(out_png)

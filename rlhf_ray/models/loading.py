@@ -60,3 +60,10 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=resolved, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+
+
+def default_device() -> torch.device:
+    """The GPU Ray gave this process, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,5 +21,10 @@ class Experience:
     returns: torch.Tensor  # (B, A)
 
     def select(self, rows: torch.Tensor) -> "Experience":
-        parts = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Experience(**{name: value.select(rows) if name == "batch" else value[rows] for name, value in parts.items()})
+        return Experience(**{name: value.select(rows) if name == "batch" else value[rows] for name, value in self._parts().items()})
+
+    def to(self, device: torch.device | str) -> "Experience":
+        return Experience(**{name: value.to(device) for name, value in self._parts().items()})
+
+    def _parts(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

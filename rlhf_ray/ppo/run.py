@@ -13,6 +13,8 @@ from rlhf_ray.ppo.launch import ModelPaths
 
 CHECKPOINT_DONE = "driver_state.json"  # written last: a checkpoint folder without it is incomplete
 CHECKPOINTS_KEPT = 2
+PLOTTED = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "finished_fraction", "value_loss",
+           "explained_variance", "clip_fraction", "approx_kl", "generated_tokens_per_s", "seconds_iteration"]
 
 
 @dataclass
@@ -151,7 +153,7 @@ def run_ppo(config: Config, resume: bool = False) -> PPOResult:
         _export_final(actors, out, paths)
     finally:
         stop_actors(actors)
-    png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo")
+    png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo", PLOTTED)
     print(f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True)
     return PPOResult(out, state["iteration"], metrics)
 

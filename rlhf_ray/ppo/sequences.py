@@ -25,6 +25,9 @@ class PackedBatch:
     def select(self, rows: torch.Tensor) -> "PackedBatch":
         return PackedBatch(**{k: v[rows] for k, v in self.to_dict().items()})
 
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(**{k: v.to(device) for k, v in self.to_dict().items()})
+
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
     """Concatenate each prompt with its response; the logits at position t predict token t + 1."""

@@ -48,6 +48,11 @@ def add_sums(total: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
         total[key] = total.get(key, 0.0) + float(value)
 
 
+def on_device(batch: dict[str, torch.Tensor], engine) -> dict[str, torch.Tensor]:
+    """Move a collated batch to the engine's device (the worker's GPU, or the CPU)."""
+    return {key: value.to(engine.device) for key, value in batch.items()}
+
+
 def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config) -> dict[str, float]:
     """Eval sums over this worker's share of the held-out rows, all-reduced across workers."""
     engine.eval()
@@ -55,11 +60,12 @@ def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config) -> dic
     mine = rows[rank::world]
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            _, batch_sums = task.loss_and_sums(engine, task.collate(mine[start:start + batch_size], pad_id), config)
+            batch = on_device(task.collate(mine[start:start + batch_size], pad_id), engine)
+            _, batch_sums = task.loss_and_sums(engine, batch, config)
             add_sums(sums, batch_sums)
     engine.train()
     if not sums:  # this worker had no eval rows; still join the all-reduce with zeros
-        _, zero = task.loss_and_sums(engine, task.collate(rows[:1], pad_id), config)
+        _, zero = task.loss_and_sums(engine, on_device(task.collate(rows[:1], pad_id), engine), config)
         sums = {k: 0.0 for k in zero}
     return all_reduce_sums(sums)
 
@@ -182,7 +188,8 @@ class WorkerJob:
         while position.step < self.total_steps:
             micro = self._epoch_micro_batches(position.epoch)
             for indices in micro[position.micro_in_epoch:]:
-                loss, sums = task.loss_and_sums(self.engine, task.collate([self.train_rows[i] for i in indices], self.pad_id), self.config)
+                batch = on_device(task.collate([self.train_rows[i] for i in indices], self.pad_id), self.engine)
+                loss, sums = task.loss_and_sums(self.engine, batch, self.config)
                 self.engine.backward(loss)
                 self.engine.step()
                 add_sums(self.train_sums, sums)
