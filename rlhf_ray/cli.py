@@ -8,7 +8,7 @@ import sys
 from rlhf_ray.formats.rows import DataError
 from rlhf_ray.typed_yaml import ConfigError
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)  # shown without a traceback
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError)  # shown without a traceback
 
 
 def _config_show(args) -> None:

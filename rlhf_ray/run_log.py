@@ -17,8 +17,7 @@ class MetricsLog:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "metrics.jsonl"
-        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step] if resume_step else []
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        trim_jsonl(self.path, "step", resume_step)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -37,6 +36,13 @@ class MetricsLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def trim_jsonl(path: str | Path, key: str, keep_up_to: int) -> None:
+    """Keep only the rows whose `key` is <= keep_up_to (an interrupted run's later rows go)."""
+    path = Path(path)
+    kept = [row for row in read_metrics(path) if row.get(key, 0) <= keep_up_to]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -88,19 +88,12 @@ def _write_samples(path: Path, iteration: int, rollouts, experience, prompts, to
 
 
 def run_ppo(config: Config, resume: bool = False) -> PPOResult:
-    import ray
-    from tqdm import tqdm
-
-    from actors.rollout_generator import SamplingSpec
-    from rlhf_ray.algo.ppo import explained_variance
     from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.ppo.driver import ppo_step
     from rlhf_ray.ppo.launch import launch_actors, stop_actors
     from rlhf_ray.ppo.prompts import load_prompt_set
     from rlhf_ray.ray_session import connect
-    from rlhf_ray.run_log import MetricsLog, plot_curves
+    from rlhf_ray.run_log import plot_curves
 
-    ppo = config.ppo
     out = (config.run.path / "ppo").resolve()
     paths = resolve_model_paths(config)
     tokenizer = load_tokenizer(paths.policy, config.model.trust_remote_code)
@@ -115,47 +108,63 @@ def run_ppo(config: Config, resume: bool = False) -> PPOResult:
     save_config(config, out)
     print(f"[ppo] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
 
-    state = {"iteration": 0, "kl_coef": ppo.kl_coef, "samples_seen": 0}
-    actors = launch_actors(config, paths, tokenizer, max_model_len=config.data.max_prompt_length + ppo.max_new_tokens)
+    actors = launch_actors(config, paths, tokenizer, max_model_len=config.data.max_prompt_length + config.ppo.max_new_tokens)
     try:
-        if checkpoint is not None:
-            state = json.loads((checkpoint / CHECKPOINT_DONE).read_text())
-            ray.get(actors.learner.load.remote(str(checkpoint)))
-            print(f"[ppo] resumed from {checkpoint} (iteration {state['iteration']})", flush=True)
-        version = ray.get(actors.learner.export_adapter.remote())
-        ray.get([g.load_adapter.remote(version.version, version) for g in actors.generators])
-        kl_controller = _make_kl_controller(config, state["kl_coef"])
-        log = MetricsLog(out, resume_step=state["iteration"])
-        bar = tqdm(total=ppo.iterations, initial=state["iteration"], desc="ppo")
-        metrics: dict = {}
-        for iteration in range(state["iteration"], ppo.iterations):
-            indices = prompts.batch(iteration, ppo.rollout_batch_size, config.run.seed)
-            sampling = SamplingSpec(ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt,
-                                    seed=config.run.seed * 1_000 + iteration)
-            batch_prompts = [prompts.token_ids[i] for i in indices]
-            experience, metrics, rollouts = ppo_step(actors, batch_prompts, sampling, kl_controller.value, ppo,
-                                                     tokenizer.pad_token_id)
-            metrics["explained_variance"] = float(explained_variance(experience.values, experience.returns,
-                                                                     experience.batch.response_mask))
-            kl_controller.update(metrics["kl"], len(rollouts))
-            state = {"iteration": iteration + 1, "kl_coef": kl_controller.value,
-                     "samples_seen": state["samples_seen"] + len(rollouts), "prompt_ids": indices}
-            metrics["samples_seen"] = state["samples_seen"]
-            log.log(iteration + 1, metrics)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-            bar.update(1)
-            if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:
-                _write_samples(out / "samples.jsonl", iteration + 1, rollouts, experience, batch_prompts, tokenizer)
-            if ppo.checkpoint_every and (iteration + 1) % ppo.checkpoint_every == 0 or iteration + 1 == ppo.iterations:
-                save_checkpoint(out / "checkpoints", actors, state)
-        bar.close()
-        log.close()
+        state, metrics = _run_iterations(config, actors, prompts, tokenizer, out, checkpoint)
         _export_final(actors, out, paths)
     finally:
         stop_actors(actors)
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo", PLOTTED)
     print(f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True)
     return PPOResult(out, state["iteration"], metrics)
+
+
+def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, checkpoint: Path | None) -> tuple[dict, dict]:
+    """Restore from `checkpoint` if given, then iterate: collect, update, log, sample, checkpoint."""
+    import ray
+    from tqdm import tqdm
+
+    from actors.rollout_generator import SamplingSpec
+    from rlhf_ray.algo.ppo import explained_variance
+    from rlhf_ray.ppo.driver import ppo_step
+    from rlhf_ray.run_log import MetricsLog, trim_jsonl
+
+    ppo, seed = config.ppo, config.run.seed
+    state = {"iteration": 0, "kl_coef": ppo.kl_coef, "samples_seen": 0}
+    if checkpoint is not None:
+        state = json.loads((checkpoint / CHECKPOINT_DONE).read_text())
+        ray.get(actors.learner.load.remote(str(checkpoint)))
+        trim_jsonl(out / "samples.jsonl", "iteration", state["iteration"])
+        print(f"[ppo] resumed from {checkpoint} (iteration {state['iteration']})", flush=True)
+    adapter = ray.get(actors.learner.export_adapter.remote())
+    ray.get([g.load_adapter.remote(adapter.version, adapter) for g in actors.generators])
+    kl_controller = _make_kl_controller(config, state["kl_coef"])
+    log = MetricsLog(out, resume_step=state["iteration"])
+    bar = tqdm(total=ppo.iterations, initial=state["iteration"], desc="ppo")
+    metrics: dict = {}
+    for iteration in range(state["iteration"], ppo.iterations):
+        indices = prompts.batch(iteration, ppo.rollout_batch_size, seed)
+        sampling = SamplingSpec(ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt,
+                                seed=seed * 1_000 + iteration)
+        batch_prompts = [prompts.token_ids[i] for i in indices]
+        experience, metrics, rollouts = ppo_step(actors, batch_prompts, sampling, kl_controller.value, ppo,
+                                                 tokenizer.pad_token_id)
+        metrics["explained_variance"] = float(explained_variance(experience.values, experience.returns,
+                                                                 experience.batch.response_mask))
+        kl_controller.update(metrics["kl"], len(rollouts))
+        state = {"iteration": iteration + 1, "kl_coef": kl_controller.value,
+                 "samples_seen": state["samples_seen"] + len(rollouts), "prompt_ids": indices}
+        metrics["samples_seen"] = state["samples_seen"]
+        log.log(iteration + 1, metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+        bar.update(1)
+        if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:
+            _write_samples(out / "samples.jsonl", iteration + 1, rollouts, experience, batch_prompts, tokenizer)
+        if ppo.checkpoint_every and (iteration + 1) % ppo.checkpoint_every == 0 or iteration + 1 == ppo.iterations:
+            save_checkpoint(out / "checkpoints", actors, state)
+    bar.close()
+    log.close()
+    return state, metrics
 
 
 def _export_final(actors, out: Path, paths: ModelPaths) -> None:
