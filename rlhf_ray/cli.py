@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from rlhf_ray.formats.rows import DataError
 from rlhf_ray.typed_yaml import ConfigError
@@ -114,8 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    """`ray job stop` sends SIGTERM: exit through the normal path so `finally` blocks stop our actors."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_on_sigterm()
     try:
         args.run(args)
     except USER_ERRORS as err:

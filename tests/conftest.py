@@ -19,9 +19,7 @@ def shared_file(relative: str) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     from rlhf_ray.models.tiny import make_tiny_model
 
-    # head_dim 32: the smallest head size vLLM's CPU attention supports
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0, hidden_size=64, num_heads=2,
-                           num_kv_heads=1, intermediate_size=128)
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

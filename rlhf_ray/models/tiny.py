@@ -130,8 +130,8 @@ def make_tiny_model(
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,  # head_dim 32: the smallest head size vLLM's CPU attention supports
+    num_kv_heads: int = 1,
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
 ) -> Path:

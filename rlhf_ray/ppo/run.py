@@ -125,6 +125,7 @@ def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, check
     from tqdm import tqdm
 
     from actors.rollout_generator import SamplingSpec
+    from rlhf_ray import dashboard_metrics
     from rlhf_ray.algo.ppo import explained_variance
     from rlhf_ray.ppo.driver import ppo_step
     from rlhf_ray.run_log import MetricsLog, trim_jsonl
@@ -156,6 +157,7 @@ def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, check
                  "samples_seen": state["samples_seen"] + len(rollouts), "prompt_ids": indices}
         metrics["samples_seen"] = state["samples_seen"]
         log.log(iteration + 1, metrics)
+        dashboard_metrics.publish(metrics, config.run.name, "ppo")
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
         bar.update(1)
         if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:

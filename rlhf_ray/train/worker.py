@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlhf_ray import dashboard_metrics
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
@@ -172,6 +173,7 @@ class WorkerJob:
             metrics.update(self._evaluate())
         if self.log is not None and metrics:
             self.log.log(position.step, metrics)
+            dashboard_metrics.publish(metrics, self.config.run.name, self.task.name)
         if epoch_done:
             position.epoch, position.micro_in_epoch = position.epoch + 1, 0
         if stage.checkpoint_every and position.step % stage.checkpoint_every == 0 or done:
