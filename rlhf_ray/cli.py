@@ -62,6 +62,13 @@ def _ppo(args) -> None:
     run_ppo(load_config(args.file, args.overrides), resume=args.resume)
 
 
+def _sweep(args) -> None:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.sweep import run_sweep
+
+    run_sweep(load_config(args.file, args.overrides), resume=args.resume)
+
+
 def _pipeline(args) -> None:
     from rlhf_ray.config import load_config
     from rlhf_ray.pipeline import run_pipeline
@@ -107,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ppo.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this run")
     ppo.set_defaults(run=_ppo)
+    sweep = commands.add_parser("sweep", help="Ray Tune PPO trials over sweep.kl_coefs x sweep.lrs")
+    sweep.add_argument("file", help="config YAML")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sweep.set_defaults(run=_sweep)
     pipeline = commands.add_parser("pipeline", help="SFT then the reward model (PPO to come), skipping finished stages")
     pipeline.add_argument("file", help="config YAML")
     pipeline.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

@@ -17,5 +17,6 @@ def connect(resources: ResourcesConfig) -> str:
     if address:
         ray.init(address=address)
         return f"attached to {address}"
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    # address="local": a new cluster even if a stale or foreign one left its address file in /tmp/ray
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     return "started a local Ray"

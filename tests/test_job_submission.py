@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,10 +36,11 @@ def head_node(tmp_path_factory):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     dashboard, metrics = free_port(), free_port()
+    temp_dir = f"/tmp/rlhf-ray-head-{dashboard}"  # its own address file, so later ray.init calls never find it
     log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}", "--num-cpus=2"],
+         f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while not port_open(dashboard):
@@ -52,6 +54,7 @@ def head_node(tmp_path_factory):
     while port_open(dashboard) and time.monotonic() < deadline:
         time.sleep(1)
     assert not port_open(dashboard), "the head node's dashboard is still running"
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def ray_job(head, *args, check=True, timeout=600):

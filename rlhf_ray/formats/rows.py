@@ -29,6 +29,9 @@ class DataError(ValueError):
         self.ref, self.field, self.problem = ref, field, problem
         super().__init__(f"{ref}: field '{field}': {problem}")
 
+    def __reduce__(self):  # picklable and copyable with its three parts (Ray and Tune copy exceptions)
+        return (DataError, (self.ref, self.field, self.problem))
+
 
 @dataclass
 class RowProblems:

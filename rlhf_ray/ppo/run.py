@@ -87,7 +87,10 @@ def _write_samples(path: Path, iteration: int, rollouts, experience, prompts, to
                 "score": float(experience.scores[row])}) + "\n")
 
 
-def run_ppo(config: Config, resume: bool = False) -> PPOResult:
+def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = None, on_iteration=None) -> PPOResult:
+    """Run PPO to `ppo.iterations`. `resume` continues from this run's newest complete checkpoint;
+    `checkpoint` names one explicitly (Tune trials). `on_iteration(iteration, metrics, saved_checkpoint)`
+    is called after every iteration (saved_checkpoint is None when none was written)."""
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.ppo.launch import launch_actors, stop_actors
     from rlhf_ray.ppo.prompts import load_prompt_set
@@ -100,17 +103,18 @@ def run_ppo(config: Config, resume: bool = False) -> PPOResult:
     prompts = load_prompt_set(config, tokenizer)
     print(f"[ppo] prompts: {prompts.summary}", flush=True)
     print(f"[ppo] policy {paths.policy}; reward model {paths.reward}", flush=True)
-    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
-    if resume and checkpoint is None:
-        print(f"[ppo] --resume: no complete checkpoint under {out / 'checkpoints'}; starting from iteration 0", flush=True)
-    if not resume and (out / "checkpoints").exists():
+    if checkpoint is None and resume:
+        checkpoint = latest_checkpoint(out / "checkpoints")
+        if checkpoint is None:
+            print(f"[ppo] --resume: no complete checkpoint under {out / 'checkpoints'}; starting from iteration 0", flush=True)
+    elif checkpoint is None and (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a PPO run; pass --resume to continue it or use another run.name")
     save_config(config, out)
     print(f"[ppo] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
 
     actors = launch_actors(config, paths, tokenizer, max_model_len=config.data.max_prompt_length + config.ppo.max_new_tokens)
     try:
-        state, metrics = _run_iterations(config, actors, prompts, tokenizer, out, checkpoint)
+        state, metrics = _run_iterations(config, actors, prompts, tokenizer, out, checkpoint, on_iteration)
         _export_final(actors, out, paths)
     finally:
         stop_actors(actors)
@@ -119,7 +123,8 @@ def run_ppo(config: Config, resume: bool = False) -> PPOResult:
     return PPOResult(out, state["iteration"], metrics)
 
 
-def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, checkpoint: Path | None) -> tuple[dict, dict]:
+def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, checkpoint: Path | None,
+                    on_iteration=None) -> tuple[dict, dict]:
     """Restore from `checkpoint` if given, then iterate: collect, update, log, sample, checkpoint."""
     import ray
     from tqdm import tqdm
@@ -162,8 +167,11 @@ def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, check
         bar.update(1)
         if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:
             _write_samples(out / "samples.jsonl", iteration + 1, rollouts, experience, batch_prompts, tokenizer)
+        saved = None
         if ppo.checkpoint_every and (iteration + 1) % ppo.checkpoint_every == 0 or iteration + 1 == ppo.iterations:
-            save_checkpoint(out / "checkpoints", actors, state)
+            saved = save_checkpoint(out / "checkpoints", actors, state)
+        if on_iteration is not None:
+            on_iteration(iteration + 1, metrics, saved)
     bar.close()
     log.close()
     return state, metrics

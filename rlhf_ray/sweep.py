@@ -1,0 +1,153 @@
+"""`rlhf-ray sweep`: Ray Tune trials of PPO over the KL coefficient and the learning rate.
+
+Each trial is a function trainable that runs PPO with its own four actors inside the trial's
+placement group, reports every iteration to Tune, and hands Tune its checkpoints so a trial
+(or the whole sweep, via `Tuner.restore`) resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+from rlhf_ray.config import Config, config_from_dict, save_config
+from rlhf_ray.typed_yaml import to_dict
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """Trials run in their own working folders: pin every relative local path to the sweep's folder."""
+    data = to_dict(config)
+
+    def pin(value):
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    for name in ("sft", "preference", "prompts"):
+        data["data"][name]["path"] = pin(data["data"][name]["path"])
+    data["deepspeed"]["config_file"] = pin(data["deepspeed"]["config_file"])
+    data["model"]["name_or_path"] = pin(data["model"]["name_or_path"])
+    data["model"]["tokenizer"] = pin(data["model"]["tokenizer"])
+    data["ppo"]["policy_model"] = pin(data["ppo"]["policy_model"])
+    data["ppo"]["reward_model"] = pin(data["ppo"]["reward_model"])
+    data["run"]["output_dir"] = str(Path(data["run"]["output_dir"]).resolve())
+    return config_from_dict(data)
+
+
+def trial_config(base: dict, kl_coef: float, lr: float, trial_name: str) -> Config:
+    data = {**base, "ppo": {**base["ppo"], "kl_coef": kl_coef, "lr": lr},
+            "run": {**base["run"], "name": trial_name}}
+    return config_from_dict(data)
+
+
+def run_trial(params: dict) -> None:
+    """Tune function trainable: one PPO run with this trial's kl_coef and lr."""
+    from ray import tune
+
+    from rlhf_ray.ppo.run import run_ppo
+
+    trial_name = f"{params['base']['run']['name']}-{tune.get_context().get_trial_id()}"
+    config = trial_config(params["base"], params["kl_coef"], params["lr"], trial_name)
+    checkpoint = tune.get_checkpoint()
+
+    def report(iteration: int, metrics: dict, saved: Path | None) -> None:
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
+
+    if checkpoint is None:
+        shutil.rmtree(config.run.path.resolve() / "ppo", ignore_errors=True)  # a restart before any checkpoint
+        run_ppo(config, on_iteration=report)
+        return
+    with checkpoint.as_directory() as folder:
+        run_ppo(config, checkpoint=Path(folder), on_iteration=report)
+
+
+def trial_resources(config: Config):
+    """One bundle for the trial's driver and one per actor, packed on as few nodes as possible."""
+    from ray import tune
+
+    res = config.resources
+    actor = {"CPU": res.actor_num_cpus}
+    bundles = [{"CPU": 0.1}]
+    bundles += [{**actor, "GPU": res.generator_num_gpus} if res.generator_num_gpus else actor] * res.generator_replicas
+    for gpus in (res.learner_num_gpus, res.reward_num_gpus, res.reference_num_gpus):
+        bundles.append({**actor, "GPU": gpus} if gpus else actor)
+    return tune.PlacementGroupFactory(bundles, strategy="PACK")
+
+
+def build_tuner(config: Config, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep = config.sweep
+    storage = config.run.path.resolve()
+    experiment = storage / "sweep"
+    trainable = tune.with_resources(run_trial, trial_resources(config))
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment)):
+            raise FileNotFoundError(f"no sweep to resume at {experiment}")
+        print(f"[sweep] resuming {experiment}", flush=True)
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    if experiment.exists():
+        raise FileExistsError(f"{experiment} already holds a sweep; pass --resume to continue it or use another run.name")
+    pick = tune.grid_search if sweep.search == "grid" else tune.choice
+    scheduler = ASHAScheduler(max_t=config.ppo.iterations, grace_period=min(2, config.ppo.iterations)) \
+        if sweep.scheduler == "asha" else None
+    return tune.Tuner(
+        trainable,
+        param_space={"base": to_dict(config), "kl_coef": pick(sweep.kl_coefs), "lr": pick(sweep.lrs)},
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                                    num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(storage)),
+    )
+
+
+def write_results(config: Config, results) -> tuple[Path, Path, Path]:
+    """sweep_results.csv (one row per trial), best_config.yaml (ready for `rlhf-ray ppo`), sweep.png."""
+    out = config.run.path.resolve()
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        rows.append({"trial": result.path.rsplit("/", 1)[-1], "kl_coef": result.config["kl_coef"], "lr": result.config["lr"],
+                     "iterations": metrics.get("training_iteration", 0), "reward_mean": metrics.get("reward_mean"),
+                     "kl": metrics.get("kl"), "error": str(result.error).strip().splitlines()[-1] if result.error else ""})
+    table = out / "sweep_results.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    best = results.get_best_result(metric=config.sweep.metric, mode=config.sweep.mode)
+    best_config = trial_config(to_dict(config), best.config["kl_coef"], best.config["lr"], f"{config.run.name}-best")
+    best_path = save_config(best_config, out, "best_config.yaml")
+    return table, best_path, _plot(rows, out / "sweep.png")
+
+
+def _plot(rows: list[dict], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        if row["reward_mean"] is not None and row["kl"] is not None:
+            ax.scatter(row["kl"], row["reward_mean"])
+            ax.annotate(f"kl_coef={row['kl_coef']:g}, lr={row['lr']:g}", (row["kl"], row["reward_mean"]), fontsize=7)
+    ax.set_xlabel("KL to reference (final iteration)")
+    ax.set_ylabel("reward mean (final iteration)")
+    ax.set_title("sweep: reward vs KL per trial")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
+    from rlhf_ray.ray_session import connect
+
+    config = with_absolute_paths(config)
+    print(f"[sweep] Ray: {connect(config.resources)}", flush=True)
+    save_config(config, config.run.path.resolve())
+    results = build_tuner(config, resume).fit()
+    table, best, png = write_results(config, results)
+    print(f"[sweep] results {table}\n[sweep] best config {best}\n[sweep] plot {png}", flush=True)
+    return table, best, png

@@ -1,0 +1,61 @@
+"""`rlhf-ray sweep`: Ray Tune PPO trials over 2 KL coefficients x 2 learning rates, interrupted and restored."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlhf_ray.config import load_config
+
+pytestmark = pytest.mark.e2e
+
+
+def finished_trials(experiment) -> list:
+    """Trial folders whose result.json holds the final (2nd) iteration."""
+    done = []
+    for result in experiment.glob("run_trial_*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows and rows[-1].get("training_iteration") == 2:
+            done.append(result.parent)
+    return done
+
+
+def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
+    import ray
+
+    command = [sys.executable, "-m", "rlhf_ray.cli", "sweep", "configs/tiny.yaml", f"run.output_dir={tmp_path}",
+               "run.name=sw", f"model.name_or_path={tiny_model_dir}", f"ppo.policy_model={tiny_model_dir}",
+               f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16", "ppo.iterations=2",
+               "sweep.kl_coefs=[0.01, 0.1]", "sweep.lrs=[1.0e-4, 1.0e-3]", "resources.actor_num_cpus=0.4"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    experiment = tmp_path / "sw" / "sweep"
+    sweep = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not finished_trials(experiment):
+        assert sweep.poll() is None, "the sweep ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    first = finished_trials(experiment)
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    assert not (tmp_path / "sw" / "sweep_results.csv").exists()
+
+    restored = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert restored.returncode == 0, restored.stdout[-2000:] + restored.stderr[-2000:]
+    assert "[sweep] resuming" in restored.stdout
+
+    with open(tmp_path / "sw" / "sweep_results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((float(r["kl_coef"]), float(r["lr"])) for r in rows) == [(0.01, 1e-4), (0.01, 1e-3), (0.1, 1e-4), (0.1, 1e-3)]
+    assert all(r["iterations"] == "2" and r["error"] == "" and r["reward_mean"] for r in rows), rows
+    for trial in first:  # a trial finished before the interruption was not run again
+        lines = (trial / "result.json").read_text().splitlines()
+        assert len([line for line in lines if line.strip()]) == 2
+    best = load_config(tmp_path / "sw" / "best_config.yaml")
+    assert (best.ppo.kl_coef, best.ppo.lr) in [(0.01, 1e-4), (0.01, 1e-3), (0.1, 1e-4), (0.1, 1e-3)]
+    assert (tmp_path / "sw" / "sweep.png").is_file()
