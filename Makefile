@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlhf-ray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo demo-tiny clean-venv
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/rlhf-ray pipeline configs/demo.yaml
+
+# The same pipeline on a tiny random model made locally: a few minutes, for trying the machinery.
+demo-tiny: setup
+	test -f runs/tiny-model/config.json || $(VENV)/bin/rlhf-ray models tiny runs/tiny-model
+	$(VENV)/bin/rlhf-ray pipeline configs/tiny.yaml
 
 clean-venv:
 	rm -rf $(VENV)

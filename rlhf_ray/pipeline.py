@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from rlhf_ray.config import Config
 from rlhf_ray.run_log import read_metrics
 from rlhf_ray.train.export import is_exported
 
-SUMMARY_KEYS = {"sft": ("eval_loss", "eval_perplexity"), "rm": ("eval_accuracy", "eval_margin"),
-                "ppo": ("reward_mean", "kl")}
+STAGES = ("sft", "rm", "ppo")
 
 
 def run_pipeline(config: Config) -> dict[str, Path]:
@@ -19,30 +20,47 @@ def run_pipeline(config: Config) -> dict[str, Path]:
     from rlhf_ray.ppo.run import run_ppo
     from rlhf_ray.train.launch import run_stage
 
-    models: dict[str, Path] = {}
-    bases = {"sft": None, "rm": lambda: str(models["sft"])}
-    for stage, base in bases.items():
-        folder = (config.run.path / stage / "model").resolve()
+    run_dir = config.run.path.resolve()
+    times_file = run_dir / "pipeline_seconds.json"
+    seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    start_stage = {
+        "sft": lambda: run_stage(config, "sft"),
+        "rm": lambda: run_stage(config, "rm", base_model=str(run_dir / "sft" / "model")),
+        "ppo": lambda: run_ppo(config, resume=(run_dir / "ppo" / "checkpoints").exists()),
+    }
+    for stage in STAGES:
+        folder = run_dir / stage / "model"
         if is_exported(folder):
             print(f"[pipeline] {stage}: finished output exists at {folder}; skipping (delete it to rerun)", flush=True)
-        else:
-            run_stage(config, stage, base_model=base() if base else None)
-        models[stage] = folder
-    ppo_dir = (config.run.path / "ppo").resolve()
-    if is_exported(ppo_dir / "model"):
-        print(f"[pipeline] ppo: finished output exists at {ppo_dir / 'model'}; skipping (delete it to rerun)", flush=True)
-    else:
-        run_ppo(config, resume=(ppo_dir / "checkpoints").exists())
-    models["ppo"] = ppo_dir / "model"
-    print(summary_table(config), flush=True)
-    return models
+            continue
+        began = time.perf_counter()
+        start_stage[stage]()
+        seconds[stage] = round(time.perf_counter() - began, 1)
+        times_file.parent.mkdir(parents=True, exist_ok=True)
+        times_file.write_text(json.dumps(seconds, indent=2) + "\n")
+    print(summary_table(run_dir, seconds), flush=True)
+    return {stage: run_dir / stage / "model" for stage in STAGES}
 
 
-def summary_table(config: Config) -> str:
-    lines = ["", f"run {config.run.name} ({config.run.path.resolve()})", "stage | steps | final metrics", "--- | --- | ---"]
-    for stage, keys in SUMMARY_KEYS.items():
-        rows = read_metrics(config.run.path / stage / "metrics.jsonl")
-        last = {k: v for row in rows for k, v in row.items()}  # latest value of each metric
-        shown = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last) or "no metrics"
-        lines.append(f"{stage} | {last.get('step', 0)} | {shown}")
+def summary_table(run_dir: Path, seconds: dict) -> str:
+    """Final metrics per stage, PPO reward and KL first -> last, wall time, and where things are."""
+    rows = {stage: read_metrics(run_dir / stage / "metrics.jsonl") for stage in STAGES}
+    last = {stage: {k: v for row in r for k, v in row.items()} for stage, r in rows.items()}  # latest of each
+    first_ppo = rows["ppo"][0] if rows["ppo"] else {}
+
+    def fmt(value) -> str:
+        return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+    results = {
+        "sft": f"eval loss {fmt(last['sft'].get('eval_loss'))}, perplexity {fmt(last['sft'].get('eval_perplexity'))}",
+        "rm": f"eval accuracy {fmt(last['rm'].get('eval_accuracy'))}, margin {fmt(last['rm'].get('eval_margin'))}",
+        "ppo": f"reward {fmt(first_ppo.get('reward_mean'))} -> {fmt(last['ppo'].get('reward_mean'))}, "
+               f"KL {fmt(first_ppo.get('kl'))} -> {fmt(last['ppo'].get('kl'))}",
+    }
+    lines = ["", f"run {run_dir}", "stage | steps | result | wall time", "--- | --- | --- | ---"]
+    for stage in STAGES:
+        wall = f"{seconds[stage] / 60:.1f} min" if stage in seconds else "-"
+        lines.append(f"{stage} | {last[stage].get('step', 0)} | {results[stage]} | {wall}")
+    lines.append("")
+    lines += [f"{stage}: model {run_dir / stage / 'model'}, curves {run_dir / stage / 'curves.png'}" for stage in STAGES]
     return "\n".join(lines)
