@@ -67,7 +67,15 @@ def ray_job(head, *args, check=True, timeout=600):
 
 
 def submit(head, *entrypoint):
-    out = ray_job(head, "submit", "--no-wait", "--working-dir", ".", "--runtime-env-json", RUNTIME_ENV, "--", *entrypoint)
+    """Submit, retrying while the head's job agent is still starting (the dashboard answers before it)."""
+    deadline = time.monotonic() + 180
+    while True:
+        out = ray_job(head, "submit", "--no-wait", "--working-dir", ".", "--runtime-env-json", RUNTIME_ENV, "--",
+                      *entrypoint, check=False)
+        if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)
 
 
