@@ -22,7 +22,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+            model_path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code).to(default_device()).eval()
         self.model.requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id
         self.eos_token_id, self.suffix = eos_token_id, list(end_of_turn_suffix)

@@ -6,8 +6,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-
 from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import gae_advantages, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
