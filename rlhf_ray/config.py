@@ -156,6 +156,7 @@ class PPOConfig:
     vllm_enforce_eager: bool = True  # skip vLLM graph compilation: starts in ~25 s instead of ~90 s on CPU, ~10% slower
     vllm_kv_cache_gib: float = 1.0  # CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); on GPU see vllm_gpu_memory_utilization
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (GPU only)
+    max_nonfinite_in_a_row: int = 3  # stop after this many consecutive updates skipped for NaN/inf
 
     def __post_init__(self):
         for name in ("iterations", "rollout_batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size"):
@@ -172,6 +173,7 @@ class PPOConfig:
         _check(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.minibatch_size,
                "micro_batch_size must be in (0, minibatch_size]")
         _check(self.kl_horizon > 0 and self.target_kl > 0, "kl_horizon and target_kl must be > 0")
+        _check(self.max_nonfinite_in_a_row > 0, f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
 
 
 @dataclass
@@ -186,11 +188,15 @@ class ResourcesConfig:
     reward_num_gpus: float = 0.0
     reference_num_gpus: float = 0.0
     actor_num_cpus: float = 0.5  # CPUs reserved per PPO actor
+    max_actor_restarts: int = 3  # times PPO re-creates a dead actor of one role before giving up
+    call_timeout_s: float = 1800.0  # longest one PPO actor call (generate, score, update, push) may take
 
     def __post_init__(self):
         _check(self.num_workers > 0, f"num_workers must be > 0, got {self.num_workers}")
         _check(self.generator_replicas > 0, f"generator_replicas must be > 0, got {self.generator_replicas}")
         _check(self.cpus_per_worker > 0 and self.actor_num_cpus >= 0, "CPU counts must be positive")
+        _check(self.max_actor_restarts >= 0, f"max_actor_restarts must be >= 0, got {self.max_actor_restarts}")
+        _check(self.call_timeout_s > 0, f"call_timeout_s must be > 0, got {self.call_timeout_s}")
 
 
 @dataclass
