@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,27 +75,39 @@ class PolicyLearner:
         return out.logprobs.cpu(), values.cpu()
 
     def train_step(self, experience: Experience) -> dict[str, float]:
-        """PPO epochs over shuffled minibatches, with gradient accumulation over micro-batches."""
+        """PPO epochs over shuffled minibatches, with gradient accumulation over micro-batches.
+
+        An optimizer step whose loss or gradient norm is NaN/inf is skipped (weights and optimizer
+        state unchanged) and counted in `skipped_steps`; if every step is skipped the version stays.
+        """
         self.model.train()
         n = experience.batch.input_ids.size(0)
         mb, micro = self.ppo.minibatch_size, self.ppo.micro_batch_size or self.ppo.minibatch_size
         totals: dict[str, float] = {}
-        updates = 0
+        updates = skipped = 0
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n - mb + 1, mb):
                 rows = order[start:start + mb]
                 self.optimizer.zero_grad(set_to_none=True)
+                step: dict[str, float] = {}
                 for micro_start in range(0, mb, micro):
-                    stats = self._micro_step(experience.select(rows[micro_start:micro_start + micro]), mb)
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value * len(rows[micro_start:micro_start + micro]) / mb
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm)
-                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm)
+                    micro_rows = rows[micro_start:micro_start + micro]
+                    for key, value in self._micro_step(experience.select(micro_rows), mb).items():
+                        step[key] = step.get(key, 0.0) + value * len(micro_rows) / mb
+                step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm))
+                if not all(math.isfinite(value) for value in step.values()):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
                 self.optimizer.step()
                 updates += 1
-        self.version += 1
-        return {key: value / max(updates, 1) for key, value in totals.items()} | {"policy_version": self.version}
+                for key, value in step.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        if updates:
+            self.version += 1
+        return {key: value / updates for key, value in totals.items()} | {
+            "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0)}
 
     def _micro_step(self, exp: Experience, minibatch_rows: int) -> dict[str, float]:
         exp = exp.to(self.device)

@@ -28,7 +28,11 @@ class Rollout:
 
 
 class RolloutGenerator:
-    """`load_adapter` swaps in a new LoRA adapter (a new LoRA id per policy version) without restarting vLLM."""
+    """`load_adapter` swaps in a new LoRA adapter without restarting vLLM.
+
+    Every load gets a fresh LoRA id: vLLM caches adapters by id, and a learner restored from a
+    checkpoint may publish a version number again with different weights.
+    """
 
     def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
                  enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
@@ -46,29 +50,35 @@ class RolloutGenerator:
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
         self.version = 0  # 0 = the SFT weights alone
         self._lora = None
+        self._loads = 0
 
     def load_adapter(self, version: int, adapter) -> int:
         """Use `adapter` (an AdapterPayload, or a folder path) for every later generate call."""
         from vllm.lora.request import LoRARequest
 
-        folder = self.adapter_root / f"v{version}"
+        self._loads += 1
+        folder = self.adapter_root / f"load{self._loads}-v{version}"
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(adapter, (str, Path)):
             shutil.copytree(adapter, folder)
         else:
             adapter.write(folder)
         # LoRA ids must be >= 1; vLLM evicts the least recently used adapter when its slots are full.
-        self._lora = LoRARequest(f"policy-v{version}", version + 1, str(folder))
+        if self._lora is not None:  # vLLM reads an adapter's files when it first serves it; the old one is done
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+        self._lora = LoRARequest(f"policy-v{version}-load{self._loads}", self._loads, str(folder))
         self.version = version
         return self.version
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[Rollout]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, index_offset: int = 0) -> list[Rollout]:
+        """Sample `sampling.n` responses per prompt. Prompt i is seeded from (sampling.seed, index_offset + i),
+        so a batch split across replicas samples what one generator would."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=sampling.max_new_tokens, logprobs=0,
-                                 seed=None if sampling.seed is None else sampling.seed * 100_003 + i)
+                                 seed=None if sampling.seed is None else sampling.seed * 100_003 + index_offset + i)
                   for i in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)

@@ -191,6 +191,17 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return picked - normaliser
 
 
+def nonfinite_names(tensors: dict[str, torch.Tensor], mask: torch.Tensor) -> list[str]:
+    """Names of the tensors holding a NaN or inf. (B, A) tensors are checked where `mask` is set
+    (padding is not data); any other shape is checked whole."""
+    bad = []
+    for name, tensor in tensors.items():
+        values = tensor[mask.bool()] if tensor.shape == mask.shape else tensor
+        if not bool(torch.isfinite(values).all()):
+            bad.append(name)
+    return bad
+
+
 @torch.no_grad()
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over masked elements, as a 0-d tensor. Inputs (B, A).

@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from rlhf_ray.algo.losses import masked_mean
-from rlhf_ray.algo.ppo import gae_advantages, token_rewards, whiten
+from rlhf_ray.algo.ppo import gae_advantages, nonfinite_names, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, Call
 from rlhf_ray.ppo.experience import Experience
 from rlhf_ray.ppo.sequences import pack
 
 
-@dataclass
-class PPOActors:
-    generators: list  # RolloutGenerator handles (replicas share each batch)
-    learner: object  # PolicyLearner handle
-    reward: object  # RewardModel handle
-    reference: object  # ReferenceModel handle
+class GeneratorWeights:
+    """The adapter every generator must serve; a re-created generator gets it again before it works."""
+
+    def __init__(self, crew: ActorCrew):
+        self.crew = crew
+        self.adapter = None
+        crew.on_restart = self._restore
+
+    def push(self, adapter) -> list[int]:
+        import ray
+
+        self.adapter = adapter
+        ref = ray.put(adapter)
+        return self.crew.run("push_weights", [Call(name, "load_adapter", (adapter.version, ref))
+                                              for name in self.crew.generator_names])
+
+    def _restore(self, role: str, handle) -> None:
+        import ray
+
+        if role.startswith(GENERATOR_PREFIX) and self.adapter is not None:
+            ray.get(handle.load_adapter.remote(self.adapter.version, self.adapter), timeout=self.crew.timeout_s)
 
 
 class PhaseTimer:
@@ -42,18 +58,23 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return chunks
 
 
-def ppo_step(actors: PPOActors, prompts: list[list[int]], sampling, kl_coef: float, ppo: PPOConfig,
-             pad_id: int) -> tuple[Experience, dict, list]:
-    """Collect one batch of experience, update the policy, push the new adapter to the generators."""
+def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]], sampling, kl_coef: float,
+             ppo: PPOConfig, pad_id: int) -> tuple[Experience, dict, list]:
+    """Collect one batch of experience, update the policy, push the new adapter to the generators.
+
+    If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
+    (weights unchanged) and `metrics["update_skipped"]` is 1.
+    """
     import ray
 
     timer = PhaseTimer()
     # 1. generate: the prompt batch is split across generator replicas
     with timer("generate"):
-        shards = split_evenly(list(range(len(prompts))), len(actors.generators))
-        refs = [g.generate.remote([prompts[i] for i in shard], sampling) for g, shard in zip(actors.generators, shards) if shard]
+        shards = [s for s in split_evenly(list(range(len(prompts))), len(crew.generator_names)) if s]
+        calls = [Call(name, "generate", ([prompts[i] for i in shard], sampling, shard[0]))
+                 for name, shard in zip(crew.generator_names, shards)]
         rollouts = []
-        for shard, shard_rollouts in zip([s for s in shards if s], ray.get(refs)):
+        for shard, shard_rollouts in zip(shards, crew.run("generate", calls)):
             for r in shard_rollouts:
                 r.prompt_index = shard[r.prompt_index]
                 rollouts.append(r)
@@ -65,10 +86,9 @@ def ppo_step(actors: PPOActors, prompts: list[list[int]], sampling, kl_coef: flo
     # 2. score, 3. reference log-probs, and the learner's old log-probs/values, all at once
     with timer("score_reference_values"):
         batch_ref = ray.put(batch)
-        score_ref = actors.reward.score.remote(prompt_ids, responses)
-        reference_ref = actors.reference.logprobs.remote(batch_ref)
-        learner_ref = actors.learner.logprobs_and_values.remote(batch_ref)
-        scores, ref_logprobs, (old_logprobs, values) = ray.get([score_ref, reference_ref, learner_ref])
+        scores, ref_logprobs, (old_logprobs, values) = crew.run("score_reference_values", [
+            Call(REWARD, "score", (prompt_ids, responses)), Call(REFERENCE, "logprobs", (batch_ref,)),
+            Call(LEARNER, "logprobs_and_values", (batch_ref,))])
 
     # 4. advantages: KL-shaped per-token rewards, then GAE
     with timer("advantages"):
@@ -77,15 +97,19 @@ def ppo_step(actors: PPOActors, prompts: list[list[int]], sampling, kl_coef: flo
         if ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
     experience = Experience(batch, old_logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
+    nonfinite = nonfinite_names({"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs,
+                                 "values": values, "advantages": advantages, "returns": returns}, mask)
 
-    # 5. update
-    with timer("update"):
-        stats = ray.get(actors.learner.train_step.remote(experience))
-
-    # 6. push weights
-    with timer("push_weights"):
-        adapter_ref = actors.learner.export_adapter.remote()
-        versions = ray.get([g.load_adapter.remote(stats["policy_version"], adapter_ref) for g in actors.generators])
+    stats: dict = {"update_skipped": 1.0, "nonfinite_in": nonfinite} if nonfinite else {}
+    versions = [weights.adapter.version] if weights.adapter is not None else [0]
+    if not nonfinite:
+        # 5. update (the learner itself skips any optimizer step whose loss or gradients are not finite)
+        with timer("update"):
+            stats = crew.call("update", LEARNER, "train_step", experience)
+        # 6. push weights
+        if not stats.get("update_skipped"):
+            with timer("push_weights"):
+                versions = weights.push(crew.call("export_adapter", LEARNER, "export_adapter"))
 
     lengths = mask.sum(1).float()
     generated_tokens = float(lengths.sum())
@@ -96,7 +120,12 @@ def ppo_step(actors: PPOActors, prompts: list[list[int]], sampling, kl_coef: flo
         "generated_tokens_per_s": generated_tokens / max(timer.seconds["seconds_generate"], 1e-9),
         "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
         "generator_versions_min": min(versions), "generator_versions_max": max(versions),
-        **{k: v for k, v in stats.items()}, **timer.seconds,
+        **stats, **timer.seconds,
     }
     metrics["seconds_iteration"] = sum(timer.seconds.values())
     return experience, metrics, rollouts
+
+
+def finite_only(metrics: dict) -> dict:
+    """Numbers that can go into JSON lines, TensorBoard and Tune (non-finite ones are dropped)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

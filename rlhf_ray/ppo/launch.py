@@ -1,4 +1,4 @@
-"""Start the four PPO roles as named Ray actors with resources from the config."""
+"""The four PPO roles as named Ray actors with resources from the config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_ray.config import Config
-from rlhf_ray.ppo.driver import PPOActors
+from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, RoleSpec
 
 
 @dataclass
@@ -43,9 +43,8 @@ def wait_until_names_free(names: list[str], namespace: str, timeout_s: float = 6
             time.sleep(0.5)
 
 
-def launch_actors(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> PPOActors:
-    import ray
-
+def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> list[RoleSpec]:
+    """The four PPO roles, each a named actor with the resources the config gives it."""
     from actors.policy_learner import PolicyLearner
     from actors.reference_model import ReferenceModel
     from actors.reward_model import RewardModel
@@ -54,32 +53,31 @@ def launch_actors(config: Config, paths: ModelPaths, tokenizer, max_model_len: i
     res, ppo, model = config.resources, config.ppo, config.model
     namespace = f"rlhf-ray-{config.run.name}"
 
-    def options(name: str, gpus: float) -> dict:
-        return {"name": name, "namespace": namespace, "num_cpus": res.actor_num_cpus, "num_gpus": gpus}
-
-    names = [f"rollout-generator-{i}" for i in range(res.generator_replicas)]
-    wait_until_names_free(names + ["policy-learner", "reward-model", "reference-model"], namespace)
+    def options(gpus: float) -> dict:
+        return {"namespace": namespace, "num_cpus": res.actor_num_cpus, "num_gpus": gpus}
 
     generators = [
-        ray.remote(RolloutGenerator).options(**options(names[i], res.generator_num_gpus)).remote(
-            str(paths.policy), max_lora_rank=config.lora.r, max_model_len=max_model_len, dtype=model.dtype,
+        RoleSpec(f"{GENERATOR_PREFIX}{i}", RolloutGenerator, (str(paths.policy),), dict(
+            max_lora_rank=config.lora.r, max_model_len=max_model_len, dtype=model.dtype,
             enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
             gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,
-            trust_remote_code=model.trust_remote_code)
+            trust_remote_code=model.trust_remote_code), options(res.generator_num_gpus))
         for i in range(res.generator_replicas)]
-    learner = ray.remote(PolicyLearner).options(**options("policy-learner", res.learner_num_gpus)).remote(
-        str(paths.policy), config.lora, ppo, dtype=model.dtype, seed=config.run.seed, trust_remote_code=model.trust_remote_code)
-    reward = ray.remote(RewardModel).options(**options("reward-model", res.reward_num_gpus)).remote(
-        str(paths.reward), dtype=model.dtype, normalize=ppo.normalize_reward, clip=ppo.reward_clip,
-        eos_token_id=tokenizer.eos_token_id, end_of_turn_suffix=end_of_turn_suffix(tokenizer),
-        trust_remote_code=model.trust_remote_code)
-    reference = ray.remote(ReferenceModel).options(**options("reference-model", res.reference_num_gpus)).remote(
-        str(paths.policy), model.dtype, ppo.temperature, model.trust_remote_code)
-    return PPOActors(generators, learner, reward, reference)
+    learner = RoleSpec(LEARNER, PolicyLearner, (str(paths.policy), config.lora, ppo), dict(
+        dtype=model.dtype, seed=config.run.seed, trust_remote_code=model.trust_remote_code), options(res.learner_num_gpus))
+    reward = RoleSpec(REWARD, RewardModel, (str(paths.reward),), dict(
+        dtype=model.dtype, normalize=ppo.normalize_reward, clip=ppo.reward_clip, eos_token_id=tokenizer.eos_token_id,
+        end_of_turn_suffix=end_of_turn_suffix(tokenizer), trust_remote_code=model.trust_remote_code),
+        options(res.reward_num_gpus))
+    reference = RoleSpec(REFERENCE, ReferenceModel, (str(paths.policy), model.dtype, ppo.temperature,
+                                                     model.trust_remote_code), {}, options(res.reference_num_gpus))
+    specs = [*generators, learner, reward, reference]
+    for spec in specs:
+        spec.options["name"] = spec.name
+    return specs
 
 
-def stop_actors(actors: PPOActors) -> None:
-    import ray
-
-    for handle in [*actors.generators, actors.learner, actors.reward, actors.reference]:
-        ray.kill(handle)
+def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:
+    """Start the actors (after any left by a dead driver are gone) and wait until all are ready."""
+    wait_until_names_free([spec.name for spec in specs], specs[0].options["namespace"])
+    return ActorCrew(specs, max_restarts=config.resources.max_actor_restarts, timeout_s=config.resources.call_timeout_s)

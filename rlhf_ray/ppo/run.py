@@ -11,7 +11,7 @@ from pathlib import Path
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.ppo.launch import ModelPaths
 
-CHECKPOINT_DONE = "driver_state.json"  # written last: a checkpoint folder without it is incomplete
+DRIVER_STATE = "driver_state.json"  # iteration, KL coefficient, samples seen, counters
 CHECKPOINTS_KEPT = 2
 PLOTTED = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "finished_fraction", "value_loss",
            "explained_variance", "clip_fraction", "approx_kl", "generated_tokens_per_s", "seconds_iteration"]
@@ -41,32 +41,42 @@ def resolve_model_paths(config: Config) -> ModelPaths:
     return ModelPaths(policy.resolve(), reward.resolve())
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones (no driver_state.json) are reported and skipped."""
-    if not folder.is_dir():
+def model_identity(config: Config, paths: ModelPaths) -> dict:
+    """What a checkpoint must match to be resumed: the starting policy's architecture and the LoRA shape."""
+    from rlhf_ray.checkpoints import sha256_of
+
+    return {"policy_model": str(paths.policy), "policy_config_sha256": sha256_of(paths.policy / "config.json"),
+            "lora_r": config.lora.r, "lora_target_modules": sorted(config.lora.target_modules)}
+
+
+def check_identity(checkpoint: Path, identity: dict) -> None:
+    from rlhf_ray.checkpoints import CheckpointError, read_manifest
+
+    saved = read_manifest(checkpoint)
+    different = [key for key in identity if key != "policy_model" and saved.get(key) != identity[key]]
+    if different:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written for another model: {', '.join(different)} differ "
+            f"(checkpoint: policy {saved.get('policy_model')}, LoRA r={saved.get('lora_r')}; "
+            f"this run: policy {identity['policy_model']}, LoRA r={identity['lora_r']})")
+
+
+def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:
+    """The newest complete checkpoint under `folder`; an error if there are checkpoints but none is usable."""
+    from rlhf_ray.checkpoints import CheckpointError, newest_valid
+
+    candidates = sorted(folder.glob("iter_*")) if folder.is_dir() else []
+    chosen = newest_valid(folder, "iter_*", log=lambda line: print(f"[ppo] {line}", flush=True))
+    if chosen is None and candidates:
+        raise CheckpointError(f"--resume: none of the {len(candidates)} checkpoints under {folder} is complete "
+                              "(see the warnings above); refusing to start over. Move the folder away to start afresh.")
+    if chosen is None:
+        print(f"[ppo] --resume: no checkpoint under {folder} yet; starting from iteration 0", flush=True)
         return None
-    for candidate in sorted(folder.glob("iter_*"), reverse=True):
-        if (candidate / CHECKPOINT_DONE).is_file():
-            return candidate
-        print(f"[ppo] skipping incomplete checkpoint {candidate}", flush=True)
-    return None
-
-
-def save_checkpoint(folder: Path, actors, state: dict) -> Path:
-    """Learner state, then the driver state last, in a temporary folder renamed into place."""
-    import ray
-
-    target = folder / f"iter_{state['iteration']:06d}"
-    staging = folder / f".tmp-{target.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    ray.get(actors.learner.save.remote(str(staging)))
-    (staging / CHECKPOINT_DONE).write_text(json.dumps(state, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    for old in sorted(folder.glob("iter_*"))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    check_identity(chosen, identity)
+    if chosen != candidates[-1]:
+        print(f"[ppo] resuming from the previous complete checkpoint {chosen.name}", flush=True)
+    return chosen
 
 
 def _make_kl_controller(config: Config, value: float):
@@ -91,8 +101,9 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     """Run PPO to `ppo.iterations`. `resume` continues from this run's newest complete checkpoint;
     `checkpoint` names one explicitly (Tune trials). `on_iteration(iteration, metrics, saved_checkpoint)`
     is called after every iteration (saved_checkpoint is None when none was written)."""
+    from rlhf_ray.checkpoints import CheckpointError, problem_with
     from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.ppo.launch import launch_actors, stop_actors
+    from rlhf_ray.ppo.launch import actor_specs, launch_actors
     from rlhf_ray.ppo.prompts import load_prompt_set
     from rlhf_ray.ray_session import connect
     from rlhf_ray.run_log import plot_curves
@@ -103,91 +114,182 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     prompts = load_prompt_set(config, tokenizer)
     print(f"[ppo] prompts: {prompts.summary}", flush=True)
     print(f"[ppo] policy {paths.policy}; reward model {paths.reward}", flush=True)
-    if checkpoint is None and resume:
-        checkpoint = latest_checkpoint(out / "checkpoints")
-        if checkpoint is None:
-            print(f"[ppo] --resume: no complete checkpoint under {out / 'checkpoints'}; starting from iteration 0", flush=True)
-    elif checkpoint is None and (out / "checkpoints").exists():
+    identity = model_identity(config, paths)
+    if checkpoint is not None:
+        problem = problem_with(checkpoint)
+        if problem:
+            raise CheckpointError(f"checkpoint {checkpoint} is not usable: {problem}")
+        check_identity(checkpoint, identity)
+    elif resume:
+        checkpoint = find_resume_checkpoint(out / "checkpoints", identity)
+    elif (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a PPO run; pass --resume to continue it or use another run.name")
     save_config(config, out)
     print(f"[ppo] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
 
-    actors = launch_actors(config, paths, tokenizer, max_model_len=config.data.max_prompt_length + config.ppo.max_new_tokens)
+    max_model_len = config.data.max_prompt_length + config.ppo.max_new_tokens
+    crew = launch_actors(config, actor_specs(config, paths, tokenizer, max_model_len))
     try:
-        state, metrics = _run_iterations(config, actors, prompts, tokenizer, out, checkpoint, on_iteration)
-        _export_final(actors, out, paths)
+        loop = PPOLoop(config, crew, prompts, tokenizer, out, identity, on_iteration)
+        state, metrics = loop.run(checkpoint)
+        loop.export_final(paths)
     finally:
-        stop_actors(actors)
+        crew.stop()
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo", PLOTTED)
     print(f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True)
     return PPOResult(out, state["iteration"], metrics)
 
 
-def _run_iterations(config: Config, actors, prompts, tokenizer, out: Path, checkpoint: Path | None,
-                    on_iteration=None) -> tuple[dict, dict]:
-    """Restore from `checkpoint` if given, then iterate: collect, update, log, sample, checkpoint."""
-    import ray
-    from tqdm import tqdm
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped because of NaN/inf."""
 
-    from actors.rollout_generator import SamplingSpec
-    from rlhf_ray import dashboard_metrics
-    from rlhf_ray.algo.ppo import explained_variance
-    from rlhf_ray.ppo.driver import ppo_step
-    from rlhf_ray.run_log import MetricsLog, trim_jsonl
 
-    ppo, seed = config.ppo, config.run.seed
-    state = {"iteration": 0, "kl_coef": ppo.kl_coef, "samples_seen": 0}
-    if checkpoint is not None:
-        state = json.loads((checkpoint / CHECKPOINT_DONE).read_text())
-        ray.get(actors.learner.load.remote(str(checkpoint)))
-        trim_jsonl(out / "samples.jsonl", "iteration", state["iteration"])
-        print(f"[ppo] resumed from {checkpoint} (iteration {state['iteration']})", flush=True)
-    adapter = ray.get(actors.learner.export_adapter.remote())
-    ray.get([g.load_adapter.remote(adapter.version, adapter) for g in actors.generators])
-    kl_controller = _make_kl_controller(config, state["kl_coef"])
-    log = MetricsLog(out, resume_step=state["iteration"])
-    bar = tqdm(total=ppo.iterations, initial=state["iteration"], desc="ppo")
-    metrics: dict = {}
-    for iteration in range(state["iteration"], ppo.iterations):
-        indices = prompts.batch(iteration, ppo.rollout_batch_size, seed)
+class PPOLoop:
+    """The iterations of one PPO run: collect, update, log, sample, checkpoint; and recovery.
+
+    A dead generator, reward or reference actor is handled inside `ActorCrew`. A dead learner
+    loses its weights, so the loop goes back to the last checkpoint (or the start) and replays:
+    data order and sampling seeds depend only on the iteration number.
+    """
+
+    def __init__(self, config: Config, crew, prompts, tokenizer, out: Path, identity: dict, on_iteration=None):
+        from rlhf_ray.ppo.driver import GeneratorWeights
+
+        self.config, self.crew, self.prompts, self.tokenizer = config, crew, prompts, tokenizer
+        self.out, self.identity, self.on_iteration = out, identity, on_iteration
+        self.weights = GeneratorWeights(crew)
+        self.last_checkpoint: Path | None = None
+        self.log = None
+        self.state: dict = {}
+        self.metrics: dict = {}
+
+    def run(self, checkpoint: Path | None) -> tuple[dict, dict]:
+        from tqdm import tqdm
+
+        from rlhf_ray.ppo.crew import RoleLost
+
+        self._start_from(checkpoint)
+        iterations = self.config.ppo.iterations
+        bar = tqdm(total=iterations, initial=self.state["iteration"], desc="ppo")
+        while self.state["iteration"] < iterations:
+            try:
+                self._iterate()
+            except RoleLost as lost:
+                print(f"[ppo] {lost}; replaying from {self.last_checkpoint or 'the start'}", flush=True)
+                self._start_from(self.last_checkpoint)
+            bar.n = self.state["iteration"]
+            bar.set_postfix(reward=f"{self.metrics.get('reward_mean', float('nan')):.3f}",
+                            kl=f"{self.metrics.get('kl', float('nan')):.3f}")
+            bar.refresh()
+        bar.close()
+        self.log.close()
+        return self.state, self.metrics
+
+    def _start_from(self, checkpoint: Path | None) -> None:
+        """Learner, driver state and logs as of `checkpoint` (None: the beginning); generators get its adapter."""
+        from rlhf_ray.ppo.crew import LEARNER, RoleLost
+        from rlhf_ray.run_log import MetricsLog, trim_jsonl
+
+        while True:
+            try:
+                if checkpoint is not None:  # (from the start, the learner is fresh: just created or re-created)
+                    self.crew.call("restore", LEARNER, "load", str(checkpoint))
+                self.weights.push(self.crew.call("export_adapter", LEARNER, "export_adapter"))
+                break
+            except RoleLost as lost:
+                print(f"[ppo] {lost}; trying again", flush=True)
+        self.state = {"iteration": 0, "kl_coef": self.config.ppo.kl_coef, "samples_seen": 0, "skipped_updates": 0,
+                      "nonfinite_in_a_row": 0}
+        if checkpoint is not None:
+            self.state.update(json.loads((checkpoint / DRIVER_STATE).read_text()))
+            print(f"[ppo] resumed from {checkpoint} (iteration {self.state['iteration']})", flush=True)
+        self.last_checkpoint = checkpoint
+        self.kl_controller = _make_kl_controller(self.config, self.state["kl_coef"])
+        trim_jsonl(self.out / "samples.jsonl", "iteration", self.state["iteration"])
+        if self.log is not None:
+            self.log.close()
+        self.log = MetricsLog(self.out, resume_step=self.state["iteration"])
+
+    def _iterate(self) -> None:
+        from actors.rollout_generator import SamplingSpec
+        from rlhf_ray import dashboard_metrics
+        from rlhf_ray.algo.ppo import explained_variance
+        from rlhf_ray.ppo.driver import finite_only, ppo_step
+
+        ppo, seed, state = self.config.ppo, self.config.run.seed, self.state
+        iteration = state["iteration"]
+        indices = self.prompts.batch(iteration, ppo.rollout_batch_size, seed)
         sampling = SamplingSpec(ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt,
                                 seed=seed * 1_000 + iteration)
-        batch_prompts = [prompts.token_ids[i] for i in indices]
-        experience, metrics, rollouts = ppo_step(actors, batch_prompts, sampling, kl_controller.value, ppo,
-                                                 tokenizer.pad_token_id)
+        batch_prompts = [self.prompts.token_ids[i] for i in indices]
+        experience, metrics, rollouts = ppo_step(self.crew, self.weights, batch_prompts, sampling,
+                                                 self.kl_controller.value, ppo, self.tokenizer.pad_token_id)
+        nonfinite = metrics.pop("nonfinite_in", [])
+        if metrics.get("update_skipped"):
+            state["skipped_updates"] += 1
+            state["nonfinite_in_a_row"] += 1
+            print(f"[ppo] iteration {iteration + 1}: update skipped, NaN/inf in {', '.join(nonfinite) or 'loss or gradients'} "
+                  f"({state['nonfinite_in_a_row']} in a row)", flush=True)
+            if state["nonfinite_in_a_row"] >= ppo.max_nonfinite_in_a_row:
+                raise NonFiniteError(
+                    f"stopping at iteration {iteration + 1}: {state['nonfinite_in_a_row']} updates in a row were skipped "
+                    f"for NaN/inf (ppo.max_nonfinite_in_a_row={ppo.max_nonfinite_in_a_row}); last in "
+                    f"{', '.join(nonfinite) or 'loss or gradients'}; prompt ids of that batch: {indices}")
+        else:
+            state["nonfinite_in_a_row"] = 0
+            self.kl_controller.update(metrics["kl"], len(rollouts))
         metrics["explained_variance"] = float(explained_variance(experience.values, experience.returns,
                                                                  experience.batch.response_mask))
-        kl_controller.update(metrics["kl"], len(rollouts))
-        state = {"iteration": iteration + 1, "kl_coef": kl_controller.value,
-                 "samples_seen": state["samples_seen"] + len(rollouts), "prompt_ids": indices}
-        metrics["samples_seen"] = state["samples_seen"]
-        log.log(iteration + 1, metrics)
-        dashboard_metrics.publish(metrics, config.run.name, "ppo")
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-        bar.update(1)
+        state.update({"iteration": iteration + 1, "kl_coef": self.kl_controller.value, "prompt_ids": indices,
+                      "samples_seen": state["samples_seen"] + len(rollouts)})
+        metrics.update(samples_seen=state["samples_seen"], skipped_updates=state["skipped_updates"],
+                       actor_restarts=self.crew.total_restarts)  # restarts by this driver process
+        self.metrics = metrics = finite_only(metrics)
+        self.log.log(iteration + 1, metrics)
+        dashboard_metrics.publish(metrics, self.config.run.name, "ppo")
         if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:
-            _write_samples(out / "samples.jsonl", iteration + 1, rollouts, experience, batch_prompts, tokenizer)
+            _write_samples(self.out / "samples.jsonl", iteration + 1, rollouts, experience, batch_prompts, self.tokenizer)
         saved = None
         if ppo.checkpoint_every and (iteration + 1) % ppo.checkpoint_every == 0 or iteration + 1 == ppo.iterations:
-            saved = save_checkpoint(out / "checkpoints", actors, state)
-        if on_iteration is not None:
-            on_iteration(iteration + 1, metrics, saved)
-    bar.close()
-    log.close()
-    return state, metrics
+            saved = self._save_checkpoint()
+        if self.on_iteration is not None:
+            self.on_iteration(iteration + 1, metrics, saved)
 
+    def _save_checkpoint(self) -> Path:
+        """Learner state and driver state into a staging folder, manifest last, renamed into place."""
+        from rlhf_ray.checkpoints import commit, prune, write_manifest
+        from rlhf_ray.ppo.crew import LEARNER
 
-def _export_final(actors, out: Path, paths: ModelPaths) -> None:
-    import ray
+        folder = self.out / "checkpoints"
+        target = folder / f"iter_{self.state['iteration']:06d}"
+        staging = folder / f".tmp-{target.name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.crew.call("checkpoint", LEARNER, "save", str(staging))
+        (staging / DRIVER_STATE).write_text(json.dumps(self.state, indent=2) + "\n")
+        write_manifest(staging, {"iteration": self.state["iteration"], **self.identity})
+        commit(staging, target)
+        prune(folder, "iter_*", CHECKPOINTS_KEPT)
+        self.last_checkpoint = target
+        return target
 
-    from rlhf_ray.train.export import COMPLETE_MARKER
+    def export_final(self, paths: ModelPaths) -> None:
+        """The merged model and the adapter, each renamed into place; `export.json` in the model last."""
+        from rlhf_ray.ppo.crew import LEARNER, RoleLost
+        from rlhf_ray.train.export import COMPLETE_MARKER
 
-    staging = out / ".export-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    ray.get(actors.learner.export_merged.remote(str(staging), str(paths.policy)))
-    for name in ("model", "adapter"):
-        shutil.rmtree(out / name, ignore_errors=True)
-        os.replace(staging / name, out / name)
-    shutil.rmtree(staging, ignore_errors=True)
-    summary = {"stage": "ppo", "lora": True, "base_model": str(paths.policy), "reward_model": str(paths.reward)}
-    (out / "model" / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+        staging = self.out / ".export-tmp"
+        while True:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                self.crew.call("export", LEARNER, "export_merged", str(staging), str(paths.policy))
+                break
+            except RoleLost as lost:  # the last iteration always checkpoints, so restoring loses nothing
+                print(f"[ppo] {lost}; restoring {self.last_checkpoint} to export", flush=True)
+                self.crew.call("restore", LEARNER, "load", str(self.last_checkpoint))
+        for name in ("model", "adapter"):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+            os.replace(staging / name, self.out / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        summary = {"stage": "ppo", "lora": True, "base_model": str(paths.policy), "reward_model": str(paths.reward)}
+        (self.out / "model" / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2) + "\n")

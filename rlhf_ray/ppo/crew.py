@@ -1,0 +1,190 @@
+"""The PPO actors as a crew that survives deaths: every call has a deadline, a dead actor is re-created.
+
+The driver never calls an actor handle directly; it hands `ActorCrew.run` a phase name and a list of
+`Call`s. Calls run concurrently. When an actor dies (process killed, node lost) the crew re-creates
+it from its `RoleSpec`, lets `on_restart` restore its state (the driver reloads the generator's
+adapter), and issues the lost call again. A stateful role listed in `replay_roles` (the policy
+learner) is re-created too, but its call is not re-issued: `RoleLost` goes up to the driver, which
+restores the learner from its last checkpoint and replays from there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+GENERATOR_PREFIX = "rollout-generator-"
+LEARNER = "policy-learner"
+REWARD = "reward-model"
+REFERENCE = "reference-model"
+
+
+@dataclass
+class RoleSpec:
+    """How to create one named actor (and create it again after it dies)."""
+
+    name: str
+    cls: type
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # ray .options(): namespace, num_cpus, num_gpus
+
+
+@dataclass
+class Call:
+    role: str
+    method: str
+    args: tuple = ()
+
+
+class RoleLost(RuntimeError):
+    """A stateful actor died and was re-created; the caller must restore its state and replay."""
+
+    def __init__(self, role: str, phase: str, cause: str):
+        super().__init__(f"{role} died during {phase}: {cause}")
+        self.role, self.phase = role, phase
+
+
+class RoleKeepsDying(RuntimeError):
+    pass
+
+
+class ActorCallTimeout(TimeoutError):
+    pass
+
+
+def _actor_pid(_actor) -> int:
+    return os.getpid()
+
+
+def _death_errors() -> tuple[type, ...]:
+    from ray import exceptions
+
+    return (exceptions.RayActorError, exceptions.WorkerCrashedError, exceptions.NodeDiedError,
+            exceptions.OutOfMemoryError)
+
+
+class ActorCrew:
+    def __init__(self, specs: list[RoleSpec], *, max_restarts: int, timeout_s: float,
+                 replay_roles: tuple[str, ...] = (LEARNER,), log: Callable[[str], None] = print):
+        self.specs = {spec.name: spec for spec in specs}
+        self.max_restarts, self.timeout_s, self.replay_roles, self.log = max_restarts, timeout_s, replay_roles, log
+        self.handles: dict[str, Any] = {}
+        self.pids: dict[str, int] = {}
+        self.restarts = {name: 0 for name in self.specs}
+        self.on_restart: Callable[[str, Any], None] | None = None
+        for spec in specs:
+            self.handles[spec.name] = self._create(spec)
+        self._wait_started(list(self.specs))
+
+    @property
+    def generator_names(self) -> list[str]:
+        return [name for name in self.specs if name.startswith(GENERATOR_PREFIX)]
+
+    @property
+    def total_restarts(self) -> int:
+        return sum(self.restarts.values())
+
+    def handle(self, role: str):
+        return self.handles[role]
+
+    def _create(self, spec: RoleSpec):
+        import ray
+
+        return ray.remote(spec.cls).options(**spec.options, max_restarts=0, max_task_retries=0).remote(
+            *spec.args, **spec.kwargs)
+
+    def _wait_started(self, roles: list[str]) -> None:
+        """Wait for the constructors (model load, vLLM engine start) and note each actor's process id."""
+        refs = {role: self.handles[role].__ray_call__.remote(_actor_pid) for role in roles}
+        for role, pid in zip(refs, self._get_all("start", refs)):
+            self.pids[role] = pid
+
+    def _get_all(self, phase: str, refs: dict[str, Any]) -> list:
+        import ray
+
+        deadline = time.monotonic() + self.timeout_s
+        for role, ref in refs.items():
+            try:
+                ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
+            except ray.exceptions.GetTimeoutError:
+                raise ActorCallTimeout(f"{role} did not finish {phase} within {self.timeout_s:.0f} s "
+                                       "(resources.call_timeout_s)") from None
+        return ray.get(list(refs.values()))
+
+    def restart(self, role: str, phase: str, cause: str) -> None:
+        """Kill what is left of `role`, create it again, wait for it, and let `on_restart` restore it."""
+        import ray
+
+        self.restarts[role] += 1
+        if self.restarts[role] > self.max_restarts:
+            raise RoleKeepsDying(f"{role} died {self.restarts[role]} times (resources.max_actor_restarts="
+                                 f"{self.max_restarts}); last time during {phase}: {cause}")
+        self.log(f"[ppo] {role} (pid {self.pids.get(role)}) died during {phase}: {cause}; "
+                 f"re-creating it ({self.restarts[role]}/{self.max_restarts})")
+        try:
+            ray.kill(self.handles[role], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._wait_name_free(role)
+        self.handles[role] = self._create(self.specs[role])
+        self._wait_started([role])
+        if self.on_restart is not None:
+            self.on_restart(role, self.handles[role])
+
+    def _wait_name_free(self, role: str, timeout_s: float = 60.0) -> None:
+        import ray
+
+        namespace = self.specs[role].options.get("namespace")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(role, namespace=namespace)
+            except ValueError:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the dead actor {role} still holds its name after {timeout_s:.0f} s")
+
+    def run(self, phase: str, calls: list[Call]) -> list:
+        """Results of `calls` in order. Lost calls to stateless roles are issued again after a restart."""
+        import ray
+
+        deaths = _death_errors()
+        pending = {self._submit(call): index for index, call in enumerate(calls)}
+        results: list = [None] * len(calls)
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                waiting = sorted({calls[i].role for i in pending.values()})
+                raise ActorCallTimeout(f"{', '.join(waiting)} did not finish {phase} within {self.timeout_s:.0f} s "
+                                       "(resources.call_timeout_s)")
+            index = pending.pop(ready[0])
+            call = calls[index]
+            try:
+                results[index] = ray.get(ready[0])
+            except deaths as err:
+                cause = type(err).__name__
+                self.restart(call.role, phase, cause)
+                if call.role in self.replay_roles:
+                    raise RoleLost(call.role, phase, cause) from err
+                pending[self._submit(call)] = index
+                deadline = time.monotonic() + self.timeout_s
+        return results
+
+    def call(self, phase: str, role: str, method: str, *args):
+        return self.run(phase, [Call(role, method, args)])[0]
+
+    def _submit(self, call: Call):
+        return getattr(self.handles[call.role], call.method).remote(*call.args)
+
+    def stop(self) -> None:
+        import ray
+
+        for handle in self.handles.values():
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:
+                pass
