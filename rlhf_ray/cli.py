@@ -6,10 +6,14 @@ import argparse
 import sys
 import threading
 
+from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.formats.rows import DataError
 from rlhf_ray.typed_yaml import ConfigError
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError)  # shown without a traceback
+# Shown as one line without a traceback. The OSErrors are paths in the config that cannot be used
+# (run.output_dir under a file, a folder without write permission).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _config_show(args) -> None:
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="show a resolved config").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print FILE with dotted overrides (ppo.kl_coef=0.05) applied and checked")
     show.add_argument("file")
-    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    show.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     show.set_defaults(run=_config_show)
 
     data = commands.add_parser("data", help="look at dataset files").add_subparsers(dest="action", required=True)
@@ -107,21 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, what in (("sft", "supervised fine-tuning"), ("rm", "reward-model training")):
         job = commands.add_parser(stage, help=f"{what} as a Ray Train job on DeepSpeed (resumes a same-named run)")
         job.add_argument("file", help="config YAML")
-        job.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        job.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
         job.set_defaults(run=_train_stage)
     ppo = commands.add_parser("ppo", help="PPO over Ray actors: vLLM generator, LoRA learner, reward and reference models")
     ppo.add_argument("file", help="config YAML")
-    ppo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ppo.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     ppo.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this run")
     ppo.set_defaults(run=_ppo)
     sweep = commands.add_parser("sweep", help="Ray Tune PPO trials over sweep.kl_coefs x sweep.lrs")
     sweep.add_argument("file", help="config YAML")
-    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    sweep.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     sweep.set_defaults(run=_sweep)
-    pipeline = commands.add_parser("pipeline", help="SFT then the reward model (PPO to come), skipping finished stages")
+    pipeline = commands.add_parser("pipeline", help="SFT, then the reward model, then PPO, skipping finished stages")
     pipeline.add_argument("file", help="config YAML")
-    pipeline.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pipeline.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     pipeline.set_defaults(run=_pipeline)
     models.add_parser("list", help="known model names and where they are cached").set_defaults(run=_models_list)
     return parser
@@ -146,7 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"rlhf-ray: error: {err}", file=sys.stderr)
         return 2
+    except _run_failures() as err:
+        print(f"rlhf-ray: run stopped: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_failures() -> tuple[type, ...]:
+    """A run that cannot go on, for a reason its message explains fully (no traceback needed)."""
+    from rlhf_ray.ppo.crew import ActorCallTimeout, RoleKeepsDying
+    from rlhf_ray.ppo.run import NonFiniteError
+
+    return (NonFiniteError, RoleKeepsDying, ActorCallTimeout)
 
 
 if __name__ == "__main__":

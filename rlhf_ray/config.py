@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from rlhf_ray import typed_yaml
+from rlhf_ray.formats.load import FORMATS_OF_KIND
 from rlhf_ray.typed_yaml import ConfigError
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -80,7 +81,13 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.max_length > 0, f"max_length must be > 0, got {self.max_length}")
-        _check(0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)")
+        _check(0 < self.max_prompt_length < self.max_length,
+               f"max_prompt_length must be > 0 and < max_length ({self.max_length}) to leave room for a response, "
+               f"got {self.max_prompt_length}")
+        for kind in ("sft", "preference", "prompts"):  # the section name is the kind of example it is read as
+            allowed = ("auto", *FORMATS_OF_KIND[kind])
+            fmt = getattr(self, kind).format
+            _check(fmt in allowed, f"{kind}.format {fmt!r} cannot be read as {kind} data; use one of {list(allowed)}")
         _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 

@@ -21,6 +21,8 @@ def run_pipeline(config: Config) -> dict[str, Path]:
     from rlhf_ray.train.launch import run_stage
 
     run_dir = config.run.path.resolve()
+    pending = [stage for stage in STAGES if not is_exported(run_dir / stage / "model")]
+    check_inputs(config, pending[1:])  # the first pending stage checks its own inputs before it starts
     times_file = run_dir / "pipeline_seconds.json"
     seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
     start_stage = {
@@ -40,6 +42,35 @@ def run_pipeline(config: Config) -> dict[str, Path]:
         times_file.write_text(json.dumps(seconds, indent=2) + "\n")
     print(summary_table(run_dir, seconds), flush=True)
     return {stage: run_dir / stage / "model" for stage in STAGES}
+
+
+def check_inputs(config: Config, stages: list[str]) -> None:
+    """Read and tokenize the data of the later `stages` and check their models before the first stage
+    starts, so a bad prompt row or a missing reward model fails the pipeline in seconds instead of
+    after SFT and RM have trained. The stage tokenizes its data again when it runs.
+
+    The SFT, RM and PPO stages all tokenize with the base model's tokenizer (the SFT model keeps it).
+    """
+    from rlhf_ray.models.loading import load_tokenizer, require_safetensors
+    from rlhf_ray.models.provision import resolve_model
+    from rlhf_ray.ppo.prompts import load_prompt_set
+    from rlhf_ray.train.launch import prepare_rows, stage_model_paths
+    from rlhf_ray.train.model_setup import deepspeed_config
+
+    if not stages:
+        return
+    _, tokenizer_path = stage_model_paths(config)
+    tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
+    for stage in ("sft", "rm"):
+        if stage in stages:
+            prepare_rows(config, stage, tokenizer)
+            deepspeed_config(config, getattr(config, stage), config.resources.num_workers)
+    if "ppo" in stages:
+        load_prompt_set(config, tokenizer)
+        if config.ppo.policy_model:
+            require_safetensors(resolve_model(config.ppo.policy_model))
+        if config.ppo.reward_model:
+            require_safetensors(config.ppo.reward_model)
 
 
 def summary_table(run_dir: Path, seconds: dict) -> str:

@@ -41,6 +41,8 @@ class MetricsLog:
 def trim_jsonl(path: str | Path, key: str, keep_up_to: int) -> None:
     """Keep only the rows whose `key` is <= keep_up_to (an interrupted run's later rows go)."""
     path = Path(path)
+    if not path.exists():
+        return
     kept = [row for row in read_metrics(path) if row.get(key, 0) <= keep_up_to]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 

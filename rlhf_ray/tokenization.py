@@ -61,9 +61,12 @@ def fit_length(prompt: list[int], responses: Sequence[list[int]], max_length: in
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:
         return prompt
-    problem = f"prompt {len(prompt)} + response {longest} tokens > max_length {max_length}"
+    if longest == 0:  # a prompt on its own (PPO): its budget is data.max_prompt_length
+        problem, setting = f"prompt {len(prompt)} tokens > max_prompt_length {max_length}", "data.max_prompt_length"
+    else:
+        problem, setting = f"prompt {len(prompt)} + response {longest} tokens > max_length {max_length}", "data.max_length"
     if report.policy == "error":
-        raise DataError(ref, "<length>", f"{problem} (set data.overlong to 'skip' or 'truncate_prompt')")
+        raise DataError(ref, "<length>", f"{problem} (raise {setting}, or set data.overlong to 'skip' or 'truncate_prompt')")
     if report.policy == "truncate_prompt" and max_length - longest >= min_prompt_tokens:
         report.counts["truncated"] += 1
         return prompt[len(prompt) + longest - max_length:]

@@ -25,8 +25,11 @@ class ConfigError(ValueError):
     """A config file or override that cannot be turned into a valid config."""
 
 
-def yaml_key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key of a YAML mapping document to its 1-based line."""
+def yaml_key_lines(text: str, source: str = "<yaml>") -> dict[str, int]:
+    """Map each dotted key of a YAML mapping document to its 1-based line.
+
+    A key given twice in one mapping is an error (YAML loaders silently keep the last one).
+    """
     lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
@@ -34,7 +37,10 @@ def yaml_key_lines(text: str) -> dict[str, int]:
             return
         for key_node, value_node in node.value:
             dotted = f"{prefix}{key_node.value}"
-            lines[dotted] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if dotted in lines:
+                raise ConfigError(f"{source}:{line}: duplicate key '{dotted}' (first given at line {lines[dotted]})")
+            lines[dotted] = line
             walk(value_node, dotted + ".")
 
     root = yaml.compose(text)
@@ -151,7 +157,7 @@ def apply_override(data: dict, override: str, origin: Origin) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{override}': value is not valid YAML: {err}") from err
+        raise ConfigError(f"override '{override}': value is not valid YAML: {_yaml_problem(err)}") from err
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -163,6 +169,24 @@ def apply_override(data: dict, override: str, origin: Origin) -> None:
     origin.overrides[dotted] = override
 
 
+def _yaml_error_line(err: yaml.YAMLError) -> str:
+    """':LINE' of the construct that failed (an unclosed bracket's own line, not the end of the file)."""
+    mark = getattr(err, "context_mark", None) or getattr(err, "problem_mark", None)
+    return f":{mark.line + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, without its '<unicode string>' position blocks."""
+    problem = getattr(err, "problem", None)
+    if problem is None:
+        return str(err)
+    mark, context, context_mark = (getattr(err, name, None) for name in ("problem_mark", "context", "context_mark"))
+    text = problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+    if context:
+        text += f" ({context}" + (f", from line {context_mark.line + 1})" if context_mark is not None else ")")
+    return text
+
+
 def load(cls: type, path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Any:
     """Load dataclass `cls` from a YAML file (or defaults when `path` is None) plus overrides."""
     origin = Origin()
@@ -171,12 +195,16 @@ def load(cls: type, path: str | Path | None, overrides: typing.Sequence[str] = (
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a YAML text file (not UTF-8: byte 0x{err.object[err.start]:02x} "
+                              f"at offset {err.start})") from err
         try:
             data = yaml.safe_load(text) or {}
-            origin = Origin(str(path), yaml_key_lines(text))
+            origin = Origin(str(path), yaml_key_lines(text, str(path)))
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}{_yaml_error_line(err)}: not valid YAML: {_yaml_problem(err)}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for override in overrides:

@@ -48,9 +48,11 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
 
 
 
-def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
+def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir,
+                                                                 capfd):
     """SIGKILL the `rlhf-ray ppo` process once iteration 2's checkpoint is complete, rerun it with --resume:
-    every iteration is logged once, and the seeded run gives the same metrics as one never interrupted."""
+    every iteration is logged once, and the seeded run gives the same metrics as one never interrupted.
+    Then damage the newest checkpoint and resume for one more iteration: it goes back to the previous one."""
     import os
     import signal
     import subprocess
@@ -71,7 +73,7 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_
     out = tmp_path / "killed" / "ppo"
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not (out / "checkpoints" / "iter_000002" / "driver_state.json").exists():
+    while not (out / "checkpoints" / "iter_000002" / "manifest.json").exists():
         assert driver.poll() is None, "the driver ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -92,3 +94,21 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_
     assert [r["policy_version"] for r in mine] == [1, 2, 3, 4]
     for key in ("reward_mean", "kl", "response_length", "policy_loss", "value_loss"):  # seeded sampling: same run
         assert [r[key] for r in mine] == pytest.approx([r[key] for r in reference], rel=1e-4, abs=1e-6), key
+
+    # a flipped byte in the newest checkpoint: resume skips it, says so, and replays from the one before
+    adapter = out / "checkpoints" / "iter_000004" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    adapter.write_bytes(bytes(data))
+    capfd.readouterr()
+    run_ppo(load_config("configs/tiny.yaml", [*overrides, "run.name=killed", "ppo.iterations=5"]), resume=True)
+    said = capfd.readouterr().out
+    assert "WARNING: skipping checkpoint" in said and "iter_000004: adapter/adapter_model.safetensors does not match" in said
+    assert "resuming from the previous complete checkpoint iter_000003" in said
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
+
+    # a checkpoint written for another model shape is refused before anything starts
+    from rlhf_ray.cli import main
+
+    assert main(["ppo", "configs/tiny.yaml", *overrides, "run.name=killed", "lora.r=4", "ppo.iterations=6", "--resume"]) == 2
+    assert "was written for another model: lora_r differ" in capfd.readouterr().err

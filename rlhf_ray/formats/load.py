@@ -71,6 +71,8 @@ _KINDS: dict[str, tuple[tuple[str, ...], Callable[[str], Parser]]] = {
     "prompts": (FORMATS, _as_prompts),
 }
 
+FORMATS_OF_KIND = {kind: allowed for kind, (allowed, _) in _KINDS.items()}
+
 
 @dataclass
 class Loaded(Generic[T]):
@@ -107,7 +109,8 @@ def load_examples(kind: str, source: str, fmt: str = "auto", *, on_bad_row: BadR
             break
     rows_read += problems.total - row_problems  # rows skipped before parsing (bad JSON, not an object)
     if not examples:
-        raise DataError(source, "<rows>", f"no valid {kind} rows ({rows_read} read; {problems.summary()})")
+        why = "it holds no rows" if rows_read == 0 else problems.summary()
+        raise DataError(source, "<rows>", f"no valid {kind} rows ({rows_read} read; {why})")
     return Loaded(examples, rows_read, fmt, problems)
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf_ray.formats.hh_rlhf import split_transcript
-from rlhf_ray.formats.rows import DataError, Message, RowRef, as_messages, check_messages, check_text
+from rlhf_ray.formats.rows import (
+    DataError,
+    Message,
+    RowRef,
+    as_messages,
+    check_messages,
+    check_string_or_list,
+    check_text,
+)
 
 
 @dataclass
@@ -55,6 +63,7 @@ def _response(value, prompt: list[Message], ref: RowRef, field: str) -> str:
     """A response as a string, or as messages ending in the assistant reply (earlier turns must equal the prompt)."""
     if isinstance(value, str):
         return check_text(value, ref, field).strip()
+    check_string_or_list(value, ref, field)
     messages = check_messages(value, ref, field)
     if messages[-1]["role"] != "assistant":
         raise DataError(ref, field, "the last message must be the assistant's response")

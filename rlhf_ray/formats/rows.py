@@ -27,7 +27,8 @@ class DataError(ValueError):
 
     def __init__(self, ref: RowRef | str, field: str, problem: str):
         self.ref, self.field, self.problem = ref, field, problem
-        super().__init__(f"{ref}: field '{field}': {problem}")
+        whole_source = isinstance(ref, str) and field.startswith("<")  # e.g. "<file>": no row, no field to name
+        super().__init__(f"{ref}: {problem}" if whole_source else f"{ref}: field '{field}': {problem}")
 
     def __reduce__(self):  # picklable and copyable with its three parts (Ray and Tune copy exceptions)
         return (DataError, (self.ref, self.field, self.problem))
@@ -79,7 +80,8 @@ def check_text(value, ref: RowRef, field_name: str) -> str:
 def check_messages(value, ref: RowRef, field_name: str) -> list[Message]:
     """A non-empty list of {role, content} chat messages."""
     if not isinstance(value, list) or not value:
-        raise DataError(ref, field_name, "expected a non-empty list of chat messages")
+        got = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise DataError(ref, field_name, f"expected a non-empty list of chat messages, got {got}")
     messages = []
     for i, msg in enumerate(value):
         where = f"{field_name}[{i}]"
@@ -95,7 +97,14 @@ def as_messages(value, ref: RowRef, field_name: str) -> list[Message]:
     """A prompt given as a plain string (one user turn) or as chat messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": check_text(value, ref, field_name)}]
+    check_string_or_list(value, ref, field_name)
     messages = check_messages(value, ref, field_name)
     if messages[-1]["role"] == "assistant":
         raise DataError(ref, field_name, "a prompt must not end with an assistant message")
     return messages
+
+
+def check_string_or_list(value, ref: RowRef, field_name: str) -> None:
+    """For fields that take a string or chat messages: name both in the error for any other type."""
+    if not isinstance(value, (str, list)):
+        raise DataError(ref, field_name, f"expected a non-empty list of chat messages or a string, got {type(value).__name__}")

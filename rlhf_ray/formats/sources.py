@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -26,27 +27,35 @@ def jsonl_files(path: Path) -> list[Path]:
     return files
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def _file_rows(path: Path, problems: RowProblems) -> Iterator[tuple[RowRef, dict]]:
-    with _open_text(path) as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            ref = RowRef(str(path), number)
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                problems.handle(DataError(ref, "<json>", f"not valid JSON ({err.msg} at column {err.colno})"))
-                continue
-            if not isinstance(row, dict):
-                problems.handle(DataError(ref, "<json>", f"expected a JSON object, got {type(row).__name__}"))
-                continue
-            yield ref, row
+    """Rows of one file. Lines are decoded one by one so a bad byte names its line; a damaged
+    gzip stream (or an unreadable file) stops the read with an error naming the file."""
+    number = 0
+    try:
+        with _open_bytes(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                ref = RowRef(str(path), number)
+                try:
+                    row = json.loads(raw.decode("utf-8-sig"))
+                except UnicodeDecodeError as err:
+                    problems.handle(DataError(ref, "<text>", f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"))
+                    continue
+                except json.JSONDecodeError as err:
+                    problems.handle(DataError(ref, "<json>", f"not valid JSON ({err.msg} at column {err.colno})"))
+                    continue
+                if not isinstance(row, dict):
+                    problems.handle(DataError(ref, "<json>", f"expected a JSON object, got {type(row).__name__}"))
+                    continue
+                yield ref, row
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a cut-off stream an EOFError
+        what = "not a readable gzip file" if path.name.endswith(".gz") else "cannot be read"
+        raise DataError(f"{path}:{number + 1}", "<file>", f"{what} ({err})") from err
 
 
 def _hub_rows(name: str, split: str) -> Iterator[tuple[RowRef, dict]]:

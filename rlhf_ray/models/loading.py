@@ -40,6 +40,21 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
+def require_safetensors(path: str | Path) -> Path:
+    """`path` as a model folder with a config.json and safetensors weights, or a ValueError saying what is missing.
+
+    Pickled weights (pytorch_model.bin) can run code when loaded, so they are refused.
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.glob("*.bin")) or "no weight files"
+        raise ValueError(f"{folder} has no .safetensors weights ({found}); "
+                         "only safetensors checkpoints are loaded")
+    return folder
+
+
 def load_causal_lm(
     path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -49,13 +64,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a model folder (no config.json)")
-    if not any(folder.glob("*.safetensors")):
-        found = sorted(p.name for p in folder.glob("*.bin")) or "no weight files"
-        raise ValueError(f"{folder} has no .safetensors weights ({found}); "
-                         "only safetensors checkpoints are loaded")
+    folder = require_safetensors(path)
     resolved: Any = "auto" if dtype == "auto" else torch_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=resolved, use_safetensors=True, trust_remote_code=trust_remote_code

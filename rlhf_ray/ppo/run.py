@@ -25,6 +25,7 @@ class PPOResult:
 
 
 def resolve_model_paths(config: Config) -> ModelPaths:
+    from rlhf_ray.models.loading import require_safetensors
     from rlhf_ray.models.provision import resolve_model
     from rlhf_ray.train.export import is_exported
 
@@ -38,7 +39,7 @@ def resolve_model_paths(config: Config) -> ModelPaths:
     reward = Path(config.ppo.reward_model) if config.ppo.reward_model else run / "rm" / "model"
     if not (reward / "config.json").is_file():
         raise FileNotFoundError(f"reward model not found at {reward}: run `rlhf-ray rm` first or set ppo.reward_model")
-    return ModelPaths(policy.resolve(), reward.resolve())
+    return ModelPaths(require_safetensors(policy).resolve(), require_safetensors(reward).resolve())
 
 
 def model_identity(config: Config, paths: ModelPaths) -> dict:

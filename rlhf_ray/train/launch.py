@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
-from rlhf_ray.models.loading import load_tokenizer
+from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.train import batches
 from rlhf_ray.train.model_setup import deepspeed_config
@@ -36,7 +36,25 @@ def prepare_rows(config: Config, stage: str, tokenizer) -> tuple[list, list, str
     summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(loaded.examples)} examples; "
                f"bad rows: {loaded.problems.summary()}; lengths: {tokenized.lengths.summary()}; "
                f"{len(train)} train / {len(held_out)} eval")
+    check_enough_rows(len(train), config, stage, summary)
     return train, held_out, summary
+
+
+def check_enough_rows(n_train: int, config: Config, stage: str, summary: str) -> None:
+    """One optimizer step takes batch_size x grad_accum rows on each worker; fewer is an error now, not in a worker."""
+    stage_config, workers = getattr(config, stage), config.resources.num_workers
+    needed = stage_config.batch_size * stage_config.grad_accum * workers
+    if n_train < needed:
+        raise ValueError(f"{stage}: {n_train} training rows are fewer than one optimizer step needs "
+                         f"({stage}.batch_size {stage_config.batch_size} x {stage}.grad_accum {stage_config.grad_accum} "
+                         f"x resources.num_workers {workers} = {needed}); data: {summary}")
+
+
+def stage_model_paths(config: Config, base_model: str | None = None) -> tuple[Path, Path]:
+    """The model folder a stage starts from (safetensors weights required) and its tokenizer folder."""
+    model_path = require_safetensors(resolve_model(base_model or config.model.name_or_path)).resolve()
+    tokenizer_path = resolve_model(config.model.tokenizer).resolve() if config.model.tokenizer else model_path
+    return model_path, tokenizer_path
 
 
 def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail_once_at_step: int | None = None) -> StageResult:
@@ -51,8 +69,8 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
 
     stage_config = getattr(config, stage)
     out = (config.run.path / stage).resolve()
-    model_path = resolve_model(base_model or config.model.name_or_path).resolve()
-    tokenizer_path = resolve_model(config.model.tokenizer).resolve() if config.model.tokenizer else model_path
+    # Every input is read and checked before anything is written or Ray starts.
+    model_path, tokenizer_path = stage_model_paths(config, base_model)
     tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
     train, held_out, summary = prepare_rows(config, stage, tokenizer)
     print(f"[{stage}] data: {summary}", flush=True)

@@ -1,0 +1,91 @@
+"""Checkpoints that cannot lie: manifests with sizes and checksums, and resume that skips what does not match."""
+
+import json
+
+import pytest
+
+from rlhf_ray.checkpoints import CheckpointError, commit, newest_valid, problem_with, prune, write_manifest
+from rlhf_ray.ppo.run import find_resume_checkpoint
+
+pytestmark = pytest.mark.unit
+
+IDENTITY = {"policy_model": "/models/a", "policy_config_sha256": "abc", "lora_r": 8, "lora_target_modules": ["q_proj"]}
+
+
+def make_checkpoint(folder, iteration, identity=IDENTITY):
+    staging = folder / f".tmp-iter_{iteration:06d}"
+    (staging / "adapter").mkdir(parents=True)
+    (staging / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (staging / "driver_state.json").write_text(json.dumps({"iteration": iteration}))
+    write_manifest(staging, {"iteration": iteration, **identity})
+    return commit(staging, folder / f"iter_{iteration:06d}")
+
+
+def truncate(checkpoint):
+    path = checkpoint / "adapter" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def delete_manifest(checkpoint):
+    (checkpoint / "manifest.json").unlink()
+
+
+def flip_bytes(checkpoint):
+    path = checkpoint / "adapter" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[500] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size: only the checksum can tell
+
+
+CORRUPTIONS = {"truncated file": (truncate, "has 1000 bytes, the manifest says 10240"),
+               "manifest deleted": (delete_manifest, "no manifest.json"),
+               "flipped byte": (flip_bytes, "does not match its SHA-256")}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, capsys, corruption):
+    damage, reason = CORRUPTIONS[corruption]
+    older, newest = make_checkpoint(tmp_path, 2), make_checkpoint(tmp_path, 4)
+    assert problem_with(newest) is None
+    damage(newest)
+    assert find_resume_checkpoint(tmp_path, IDENTITY) == older
+    out = capsys.readouterr().out
+    assert f"WARNING: skipping checkpoint {newest}: " in out and reason in out
+    assert "resuming from the previous complete checkpoint iter_000002" in out
+
+
+def test_resume_refuses_to_start_over_when_every_checkpoint_is_damaged(tmp_path):
+    for iteration in (1, 2):
+        flip_bytes(make_checkpoint(tmp_path, iteration))
+    with pytest.raises(CheckpointError, match="none of the 2 checkpoints .* is complete.*refusing to start over"):
+        find_resume_checkpoint(tmp_path, IDENTITY)
+
+
+def test_resume_with_no_checkpoint_yet_starts_from_the_beginning_and_says_so(tmp_path, capsys):
+    assert find_resume_checkpoint(tmp_path / "checkpoints", IDENTITY) is None
+    assert "no checkpoint under" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    make_checkpoint(tmp_path, 3)
+    other = {**IDENTITY, "policy_model": "/models/b", "policy_config_sha256": "def", "lora_r": 16}
+    with pytest.raises(CheckpointError, match="written for another model: policy_config_sha256, lora_r differ"):
+        find_resume_checkpoint(tmp_path, other)
+
+
+def test_a_staging_folder_left_by_a_crash_is_never_picked(tmp_path):
+    complete = make_checkpoint(tmp_path, 1)
+    crashed = tmp_path / ".tmp-iter_000002"
+    crashed.mkdir()
+    (crashed / "driver_state.json").write_text("{}")
+    assert newest_valid(tmp_path, "iter_*") == complete
+
+
+def test_commit_replaces_and_prune_keeps_the_newest_complete_ones(tmp_path):
+    for iteration in (1, 2, 3):
+        make_checkpoint(tmp_path, iteration)
+    again = make_checkpoint(tmp_path, 3)  # an existing checkpoint is replaced whole
+    assert problem_with(again) is None and not list(tmp_path.glob(".old-*"))
+    delete_manifest(tmp_path / "iter_000003")  # not complete: it does not count towards the kept ones
+    prune(tmp_path, "iter_*", keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000002", "iter_000003"]
