@@ -104,9 +104,10 @@ def test_rm_job(ray_local, tmp_path, tiny_model_dir, zero, lora):
     assert alone[0].item() == pytest.approx(chosen[0].item(), abs=1e-5)
 
 
-def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, tiny_model_dir):
+def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, tiny_model_dir, capfd):
     """4 steps straight == 4 steps with a worker dying at step 3 (Ray Train restarts it from the
-    step-2 checkpoint) == 4 steps stopped at step 3 and rerun under the same name."""
+    step-2 checkpoint) == 4 steps stopped at step 3 and rerun under the same name == the straight run
+    rerun after its step-4 checkpoint was damaged (it goes back to step 2 and trains steps 3 and 4 again)."""
     common = (ZERO2, "sft.lr=1e-3", "sft.checkpoint_every=2")
     straight = run_stage(tiny_config(tmp_path, tiny_model_dir, "straight", *common), "sft")
 
@@ -128,3 +129,23 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
         assert worst <= 1e-6, f"{result.output_dir}: max weight difference {worst}"
     # and the metrics of the resumed steps match the straight run's
     assert [r["loss"] for r in metrics(resumed.output_dir)] == pytest.approx([r["loss"] for r in metrics(straight.output_dir)], rel=1e-5)
+
+    # damage the newest checkpoint of the finished straight run, then rerun it: it must skip that one
+    def checkpoint_dirs():
+        return sorted(p for p in (straight.output_dir / "ray" / "sft").glob("checkpoint_*") if p.is_dir())
+
+    checkpoints = checkpoint_dirs()
+    assert len(checkpoints) == 2
+    damaged = checkpoints[-1]
+    shard = max((p for p in damaged.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capfd.readouterr()
+    again = run_stage(tiny_config(tmp_path, tiny_model_dir, "straight", *common), "sft")
+    said = capfd.readouterr()
+    assert f"skipping checkpoint {damaged}" in said.out + said.err
+    assert checkpoint_dirs()[-1].name > damaged.name  # steps 3 and 4 ran again
+    assert [r["step"] for r in metrics(again.output_dir)] == [1, 2, 3, 4]
+    other = weights(again.model_dir)
+    assert max((reference[k] - other[k]).abs().max().item() for k in reference) <= 1e-6

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray import dashboard_metrics
+from rlhf_ray.checkpoints import CheckpointError, problem_with, write_manifest
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
@@ -72,7 +73,8 @@ def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config) -> dic
 
 
 def save_checkpoint(engine, position: Position, metrics: dict, rank: int) -> None:
-    """All ranks save their DeepSpeed shards and RNG state into one Ray Train checkpoint."""
+    """All ranks save their DeepSpeed shards and RNG state into one Ray Train checkpoint; each rank's
+    manifest (sizes and checksums of its files) is written last."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
@@ -80,21 +82,47 @@ def save_checkpoint(engine, position: Position, metrics: dict, rank: int) -> Non
         torch.save(torch.get_rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
         if rank == 0:
             Path(folder, "position.json").write_text(json.dumps(asdict(position)))
+        write_manifest(Path(folder), {"step": position.step, "rank": rank}, name=f"manifest_rank{rank}.json")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def restore_checkpoint(engine, rank: int) -> Position:
+def checkpoint_problem(folder: Path, world: int) -> str | None:
+    """None if every rank's files in `folder` match that rank's manifest."""
+    manifests = sorted(p.name for p in folder.glob("manifest_rank*.json"))
+    if len(manifests) != world:
+        return f"{len(manifests)} rank manifests for {world} workers"
+    for name in manifests:
+        problem = problem_with(folder, name)
+        if problem:
+            return problem
+    return None
+
+
+def usable_checkpoint(latest: Path, world: int, rank: int) -> Path:
+    """`latest`, or the newest older checkpoint beside it if `latest` is damaged (each one skipped is named)."""
+    siblings = sorted(p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name <= latest.name)
+    for candidate in reversed(siblings or [latest]):
+        problem = checkpoint_problem(candidate, world)
+        if problem is None:
+            return candidate
+        if rank == 0:
+            print(f"WARNING: skipping checkpoint {candidate}: {problem}", flush=True)
+    raise CheckpointError(f"no complete checkpoint under {latest.parent} (see the warnings above); refusing to "
+                          "start over. Move the folder away to start afresh.")
+
+
+def restore_checkpoint(engine, rank: int, world: int) -> Position:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Position()
-    with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag=DS_TAG)
-        position = Position(**json.loads(Path(folder, "position.json").read_text()))
-        rng = Path(folder, f"rng_rank{rank}.pt")
-        if rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=True))
+    folder = usable_checkpoint(Path(checkpoint.path), world, rank)  # run_stage keeps checkpoints on a file system
+    engine.load_checkpoint(str(folder), tag=DS_TAG)
+    position = Position(**json.loads(Path(folder, "position.json").read_text()))
+    rng = Path(folder, f"rng_rank{rank}.pt")
+    if rng.exists():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
     return position
 
 
@@ -137,7 +165,7 @@ class WorkerJob:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=loop_config["deepspeed"],
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        self.position = restore_checkpoint(self.engine, self.rank)
+        self.position = restore_checkpoint(self.engine, self.rank, self.world)
         self.log = None
         if self.rank == 0:
             from rlhf_ray.run_log import MetricsLog
