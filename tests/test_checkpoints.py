@@ -89,3 +89,17 @@ def test_commit_replaces_and_prune_keeps_the_newest_complete_ones(tmp_path):
     delete_manifest(tmp_path / "iter_000003")  # not complete: it does not count towards the kept ones
     prune(tmp_path, "iter_*", keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000002", "iter_000003"]
+
+
+def test_an_export_with_a_truncated_file_is_not_finished(tmp_path):
+    from rlhf_ray.train.export import is_exported, mark_exported
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"x" * 100)
+    assert not is_exported(model)  # no export.json yet
+    mark_exported(model, {"stage": "sft"})
+    assert is_exported(model) and json.loads((model / "export.json").read_text())["stage"] == "sft"
+    (model / "model.safetensors").write_bytes(b"x" * 50)
+    assert not is_exported(model)

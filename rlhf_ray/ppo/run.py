@@ -277,7 +277,7 @@ class PPOLoop:
     def export_final(self, paths: ModelPaths) -> None:
         """The merged model and the adapter, each renamed into place; `export.json` in the model last."""
         from rlhf_ray.ppo.crew import LEARNER, RoleLost
-        from rlhf_ray.train.export import COMPLETE_MARKER
+        from rlhf_ray.train.export import mark_exported
 
         staging = self.out / ".export-tmp"
         while True:
@@ -293,4 +293,4 @@ class PPOLoop:
             os.replace(staging / name, self.out / name)
         shutil.rmtree(staging, ignore_errors=True)
         summary = {"stage": "ppo", "lora": True, "base_model": str(paths.policy), "reward_model": str(paths.reward)}
-        (self.out / "model" / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+        mark_exported(self.out / "model", summary)

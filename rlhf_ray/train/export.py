@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-COMPLETE_MARKER = "export.json"  # written last; a folder without it is not a finished export
+from rlhf_ray.checkpoints import problem_with, write_manifest
+
+COMPLETE_MARKER = "export.json"  # written last, with every file's size and SHA-256; without it, not finished
+
+
+def mark_exported(folder: Path, summary: dict) -> None:
+    write_manifest(folder, summary, name=COMPLETE_MARKER)
 
 
 def is_exported(folder: str | Path) -> bool:
-    return (Path(folder) / COMPLETE_MARKER).is_file()
+    """A finished export whose files still have the sizes recorded when it was written."""
+    folder = Path(folder)
+    return (folder / COMPLETE_MARKER).is_file() and problem_with(folder, COMPLETE_MARKER, checksums=False) is None
 
 
 def gather_state_dict(engine, rank: int):
@@ -51,5 +58,5 @@ def export_model(engine, task, config, loop_config: dict, rank: int, eval_sums: 
             os.replace(staging / name, target)
     shutil.rmtree(staging, ignore_errors=True)
     summary = {"stage": task.name, "lora": config.lora.enabled, "base_model": str(loop_config["model_path"])}
-    (out / "model" / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+    mark_exported(out / "model", summary)
     print(f"[{task.name}] exported {out / 'model'}", flush=True)
