@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlhf-ray-installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup test demo demo-tiny clean-venv
+.PHONY: setup test demo demo-tiny bench clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +30,11 @@ demo: setup
 demo-tiny: setup
 	test -f runs/tiny-model/config.json || $(VENV)/bin/rlhf-ray models tiny runs/tiny-model
 	$(VENV)/bin/rlhf-ray pipeline configs/tiny.yaml
+
+# Benchmarks vs TRL and this machine's matmul ceiling (not tests; see bench/README.md). About 75 minutes
+# on 2 quiet cores; `make bench BENCH_ARGS=--quick` is a smoke run of a few minutes.
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -46,7 +46,8 @@ def head_node(tmp_path_factory):
     while not port_open(dashboard):
         assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
         time.sleep(1)
-    yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "metrics_port": metrics, "bin": bin_dir}
+    yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "metrics_port": metrics, "bin": bin_dir,
+           "temp_dir": temp_dir}
     os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
     head.wait(timeout=120)
     log.close()
@@ -75,8 +76,16 @@ def submit(head, *entrypoint):
         if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
             break
         time.sleep(3)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + head_logs(head)
     return re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)
+
+
+def head_logs(head, names=("dashboard_agent.log", "gcs_server.err", "raylet.err", "ray_process_exit.log")) -> str:
+    """The ends of the head node's own logs, so a head that never became ready can be diagnosed."""
+    logs = Path(head["temp_dir"]) / "session_latest" / "logs"
+    tails = [f"\n--- {path.name}\n" + path.read_text(errors="replace")[-1500:]
+             for name in names for path in logs.glob(name)]
+    return "".join(tails) or f"\n(no head logs under {logs})"
 
 
 FINAL = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}

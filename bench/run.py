@@ -1,0 +1,145 @@
+"""`python -m bench.run [--suite all|ceiling|rm|sft|ppo|rollout|scaling] [--repeats N] [--quick]`
+
+Runs the suites, prints a table per suite, writes bench/RESULTS.md and the raw per-run JSON
+(bench/results/ for full runs, bench/out/results/ for --quick smoke runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench import machine, report, settings
+from bench.common import BENCH, OUT, Progress, fmt_duration, rel
+from bench.context import Context
+
+SUITES = ("ceiling", "rm", "sft", "ppo", "rollout", "scaling")
+NEEDS_TRL = {"rm", "sft", "ppo"}
+SYSTEMS = {"rm": ["rlhf-ray", "trl"], "sft": ["rlhf-ray", "trl"], "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
+           "rollout": ["rlhf-ray", "transformers"]}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="all", help="all, or one or more of " + ",".join(SUITES) + " (comma-separated)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per system (default 3; 1 with --quick; scaling 1)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-run sizes; figures are not meaningful")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (prepared data, run outputs)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from the saved JSON, run nothing")
+    args = parser.parse_args(argv)
+    args.suites = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite {', '.join(unknown)}; choose from all, {', '.join(SUITES)}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def repeats_for(args) -> dict[str, int]:
+    if args.repeats is not None:
+        return {s: (1 if s == "ceiling" else args.repeats) for s in SUITES}
+    return {s: 1 for s in SUITES} if args.quick else dict(settings.DEFAULT_REPEATS)
+
+
+def planned_runs(suites: list[str], repeats: dict[str, int], quick: bool) -> list[tuple[str, float]]:
+    """(kind, estimated seconds) of every run, in order, for the progress line."""
+    scale = 0.35 if quick else 1.0
+    plan = [("ceiling:torch.matmul", settings.ESTIMATE_S["ceiling"] * scale)]
+    for suite in suites:
+        if suite == "ceiling":
+            continue
+        plan.append((f"{suite}:prep", settings.ESTIMATE_S["prep"]))
+        if suite == "scaling":
+            s = settings.sizes("scaling", quick)
+            shapes = [f"b{b}-r1" for b in s["batches"]] + [f"b{s['replica_batch']}-r{r}" for r in s["replicas"] if r != 1]
+            plan += [(f"scaling:{n}", settings.ESTIMATE_S["scaling:rlhf-ray"] * scale) for _ in range(repeats[suite]) for n in shapes]
+        else:
+            plan += [(f"{suite}:{name}", settings.ESTIMATE_S.get(f"{suite}:{name}", 150) * scale)
+                     for _ in range(repeats[suite]) for name in SYSTEMS[suite]]
+    return plan
+
+
+def run_suite(ctx: Context, suite: str) -> dict:
+    from bench import suites_rl, suites_train
+
+    runners = {"ceiling": suites_train.ceiling, "rm": lambda c: suites_train.training_suite(c, "rm"),
+               "sft": lambda c: suites_train.training_suite(c, "sft"), "ppo": suites_rl.ppo,
+               "rollout": suites_rl.rollout, "scaling": suites_rl.scaling}
+    try:
+        return runners[suite](ctx)
+    except Exception as err:  # a broken suite is reported, the others still run
+        traceback.print_exc()
+        return {"suite": suite, "error": f"{type(err).__name__}: {err}", "targets": [], "runs": []}
+
+
+def results_dir(quick: bool) -> Path:
+    return (OUT / "results") if quick else (BENCH / "results")
+
+
+def write_results(folder: Path, quick: bool, meta: dict) -> Path:
+    """RESULTS.md from every suite JSON in `folder` (suites not rerun keep their earlier figures and date)."""
+    saved = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    ordered = [saved[s] for s in SUITES if s in saved]
+    target = BENCH / "RESULTS.md"
+    target.write_text(report.results_markdown(ordered, meta))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    folder = results_dir(args.quick)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    meta = {"date": now, "command": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
+            "machine": machine.describe(), "versions": machine.versions(), "results_dir": rel(folder),
+            "repeats": "per suite: " + ", ".join(f"{k} {v}" for k, v in repeats_for(args).items())}
+    if args.report_only:
+        print(f"[bench] wrote {write_results(folder, args.quick, meta)}")
+        return 0
+    from bench.deps import ensure_trl
+    from rlhf_ray.models.provision import resolve_model
+
+    trl_version = ensure_trl() if NEEDS_TRL & set(args.suites) else ""
+    meta["versions"] = machine.versions(trl_version)
+    model_dir = str(resolve_model(settings.MODEL))
+    repeats = repeats_for(args)
+    progress = Progress(planned_runs(args.suites, repeats, args.quick))
+    work = Path(tempfile.mkdtemp(prefix="rlhf-ray-bench-"))
+    print(f"[bench] {'SMOKE RUN (--quick): figures are not meaningful. ' if args.quick else ''}suites {', '.join(args.suites)}; "
+          f"model {model_dir}; scratch {work}; machine {meta['machine']}", flush=True)
+    print(f"[bench] estimated duration about {fmt_duration(sum(s for _, s in progress.planned))}", flush=True)
+    ctx = Context(work=work, quick=args.quick, repeats=repeats, progress=progress, model_dir=model_dir,
+                  trl_version=trl_version)
+    start = time.perf_counter()
+    try:
+        ceiling = run_suite(ctx, "ceiling")  # MFU of every row needs it, so it is always measured first
+        save(folder, ceiling, args.quick, meta)  # the ceiling every MFU of this invocation used
+        print(report.console(ceiling), flush=True)
+        for suite in (s for s in args.suites if s != "ceiling"):
+            result = run_suite(ctx, suite)
+            save(folder, result, args.quick, meta)
+            print("\n" + report.console(result), flush=True)
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    path = write_results(folder, args.quick, meta)
+    print(f"\n[bench] done in {fmt_duration(time.perf_counter() - start)}; wrote {rel(path)} and {rel(folder)}/*.json", flush=True)
+    return 0
+
+
+def save(folder: Path, result: dict, quick: bool, meta: dict) -> None:
+    result.update(quick=quick, date=meta["date"], command=meta["command"], machine=meta["machine"], versions=meta["versions"])
+    (folder / f"{result['suite']}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Workload sizes of every suite: FULL for real figures (about 75 minutes on 2 cores), QUICK for a smoke run.
+
+The full sizes are small because this machine is small: one fp32 training step of SmolLM2-135M on
+8 pairs of ~200 tokens is about 2 TFLOP, some 20 s at the ~100 GFLOP/s two cores give.
+"""
+
+from __future__ import annotations
+
+import copy
+
+MODEL = "smollm2-135m-instruct"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # rlhf-ray's default LoRA target modules
+
+FULL: dict[str, dict] = {
+    "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 3.0},
+    "rm": {"data": "hh-rlhf/helpful-online/test.jsonl.gz", "format": "hh-rlhf", "limit": 400, "max_length": 192,
+           "eval_fraction": 0.06, "batch_per_worker": 4, "workers": 2, "steps": 6, "lr": 1e-5},
+    "sft": {"data": "self-instruct/seed_tasks.jsonl", "format": "self-instruct", "limit": None, "max_length": 256,
+            "eval_fraction": 0.1, "batch_per_worker": 4, "workers": 2, "steps": 8, "lr": 2e-5},
+    "ppo": {"prompts": "data/demo/prompts.jsonl", "max_prompt_length": 64, "iterations": 4, "rollout_batch": 16,
+            "minibatch": 8, "epochs": 2, "max_new_tokens": 32, "lr": 5e-5, "kl_coef": 0.05, "lora_r": 16,
+            "lora_alpha": 32, "actor_num_cpus": 0.5},
+    "rollout": {"prompts": "hh-rlhf/helpful-online/test.jsonl.gz", "max_prompt_length": 64, "batches": [16, 64, 256],
+                "max_new_tokens": 32, "kv_cache_gib": 2, "enforce_eager": True, "lora_r": 16},
+    "scaling": {"batches": [8, 16, 32], "replicas": [1, 2], "replica_batch": 16, "iterations": 4},
+}
+
+QUICK_CHANGES: dict[str, dict] = {
+    "ceiling": {"sizes": [256, 512, 1024], "seconds": 0.5},
+    "rm": {"limit": 60, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
+    "sft": {"limit": 40, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
+    "ppo": {"iterations": 2, "rollout_batch": 4, "minibatch": 2, "epochs": 1, "max_new_tokens": 8},
+    "rollout": {"batches": [4, 8], "max_new_tokens": 8, "kv_cache_gib": 1},
+    "scaling": {"batches": [2, 4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
+}
+
+DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "scaling": 1}
+
+# Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
+ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "sft:rlhf-ray": 130, "sft:trl": 100,
+              "ppo:rlhf-ray": 170, "ppo:trl-ppo": 150, "ppo:trl-rloo": 130, "rollout:rlhf-ray": 130,
+              "rollout:transformers": 110, "scaling:rlhf-ray": 170}
+
+
+def sizes(suite: str, quick: bool) -> dict:
+    values = copy.deepcopy(FULL[suite])
+    if quick:
+        values.update(copy.deepcopy(QUICK_CHANGES[suite]))
+    return values

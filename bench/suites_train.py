@@ -1,0 +1,84 @@
+"""The ceiling suite, and the rm and sft suites (rlhf-ray's Ray Train + DeepSpeed job vs TRL's trainer)."""
+
+from __future__ import annotations
+
+from bench import flops
+from bench.common import SHARED_DATA, rel
+from bench.context import Context, System
+from bench.deps import trl_env
+from bench.settings import sizes
+from bench.summary import Metric, row, safe, table, target
+
+
+def ceiling(ctx: Context) -> dict:
+    spec = sizes("ceiling", ctx.quick)
+    record = ctx.run("ceiling", System("torch.matmul", "bench.workers.ceiling", lambda _: spec), 0)
+    if not record.ok:
+        raise RuntimeError(f"ceiling: the matmul measurement failed:\n{record.error}")
+    ctx.peak = record.result["peak_flops"]
+    rows = [{"dtype": d, "by_size": record.result["rates"][d], "peak": ctx.peak[d]} for d in spec["dtypes"]]
+    return {"suite": "ceiling", "settings": {**spec, "threads": record.result["threads"]}, "runs": [record.to_dict()],
+            "ceiling": rows, "targets": []}
+
+
+def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
+    """configs/demo.yaml plus these: the stage's data, lengths, batch, steps, lr, workers."""
+    section = "preference" if suite == "rm" else "sft"
+    overrides = [f"run.output_dir={work_dir}/runs", f"run.name={name}",
+                 f"data.{section}.path={rel(SHARED_DATA / s['data'])}", f"data.{section}.format={s['format']}",
+                 f"data.max_length={s['max_length']}", "data.overlong=truncate_prompt", "data.on_bad_row=skip",
+                 f"data.eval_fraction={s['eval_fraction']}", f"{suite}.batch_size={s['batch_per_worker']}",
+                 f"{suite}.max_steps={s['steps']}", f"{suite}.eval_every=0", f"{suite}.checkpoint_every=0",
+                 f"{suite}.lr={s['lr']}", f"resources.num_workers={s['workers']}", "model.dtype=float32"]
+    if s.get("limit"):
+        overrides.append(f"data.{section}.limit={s['limit']}")
+    return overrides
+
+
+def training_suite(ctx: Context, suite: str) -> dict:
+    """rm or sft: prep the shared rows, then rlhf-ray and TRL alternately, then the table."""
+    s = sizes(suite, ctx.quick)
+    data_file = ctx.work / f"{suite}-rows.json"
+    base = stage_overrides(suite, s, ctx.work, f"bench-{suite}-prep")
+    shared = ctx.prep(suite, {"kind": suite, "config": "configs/demo.yaml", "overrides": base, "data_out": str(data_file)})
+    global_batch = s["batch_per_worker"] * s["workers"]
+    settings = {"model": shared["model_path"], "data": rel(SHARED_DATA / s["data"]), "rows": shared["summary"],
+                "max_length": s["max_length"], "global batch": f"{global_batch} ({s['batch_per_worker']} x {s['workers']} "
+                "Ray Train workers for rlhf-ray; one process, 2 threads, for TRL)", "steps": s["steps"],
+                "lr": s["lr"], "precision": "fp32 (no bf16 on CPU for DeepSpeed; TRL bf16=False)",
+                "LoRA": "none (full fine-tuning)", "gradient checkpointing": "off on both sides",
+                "held-out": f"{shared['n_eval']} {'pairs' if suite == 'rm' else 'examples'} (rlhf-ray's own split, used by both)"}
+    print_settings(suite, settings)
+    rlhf = System("rlhf-ray", "bench.workers.train_rlhf", lambda i: {
+        "stage": suite, "config": "configs/demo.yaml", "data": str(data_file),
+        "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-{i}")})
+    trl = System("trl", "bench.workers.train_trl", lambda i: {
+        "stage": suite, "data": str(data_file), "model_path": shared["model_path"], "global_batch": global_batch,
+        "steps": s["steps"], "lr": s["lr"], "max_length": s["max_length"]}, trl_env())
+    runs = ctx.alternate(suite, [rlhf, trl])
+    params = flops.model_params(shared["model_path"])["score" if suite == "rm" else "lm"]
+    peak = ctx.peak.get("float32")
+    metrics = [
+        Metric("tokens_per_s", "tokens/s (steady state, real tokens)", "tokens/s", True, safe(lambda r: r.result["tokens_per_s"])),
+        Metric("rows_per_s", "pairs/s" if suite == "rm" else "examples/s", "/s", True, safe(lambda r: r.result["rows_per_s"])),
+        Metric("mfu", f"MFU (6N x tokens/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True,
+               safe(lambda r: 100 * flops.mfu(flops.train_flops(params, r.result["tokens_per_s"]), peak))),
+        Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False, safe(lambda r: r.result["call_s"])),
+        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+    ]
+    if suite == "rm":
+        metrics.append(Metric("accuracy", "held-out accuracy after the run", "", True, safe(lambda r: r.result["heldout_accuracy"])))
+    else:
+        metrics.append(Metric("eval_loss", "held-out loss after the run", "", False, safe(lambda r: r.result["eval_loss"])))
+    rows = table(runs, ["rlhf-ray", "trl"], metrics)
+    name = "RM" if suite == "rm" else "SFT"
+    targets = [target(f"{name} training tokens/s >= 1.3x TRL", row(rows, "tokens_per_s")["advantage"]["trl"], 1.3),
+               target(f"{name} training (rlhf-ray) >= 40% of fp32 matmul peak", row(rows, "mfu")["values"]["rlhf-ray"]["median"], 40.0, "%")]
+    return {"suite": suite, "settings": settings, "systems": ["rlhf-ray", "trl"], "runs": [r.to_dict() for r in runs],
+            "rows": rows, "targets": targets}
+
+
+def print_settings(suite: str, settings: dict) -> None:
+    print(f"\n[bench] ===== {suite}: shared workload settings =====", flush=True)
+    for key, value in settings.items():
+        print(f"[bench]   {key}: {value}", flush=True)

@@ -1,0 +1,70 @@
+"""rlhf-ray side of the rm and sft suites: `run_stage(config, stage)` as a user would call it.
+
+Steady-state throughput comes from the metrics.jsonl the job writes: each step's `tokens_per_s`
+is that step's real tokens over its wall time (eval and checkpoints excluded). The step's real
+tokens are known from the rows it consumed (prep.training_order), which gives each step's seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bench.workers._io import main, steady
+
+
+def row_tokens(row: dict) -> int:
+    return len(row["chosen_ids"]) + len(row["rejected_ids"]) if "chosen_ids" in row else len(row["input_ids"])
+
+
+def per_step_seconds(metrics: list[dict], rows_in_order: list[dict], rows_per_step: int) -> list[tuple[int, float]]:
+    """(real tokens, seconds) of every logged step, from its tokens_per_s and the rows it took."""
+    steps = []
+    for row in metrics:
+        if "tokens_per_s" not in row:
+            continue
+        k = row["step"]
+        tokens = sum(row_tokens(r) for r in rows_in_order[(k - 1) * rows_per_step: k * rows_per_step])
+        steps.append((tokens, tokens / row["tokens_per_s"]))
+    return steps
+
+
+def run(spec: dict) -> dict:
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.run_log import read_metrics
+    from rlhf_ray.train.launch import run_stage
+
+    stage = spec["stage"]
+    config = load_config(spec["config"], spec["overrides"])
+    start = time.perf_counter()
+    result = run_stage(config, stage)
+    call_s = time.perf_counter() - start
+    ray.shutdown()
+    metrics = read_metrics(result.output_dir / "metrics.jsonl")
+    data = json.loads(Path(spec["data"]).read_text())
+    stage_config = getattr(config, stage)
+    rows_per_step = stage_config.batch_size * config.resources.num_workers * stage_config.grad_accum
+    steps = per_step_seconds(metrics, data["train_in_order"], rows_per_step)
+    kept = steady(steps)
+    seconds = sum(s for _, s in kept)
+    final = metrics[-1] if metrics else {}
+    out = {"call_s": call_s, "steps": len(steps), "step_seconds": [s for _, s in steps],
+           "step_tokens": [t for t, _ in steps], "steady_steps": len(kept),
+           "tokens_per_s": sum(t for t, _ in kept) / seconds if seconds else None,
+           "rows_per_s": rows_per_step * len(kept) / seconds if seconds else None,
+           "final_metrics": final}
+    if stage == "rm":
+        out["heldout_accuracy"] = final.get("eval_accuracy")
+    else:
+        out["eval_loss"] = final.get("eval_loss")
+    if not spec.get("keep_outputs"):
+        shutil.rmtree(config.run.path, ignore_errors=True)  # checkpoints of a full model are ~1.6 GB
+    return out
+
+
+if __name__ == "__main__":
+    main(run)
