@@ -14,6 +14,8 @@ EXPORTED = {
     "samples_seen": "responses collected so far",
     "loss": "training loss (SFT/RM)",
     "eval_accuracy": "held-out reward-model accuracy",
+    "actor_restarts": "PPO actors re-created after dying, in this driver process",
+    "skipped_updates": "PPO updates skipped because of NaN/inf",
 }
 PHASE_PREFIX = "seconds_"
 _gauges: dict = {}  # one Gauge per name per process (Ray refuses duplicates)
