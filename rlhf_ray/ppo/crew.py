@@ -75,9 +75,13 @@ class ActorCrew:
         self.pids: dict[str, int] = {}
         self.restarts = {name: 0 for name in self.specs}
         self.on_restart: Callable[[str, Any], None] | None = None
-        for spec in specs:
-            self.handles[spec.name] = self._create(spec)
-        self._wait_started(list(self.specs))
+        try:
+            for spec in specs:
+                self.handles[spec.name] = self._create(spec)
+            self._wait_started(list(self.specs))
+        except BaseException:
+            self.stop()  # one actor failed to start: do not leave the others running
+            raise
 
     @property
     def generator_names(self) -> list[str]:
