@@ -35,9 +35,11 @@ class RunRecord:
     system: str
     repeat: int
     command: str
+    spec: dict = field(default_factory=dict)  # exactly what the worker was asked to run
     ok: bool = False
     error: str = ""
     process_s: float = 0.0  # wall seconds of the whole subprocess, imports included
+    load_before: float = 0.0  # 1-minute load average when the run started (other work on the machine skews figures)
     result: dict = field(default_factory=dict)
     log: str = ""
 
@@ -56,7 +58,8 @@ def run_worker(suite: str, system: str, repeat: int, module: str, spec: dict, wo
     log = OUT / "logs" / f"{tag}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [PYTHON, "-m", module, str(spec_path), str(result_path)]
-    record = RunRecord(suite, system, repeat, " ".join([rel(PYTHON), "-m", module, "<spec>", "<result>"]), log=rel(log))
+    record = RunRecord(suite, system, repeat, " ".join([rel(PYTHON), "-m", module, "<spec>", "<result>"]), spec=spec,
+                       log=rel(log), load_before=os.getloadavg()[0])
     start = time.perf_counter()
     try:
         with open(log, "w") as handle:

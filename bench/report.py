@@ -34,8 +34,9 @@ def ab_table(result: dict) -> list[str]:
     head = ["metric", *systems, *[f"{ours} vs {p}" for p in peers]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
-        adv = [f"{row['advantage'][p]:.2f}x" if row["advantage"][p] else "n/a" for p in peers]
-        label = f"{row['label']} ({'higher' if row['higher_better'] else 'lower'} is better)"
+        adv = [f"{row['advantage'][p]:.2f}x" if row["advantage"][p] else "-" for p in peers]
+        better = f" ({'higher' if row['higher_better'] else 'lower'} is better)" if row.get("compare", True) else ""
+        label = row["label"] + better
         lines.append("| " + " | ".join([label, *[cell(row["values"][s]) for s in systems], *adv]) + " |")
     lines.append("")
     lines.append(f"Cells: median [min-max] over repeats. `{ours} vs X` is how many times better {ours} is "
@@ -49,8 +50,10 @@ def ceiling_table(result: dict) -> list[str]:
     for row in result["ceiling"]:
         rates = [f"{row['by_size'][str(n)] / 1e9:.1f}" for n in result["settings"]["sizes"]]
         lines.append(f"| {row['dtype']} | " + " | ".join(rates) + f" | **{row['peak'] / 1e9:.1f} GFLOP/s** |")
-    lines += ["", f"torch.matmul on square matrices, {result['settings']['threads']} threads, best sustained rate over "
-              f"{result['settings']['seconds']} s per size (GFLOP/s)."]
+    s = result["settings"]
+    lines += ["", f"torch.matmul on square matrices, {s['threads']} threads: the best of {s.get('windows', 1)} windows of "
+              f"{s['seconds']} s of back-to-back products per size (GFLOP/s). An MFU above 100% elsewhere means this "
+              "was measured while other work held the cores."]
     return lines
 
 
@@ -108,6 +111,8 @@ def results_markdown(results: list[dict], meta: dict) -> str:
     lines += [f"- date: {meta['date']}", f"- command: `{meta['command']}`",
               f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
               f"- repeats: {meta['repeats']} (each run a fresh process; A/B systems alternate)",
+              f"- 1-minute load average before the first run: {meta.get('load_at_start', 'n/a')} (near 0 on a quiet "
+              "machine; anything else running skews every figure)",
               f"- raw per-run JSON: `{meta['results_dir']}/<suite>.json`; logs in `bench/out/logs/`", ""]
     all_targets = [t for r in results for t in r.get("targets", [])]
     if all_targets:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -52,7 +53,7 @@ def repeats_for(args) -> dict[str, int]:
 
 def planned_runs(suites: list[str], repeats: dict[str, int], quick: bool) -> list[tuple[str, float]]:
     """(kind, estimated seconds) of every run, in order, for the progress line."""
-    scale = 0.35 if quick else 1.0
+    scale = 0.5 if quick else 1.0
     plan = [("ceiling:torch.matmul", settings.ESTIMATE_S["ceiling"] * scale)]
     for suite in suites:
         if suite == "ceiling":
@@ -61,7 +62,8 @@ def planned_runs(suites: list[str], repeats: dict[str, int], quick: bool) -> lis
         if suite == "scaling":
             s = settings.sizes("scaling", quick)
             shapes = [f"b{b}-r1" for b in s["batches"]] + [f"b{s['replica_batch']}-r{r}" for r in s["replicas"] if r != 1]
-            plan += [(f"scaling:{n}", settings.ESTIMATE_S["scaling:rlhf-ray"] * scale) for _ in range(repeats[suite]) for n in shapes]
+            each = settings.ESTIMATE_S["scaling:rlhf-ray"] * scale
+            plan += [(f"scaling:{n}", each) for _ in range(repeats[suite]) for n in shapes]
         else:
             plan += [(f"{suite}:{name}", settings.ESTIMATE_S.get(f"{suite}:{name}", 150) * scale)
                      for _ in range(repeats[suite]) for name in SYSTEMS[suite]]
@@ -69,11 +71,11 @@ def planned_runs(suites: list[str], repeats: dict[str, int], quick: bool) -> lis
 
 
 def run_suite(ctx: Context, suite: str) -> dict:
-    from bench import suites_rl, suites_train
+    from bench import suites_ppo, suites_rollout, suites_train
 
     runners = {"ceiling": suites_train.ceiling, "rm": lambda c: suites_train.training_suite(c, "rm"),
-               "sft": lambda c: suites_train.training_suite(c, "sft"), "ppo": suites_rl.ppo,
-               "rollout": suites_rl.rollout, "scaling": suites_rl.scaling}
+               "sft": lambda c: suites_train.training_suite(c, "sft"), "ppo": suites_ppo.ppo,
+               "rollout": suites_rollout.rollout, "scaling": suites_ppo.scaling}
     try:
         return runners[suite](ctx)
     except Exception as err:  # a broken suite is reported, the others still run
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     meta = {"date": now, "command": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
             "machine": machine.describe(), "versions": machine.versions(), "results_dir": rel(folder),
-            "repeats": "per suite: " + ", ".join(f"{k} {v}" for k, v in repeats_for(args).items())}
+            "repeats": "per suite: " + ", ".join(f"{k} {v}" for k, v in repeats_for(args).items()),
+            "load_at_start": f"{os.getloadavg()[0]:.2f}"}
     if args.report_only:
         print(f"[bench] wrote {write_results(folder, args.quick, meta)}")
         return 0
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="rlhf-ray-bench-"))
     print(f"[bench] {'SMOKE RUN (--quick): figures are not meaningful. ' if args.quick else ''}suites {', '.join(args.suites)}; "
           f"model {model_dir}; scratch {work}; machine {meta['machine']}", flush=True)
+    if os.getloadavg()[0] > 0.5:
+        print(f"[bench] WARNING: load average {os.getloadavg()[0]:.2f}: other work is running; the figures will be "
+              "skewed (TRL's 2-thread processes suffer most). Run on a quiet machine for real figures.", flush=True)
     print(f"[bench] estimated duration about {fmt_duration(sum(s for _, s in progress.planned))}", flush=True)
     ctx = Context(work=work, quick=args.quick, repeats=repeats, progress=progress, model_dir=model_dir,
                   trl_version=trl_version)
@@ -126,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         print(report.console(ceiling), flush=True)
         for suite in (s for s in args.suites if s != "ceiling"):
             result = run_suite(ctx, suite)
+            if "settings" in result and ctx.peak.get("float32"):
+                result["settings"]["MFU peak (fp32)"] = (f"{ctx.peak['float32'] / 1e9:.1f} GFLOP/s, from the ceiling "
+                                                         "measured at the start of this invocation")
             save(folder, result, args.quick, meta)
             print("\n" + report.console(result), flush=True)
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
     path = write_results(folder, args.quick, meta)
-    print(f"\n[bench] done in {fmt_duration(time.perf_counter() - start)}; wrote {rel(path)} and {rel(folder)}/*.json", flush=True)
+    print(f"\n[bench] done in {fmt_duration(time.perf_counter() - start)}; wrote {rel(path)} and {rel(folder)}/*.json",
+          flush=True)
     return 0
 
 

@@ -39,7 +39,8 @@ def gpu_model(points: list[dict]) -> list[str]:
     two = next((p for p in points if p["replicas"] == 2 and p["batch"] == ref["batch"] and p["s_per_iter"]), None)
     lines = [
         f"Measured here at batch {ref['batch']}, one generator: {total:.1f} s of phases per iteration, of which "
-        f"generation {share['generate']:.0f}%, scoring + reference + old log-probs/values {share['score_reference_values']:.0f}%, "
+        f"generation {share['generate']:.0f}%, scoring + reference + old log-probs/values "
+        f"{share['score_reference_values']:.0f}%, "
         f"update {share['update']:.0f}%, adapter push {share['push_weights']:.0f}%.",
         "",
         "On this machine every actor shares the same 2 cores, so nothing overlaps: a second generator replica "

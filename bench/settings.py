@@ -12,7 +12,7 @@ MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # rlhf-ray's default LoRA target modules
 
 FULL: dict[str, dict] = {
-    "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 3.0},
+    "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 1.0, "windows": 4},
     "rm": {"data": "hh-rlhf/helpful-online/test.jsonl.gz", "format": "hh-rlhf", "limit": 400, "max_length": 192,
            "eval_fraction": 0.06, "batch_per_worker": 4, "workers": 2, "steps": 6, "lr": 1e-5},
     "sft": {"data": "self-instruct/seed_tasks.jsonl", "format": "self-instruct", "limit": None, "max_length": 256,
@@ -26,12 +26,12 @@ FULL: dict[str, dict] = {
 }
 
 QUICK_CHANGES: dict[str, dict] = {
-    "ceiling": {"sizes": [256, 512, 1024], "seconds": 0.5},
+    "ceiling": {"sizes": [256, 512, 1024], "seconds": 0.25, "windows": 3},
     "rm": {"limit": 60, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
     "sft": {"limit": 40, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
     "ppo": {"iterations": 2, "rollout_batch": 4, "minibatch": 2, "epochs": 1, "max_new_tokens": 8},
     "rollout": {"batches": [4, 8], "max_new_tokens": 8, "kv_cache_gib": 1},
-    "scaling": {"batches": [2, 4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
+    "scaling": {"batches": [4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
 }
 
 DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "scaling": 1}

@@ -35,47 +35,68 @@ def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
     return overrides
 
 
+def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
+    global_batch = s["batch_per_worker"] * s["workers"]
+    unit = "pairs" if suite == "rm" else "examples"
+    return {"model": shared["model_path"], "data": rel(SHARED_DATA / s["data"]), "rows": shared["summary"],
+            "max_length": s["max_length"], "steps": s["steps"], "lr": s["lr"],
+            "global batch": f"{global_batch} {unit} ({s['batch_per_worker']} x {s['workers']} Ray Train workers for "
+                            "rlhf-ray; one process with 2 threads for TRL)",
+            "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)", "LoRA": "none (full fine-tuning)",
+            "gradient checkpointing": "off on both sides",
+            "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",
+            "rlhf-ray run (CLI equivalent of repeat 1)": cli(suite, stage_overrides(suite, s, ctx.work, f"bench-{suite}-0"))}
+
+
+def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric]:
+    def mfu(record) -> float:
+        return 100 * flops.mfu(flops.train_flops(params, record.result["tokens_per_s"]), peak)
+
+    metrics = [
+        Metric("tokens_per_s", "tokens/s (steady state, real tokens)", "tokens/s", True,
+               safe(lambda r: r.result["tokens_per_s"])),
+        Metric("rows_per_s", "pairs/s" if suite == "rm" else "examples/s", "/s", True, safe(lambda r: r.result["rows_per_s"])),
+        Metric("mfu", f"MFU (6N x tokens/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True, safe(mfu)),
+        Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False,
+               safe(lambda r: r.result["call_s"])),
+        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+    ]
+    if suite == "rm":
+        metrics.append(Metric("accuracy", "held-out accuracy after the run", "", True,
+                              safe(lambda r: r.result["heldout_accuracy"])))
+    else:
+        metrics.append(Metric("eval_loss", "held-out loss after the run", "", False, safe(lambda r: r.result["eval_loss"])))
+    return metrics
+
+
 def training_suite(ctx: Context, suite: str) -> dict:
-    """rm or sft: prep the shared rows, then rlhf-ray and TRL alternately, then the table."""
+    """rm or sft: prepare the shared rows, run rlhf-ray and TRL alternately, tabulate."""
     s = sizes(suite, ctx.quick)
     data_file = ctx.work / f"{suite}-rows.json"
-    base = stage_overrides(suite, s, ctx.work, f"bench-{suite}-prep")
-    shared = ctx.prep(suite, {"kind": suite, "config": "configs/demo.yaml", "overrides": base, "data_out": str(data_file)})
-    global_batch = s["batch_per_worker"] * s["workers"]
-    settings = {"model": shared["model_path"], "data": rel(SHARED_DATA / s["data"]), "rows": shared["summary"],
-                "max_length": s["max_length"], "global batch": f"{global_batch} ({s['batch_per_worker']} x {s['workers']} "
-                "Ray Train workers for rlhf-ray; one process, 2 threads, for TRL)", "steps": s["steps"],
-                "lr": s["lr"], "precision": "fp32 (no bf16 on CPU for DeepSpeed; TRL bf16=False)",
-                "LoRA": "none (full fine-tuning)", "gradient checkpointing": "off on both sides",
-                "held-out": f"{shared['n_eval']} {'pairs' if suite == 'rm' else 'examples'} (rlhf-ray's own split, used by both)"}
+    shared = ctx.prep(suite, {"kind": suite, "config": "configs/demo.yaml", "data_out": str(data_file),
+                              "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-prep")})
+    settings = training_settings(suite, s, shared, ctx)
     print_settings(suite, settings)
     rlhf = System("rlhf-ray", "bench.workers.train_rlhf", lambda i: {
         "stage": suite, "config": "configs/demo.yaml", "data": str(data_file),
         "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-{i}")})
     trl = System("trl", "bench.workers.train_trl", lambda i: {
-        "stage": suite, "data": str(data_file), "model_path": shared["model_path"], "global_batch": global_batch,
-        "steps": s["steps"], "lr": s["lr"], "max_length": s["max_length"]}, trl_env())
+        "stage": suite, "data": str(data_file), "model_path": shared["model_path"], "steps": s["steps"],
+        "global_batch": s["batch_per_worker"] * s["workers"], "lr": s["lr"], "max_length": s["max_length"]}, trl_env())
     runs = ctx.alternate(suite, [rlhf, trl])
     params = flops.model_params(shared["model_path"])["score" if suite == "rm" else "lm"]
-    peak = ctx.peak.get("float32")
-    metrics = [
-        Metric("tokens_per_s", "tokens/s (steady state, real tokens)", "tokens/s", True, safe(lambda r: r.result["tokens_per_s"])),
-        Metric("rows_per_s", "pairs/s" if suite == "rm" else "examples/s", "/s", True, safe(lambda r: r.result["rows_per_s"])),
-        Metric("mfu", f"MFU (6N x tokens/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True,
-               safe(lambda r: 100 * flops.mfu(flops.train_flops(params, r.result["tokens_per_s"]), peak))),
-        Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False, safe(lambda r: r.result["call_s"])),
-        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
-    ]
-    if suite == "rm":
-        metrics.append(Metric("accuracy", "held-out accuracy after the run", "", True, safe(lambda r: r.result["heldout_accuracy"])))
-    else:
-        metrics.append(Metric("eval_loss", "held-out loss after the run", "", False, safe(lambda r: r.result["eval_loss"])))
-    rows = table(runs, ["rlhf-ray", "trl"], metrics)
+    rows = table(runs, ["rlhf-ray", "trl"], training_metrics(suite, params, ctx.peak.get("float32")))
     name = "RM" if suite == "rm" else "SFT"
     targets = [target(f"{name} training tokens/s >= 1.3x TRL", row(rows, "tokens_per_s")["advantage"]["trl"], 1.3),
-               target(f"{name} training (rlhf-ray) >= 40% of fp32 matmul peak", row(rows, "mfu")["values"]["rlhf-ray"]["median"], 40.0, "%")]
+               target(f"{name} training (rlhf-ray) >= 40% of fp32 matmul peak",
+                      row(rows, "mfu")["values"]["rlhf-ray"]["median"], 40.0, "%")]
     return {"suite": suite, "settings": settings, "systems": ["rlhf-ray", "trl"], "runs": [r.to_dict() for r in runs],
             "rows": rows, "targets": targets}
+
+
+def cli(command: str, overrides: list[str]) -> str:
+    """The `rlhf-ray` command line that runs what a worker runs through the Python API."""
+    return "`" + " ".join(["rlhf-ray", command, "configs/demo.yaml", *overrides]) + "`"
 
 
 def print_settings(suite: str, settings: dict) -> None:

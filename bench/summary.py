@@ -15,6 +15,7 @@ class Metric:
     unit: str
     higher_better: bool
     value: Callable[[RunRecord], float | None]  # one run's figure
+    compare: bool = True  # False for context figures (e.g. tokens per iteration): no "better" column
 
 
 def advantage(ours: float | None, theirs: float | None, higher_better: bool) -> float | None:
@@ -49,9 +50,9 @@ def table(runs: list[RunRecord], systems: list[str], metrics: list[Metric]) -> l
             per_system[name] = {**summarize([metric.value(r) for r in mine]), "failed": sum(not r.ok for r in mine)}
         ours = per_system[systems[0]]["median"]
         rows.append({"key": metric.key, "label": metric.label, "unit": metric.unit, "higher_better": metric.higher_better,
-                     "values": per_system,
+                     "compare": metric.compare, "values": per_system,
                      "advantage": {peer: advantage(ours, per_system[peer]["median"], metric.higher_better)
-                                   for peer in systems[1:]}})
+                                   if metric.compare else None for peer in systems[1:]}})
     return rows
 
 

@@ -40,7 +40,8 @@ def count_generation(eos_id: int, calls: list[tuple[float, int]]) -> None:
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         new = sequences[:, prompt.shape[1]:]
         is_eos = new == eos_id
-        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long))
+        whole = torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long)
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, whole)
         calls.append((seconds, int(first.sum())))
         return out
 

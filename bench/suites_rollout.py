@@ -1,0 +1,50 @@
+"""The rollout suite: rlhf-ray's RolloutGenerator (vLLM CPU build) vs batched transformers generate."""
+
+from __future__ import annotations
+
+from bench import flops
+from bench.context import Context, System
+from bench.settings import sizes
+from bench.suites_ppo import prep_prompts
+from bench.suites_train import print_settings
+from bench.summary import Metric, row, safe, table, target
+
+
+def rollout_metrics(batches: list[int], lm_params: int, peak: float | None) -> list[Metric]:
+    metrics = []
+    for b in batches:
+        def tokens_per_s(record, b=b) -> float:
+            return record.result["by_batch"][str(b)]["tokens_per_s"]
+
+        metrics.append(Metric(f"tps_{b}", f"tokens/s at batch {b}", "tokens/s", True, safe(tokens_per_s)))
+        metrics.append(Metric(f"mfu_{b}", f"MFU at batch {b} (2N per generated token)", "%", True,
+                              safe(lambda r, f=tokens_per_s: 100 * flops.mfu(flops.generation_flops(lm_params, f(r)), peak))))
+    metrics.append(Metric("startup_s", "start-up s (engine / model load)", "s", False, safe(lambda r: r.result["startup_s"])))
+    return metrics
+
+
+def rollout(ctx: Context) -> dict:
+    s = sizes("rollout", ctx.quick)
+    shared = prep_prompts(ctx, "rollout", s, reward_model=False, limit=sum(s["batches"]) + 4)
+    settings = {"model": shared["model_path"], "prompts": shared["summary"], "batches": s["batches"],
+                "max new tokens": s["max_new_tokens"], "sampling": "temperature 1, top-p 1, no top-k, EOS stops",
+                "precision": "fp32",
+                "rlhf-ray": f"actors.rollout_generator.RolloutGenerator (vLLM CPU build, enforce_eager={s['enforce_eager']}, "
+                            f"enable_lora with no adapter loaded, KV cache {s['kv_cache_gib']} GiB) built in the process",
+                "transformers": "AutoModelForCausalLM.generate, left padding, one call per batch",
+                "counted": "real generated tokens (up to and including EOS) over the generate call's wall time, prefill "
+                           "included; each batch gets prompts no earlier call had"}
+    print_settings("rollout", settings)
+    base = {"model_path": shared["model_path"], "data": shared["data"], "batches": s["batches"],
+            "max_new_tokens": s["max_new_tokens"], "max_model_len": s["max_prompt_length"] + s["max_new_tokens"],
+            "kv_cache_gib": s["kv_cache_gib"], "enforce_eager": s["enforce_eager"], "lora_r": s["lora_r"]}
+    systems = [System("rlhf-ray", "bench.workers.rollout", lambda i: {**base, "engine": "vllm"}),
+               System("transformers", "bench.workers.rollout", lambda i: {**base, "engine": "hf"})]
+    runs = ctx.alternate("rollout", systems)
+    lm = flops.model_params(shared["model_path"])["lm"]
+    rows = table(runs, ["rlhf-ray", "transformers"], rollout_metrics(s["batches"], lm, ctx.peak.get("float32")))
+    b64 = 64 if 64 in s["batches"] else max(b for b in s["batches"] if b <= 64)
+    name = "rollout tokens/s >= 2x transformers generate at batch 64" + ("" if b64 == 64 else f" (smoke: batch {b64} stands in)")
+    targets = [target(name, row(rows, f"tps_{b64}")["advantage"]["transformers"], 2.0)]
+    return {"suite": "rollout", "settings": settings, "systems": ["rlhf-ray", "transformers"],
+            "runs": [r.to_dict() for r in runs], "rows": rows, "targets": targets}
