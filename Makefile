@@ -31,7 +31,7 @@ demo-tiny: setup
 	test -f runs/tiny-model/config.json || $(VENV)/bin/rlhf-ray models tiny runs/tiny-model
 	$(VENV)/bin/rlhf-ray pipeline configs/tiny.yaml
 
-# Benchmarks vs TRL and this machine's matmul ceiling (not tests; see bench/README.md). About 75 minutes
+# Benchmarks vs TRL and this machine's matmul ceiling (not tests; see bench/README.md). About 85 minutes
 # on 2 quiet cores; `make bench BENCH_ARGS=--quick` is a smoke run of a few minutes.
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,15 +62,18 @@ def run_worker(suite: str, system: str, repeat: int, module: str, spec: dict, wo
     record = RunRecord(suite, system, repeat, " ".join([rel(PYTHON), "-m", module, "<spec>", "<result>"]), spec=spec,
                        log=rel(log), load_before=os.getloadavg()[0])
     start = time.perf_counter()
-    try:
-        with open(log, "w") as handle:
-            proc = subprocess.run(argv, cwd=REPO, env=worker_env(env), stdout=handle, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=timeout_s)
-        record.ok = proc.returncode == 0 and result_path.is_file()
-        if not record.ok:
-            record.error = f"exit code {proc.returncode}; last lines of {rel(log)}:\n" + tail(log)
-    except subprocess.TimeoutExpired:
-        record.error = f"timed out after {timeout_s:.0f} s; last lines of {rel(log)}:\n" + tail(log)
+    with open(log, "w") as handle:  # own session: on a timeout the worker and whatever it started (Ray) go together
+        proc = subprocess.Popen(argv, cwd=REPO, env=worker_env(env), stdout=handle, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+            record.ok = code == 0 and result_path.is_file()
+            if not record.ok:
+                record.error = f"exit code {code}; last lines of {rel(log)}:\n" + tail(log)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            record.error = f"timed out after {timeout_s:.0f} s; last lines of {rel(log)}:\n" + tail(log)
     record.process_s = time.perf_counter() - start
     if result_path.is_file():
         record.result = json.loads(result_path.read_text())

@@ -45,6 +45,15 @@ def versions(trl_version: str = "") -> str:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             found.append(f"{name} (not installed)")
+    trl_version = trl_version or installed_trl()
     if trl_version:
         found.append(f"trl {trl_version} (TRL processes only)")
     return ", ".join(found)
+
+
+def installed_trl() -> str:
+    """The version of the TRL in bench's own folder, from its metadata (TRL is never imported here)."""
+    from bench.deps import deps_dir
+
+    found = sorted(deps_dir().glob("trl-*.dist-info"))
+    return found[-1].name[len("trl-"):-len(".dist-info")] if found else ""

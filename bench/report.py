@@ -61,7 +61,7 @@ def target_lines(targets: list[dict]) -> list[str]:
     lines = []
     for t in targets:
         state = "MET" if t["met"] else "NOT MET"
-        measured = "no figure (a run failed)" if t["measured"] is None else f"{num(t['measured'])}{t['unit']}"
+        measured = "no figure (a run failed)" if t["measured"] is None else f"{t['measured']:.2f}{t['unit']}"
         lines.append(f"- **{state}**: {t['name']}: measured {measured} (target >= {num(t['threshold'])}{t['unit']})")
     return lines
 
@@ -117,10 +117,12 @@ def results_markdown(results: list[dict], meta: dict) -> str:
     all_targets = [t for r in results for t in r.get("targets", [])]
     if all_targets:
         met = sum(t["met"] for t in all_targets)
-        lines += [f"## Targets: {met} of {len(all_targets)} met", "", *target_lines(all_targets), ""]
+        heading = f"## Targets: {met} of {len(all_targets)} met" + (" (smoke run: these say nothing)" if quick else "")
+        lines += [heading, "", *target_lines(all_targets), ""]
     for result in results:
-        if result.get("date") and result["date"] != meta["date"]:
-            result = {**result, "settings": {"measured on": result["date"], **result.get("settings", {})}}
+        if result.get("date") and (result["date"], result.get("command")) != (meta["date"], meta["command"]):
+            measured = f"{result['date']} by `{result.get('command', '?')}`"
+            result = {**result, "settings": {"measured on": measured, **result.get("settings", {})}}
         lines += suite_section(result)
     lines += ["## FLOP counting", "", "See `bench/README.md`: training 6N per real token (LoRA: 4N), forward 2N, "
               "generation 2N per generated token; N = parameters in matrix multiplies (LM head included for "

@@ -29,7 +29,8 @@ SYSTEMS = {"rm": ["rlhf-ray", "trl"], "sft": ["rlhf-ray", "trl"], "ppo": ["rlhf-
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description="rlhf-ray next to TRL, and against this "
+                                     "machine's matmul ceiling. See bench/README.md.")
     parser.add_argument("--suite", default="all", help="all, or one or more of " + ",".join(SUITES) + " (comma-separated)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per system (default 3; 1 with --quick; scaling 1)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-run sizes; figures are not meaningful")

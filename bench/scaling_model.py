@@ -48,12 +48,13 @@ def gpu_model(points: list[dict]) -> list[str]:
             f" (measured: {_n(two['s_per_iter'])} s per iteration with 2 replicas vs {_n(ref['s_per_iter'])} s with 1)."
             if two else "."),
         "",
-        "A model of the same iteration on N GPUs (an estimate, not a measurement), one GPU per role as "
-        "`resources.*_num_gpus` allows and G = N - 3 generator replicas:",
+        "A model of the same iteration on N >= 4 GPUs (an estimate, not a measurement), one GPU per role as "
+        "`resources.*_num_gpus` allows (learner, reward, reference) and G = N - 3 generator replicas:",
         "",
-        f"- generate: the batch is split over G replicas, so about {gen:.1f}/G s here (times the GPU's speed-up "
-        "over these 2 cores, which applies to every phase alike and is left out). Each replica also loads the new "
-        "adapter, so push_weights grows slowly with G.",
+        f"- generate: the batch is split over G replicas, so about {gen:.1f}/G s in this machine's units. (A GPU is "
+        "much faster than these 2 cores, and not by the same factor for every phase: small-batch decoding is bound by "
+        "memory bandwidth, training by compute; the shares below are this machine's.) Each replica also loads the "
+        "new adapter, so push_weights grows slowly with G.",
         f"- score + reference + old log-probs/values: three actors on three GPUs run at once, so the phase takes the "
         f"longest of the three rather than their sum; here they share the cores, so at best about {srv / 3:.1f}-{srv:.1f} s.",
         f"- update: one PolicyLearner (the DeepSpeed data-parallel learner is not built), so {upd:.1f} s does not "

@@ -1,4 +1,4 @@
-"""Workload sizes of every suite: FULL for real figures (about 75 minutes on 2 cores), QUICK for a smoke run.
+"""Workload sizes of every suite: FULL for real figures (about 85 minutes on 2 cores), QUICK for a smoke run.
 
 The full sizes are small because this machine is small: one fp32 training step of SmolLM2-135M on
 8 pairs of ~200 tokens is about 2 TFLOP, some 20 s at the ~100 GFLOP/s two cores give.
@@ -29,7 +29,7 @@ QUICK_CHANGES: dict[str, dict] = {
     "ceiling": {"sizes": [256, 512, 1024], "seconds": 0.25, "windows": 3},
     "rm": {"limit": 60, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
     "sft": {"limit": 40, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
-    "ppo": {"iterations": 2, "rollout_batch": 4, "minibatch": 2, "epochs": 1, "max_new_tokens": 8},
+    "ppo": {"iterations": 2, "rollout_batch": 4, "minibatch": 2, "epochs": 2, "max_new_tokens": 8},
     "rollout": {"batches": [4, 8], "max_new_tokens": 8, "kv_cache_gib": 1},
     "scaling": {"batches": [4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
 }
@@ -38,8 +38,8 @@ DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "sca
 
 # Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
 ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "sft:rlhf-ray": 130, "sft:trl": 100,
-              "ppo:rlhf-ray": 170, "ppo:trl-ppo": 150, "ppo:trl-rloo": 130, "rollout:rlhf-ray": 130,
-              "rollout:transformers": 110, "scaling:rlhf-ray": 170}
+              "ppo:rlhf-ray": 185, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 210,
+              "rollout:transformers": 110, "scaling:rlhf-ray": 200}
 
 
 def sizes(suite: str, quick: bool) -> dict:

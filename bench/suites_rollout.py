@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench import flops
 from bench.context import Context, System
-from bench.settings import sizes
+from bench.settings import LORA_TARGETS, sizes
 from bench.suites_ppo import prep_prompts
 from bench.suites_train import print_settings
 from bench.summary import Metric, row, safe, table, target
@@ -19,13 +19,16 @@ def rollout_metrics(batches: list[int], lm_params: int, peak: float | None) -> l
         metrics.append(Metric(f"tps_{b}", f"tokens/s at batch {b}", "tokens/s", True, safe(tokens_per_s)))
         metrics.append(Metric(f"mfu_{b}", f"MFU at batch {b} (2N per generated token)", "%", True,
                               safe(lambda r, f=tokens_per_s: 100 * flops.mfu(flops.generation_flops(lm_params, f(r)), peak))))
+    for b in batches:
+        metrics.append(Metric(f"tps_lora_{b}", f"tokens/s at batch {b} with a LoRA adapter loaded, as in PPO", "tokens/s",
+                              True, safe(lambda r, b=b: r.result["by_batch_lora"][str(b)]["tokens_per_s"]), compare=False))
     metrics.append(Metric("startup_s", "start-up s (engine / model load)", "s", False, safe(lambda r: r.result["startup_s"])))
     return metrics
 
 
 def rollout(ctx: Context) -> dict:
     s = sizes("rollout", ctx.quick)
-    shared = prep_prompts(ctx, "rollout", s, reward_model=False, limit=sum(s["batches"]) + 4)
+    shared = prep_prompts(ctx, "rollout", s, reward_model=False, limit=2 * sum(s["batches"]) + 8)
     settings = {"model": shared["model_path"], "prompts": shared["summary"], "batches": s["batches"],
                 "max new tokens": s["max_new_tokens"], "sampling": "temperature 1, top-p 1, no top-k, EOS stops",
                 "precision": "fp32",
@@ -33,11 +36,14 @@ def rollout(ctx: Context) -> dict:
                             f"enable_lora with no adapter loaded, KV cache {s['kv_cache_gib']} GiB) built in the process",
                 "transformers": "AutoModelForCausalLM.generate, left padding, one call per batch",
                 "counted": "real generated tokens (up to and including EOS) over the generate call's wall time, prefill "
-                           "included; each batch gets prompts no earlier call had"}
+                           "included; each batch gets prompts no earlier call had",
+                "LoRA rows": f"rlhf-ray again after loading a zero LoRA adapter (r={s['lora_r']}, on "
+                             f"{', '.join(LORA_TARGETS)}), as PPO always serves one; information only, not the target"}
     print_settings("rollout", settings)
     base = {"model_path": shared["model_path"], "data": shared["data"], "batches": s["batches"],
             "max_new_tokens": s["max_new_tokens"], "max_model_len": s["max_prompt_length"] + s["max_new_tokens"],
-            "kv_cache_gib": s["kv_cache_gib"], "enforce_eager": s["enforce_eager"], "lora_r": s["lora_r"]}
+            "kv_cache_gib": s["kv_cache_gib"], "enforce_eager": s["enforce_eager"], "lora_r": s["lora_r"],
+            "lora_target_modules": LORA_TARGETS, "with_lora": True}
     systems = [System("rlhf-ray", "bench.workers.rollout", lambda i: {**base, "engine": "vllm"}),
                System("transformers", "bench.workers.rollout", lambda i: {**base, "engine": "hf"})]
     runs = ctx.alternate("rollout", systems)
