@@ -39,14 +39,18 @@ class RolloutGenerator:
                  seed: int = 0, trust_remote_code: bool = False):
         import torch
 
+        cpu_only = {}
         if not torch.cuda.is_available():  # vLLM's CPU backend settings; set before vLLM starts
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            # A prompt prefilled in chunks makes vLLM rewind its per-request seeded generator, which
+            # CPU generators cannot do ("CPU Generator does not use offset"): prefill whole prompts.
+            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
         from vllm import LLM
 
         self.llm = LLM(model=model_path, dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
                        max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, **cpu_only)
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
         self.version = 0  # 0 = the SFT weights alone
         self._lora = None

@@ -41,6 +41,17 @@ def test_seeded_generation_is_reproducible_and_reports_logprobs(generator):
     assert all(len(r.token_ids) == len(r.logprobs) == 8 and all(lp <= 0 for lp in r.logprobs) for r in first)
 
 
+def test_a_seeded_batch_larger_than_one_prefill_step_works_and_repeats(generator):
+    """More prompt tokens than one engine step takes: vLLM would prefill some prompt in chunks and
+    then fail to rewind its CPU seeded generator, unless the generator turns chunked prefill off."""
+    from actors.rollout_generator import SamplingSpec
+
+    prompts = [[(7 * i + j) % 500 + 10 for j in range(100)] for i in range(100)]  # 10,000 prompt tokens
+    spec = SamplingSpec(max_new_tokens=4, seed=3)
+    first, again = generator.generate(prompts, spec), generator.generate(prompts, spec)
+    assert len(first) == 100 and [r.token_ids for r in first] == [r.token_ids for r in again]
+
+
 def test_new_adapter_changes_outputs_and_old_version_restores_them(generator, tiny_model_dir):
     from actors.rollout_generator import SamplingSpec
 
