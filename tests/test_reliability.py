@@ -46,6 +46,8 @@ def kill_actor(name: str, namespace: str, how: str) -> None:
             break
         except ValueError:
             time.sleep(0.1)
+    else:
+        raise AssertionError(f"no live actor {name} to kill")
     if how == "ray.kill":
         ray.kill(handle, no_restart=True)
     else:  # the actor's worker process, as the OOM killer or a crash would end it
@@ -63,8 +65,20 @@ class Killer(threading.Thread):
         self.random = random.Random(seed)
         self.done: list[str] = []
         self.stop = threading.Event()
+        self.finished = threading.Event()
+
+    def hold(self, iteration, metrics, saved):
+        """`on_iteration` hook, a safety net for fast machines: the run may not end before every kill is done."""
+        if iteration >= self.plan[-1][0] + 2:
+            self.finished.wait(timeout=120)
 
     def run(self):
+        try:
+            self._kill_as_planned()
+        finally:
+            self.finished.set()
+
+    def _kill_as_planned(self):
         for after_iteration, role, how in self.plan:
             while not self.stop.is_set():
                 try:
@@ -109,7 +123,7 @@ def test_each_role_killed_mid_run_and_the_run_matches_an_uninterrupted_one(
                     seed=len(plan))
     killer.start()
     try:
-        result = run_ppo(config)
+        result = run_ppo(config, on_iteration=killer.hold)
     finally:
         killer.stop.set()
         killer.join(timeout=5)
