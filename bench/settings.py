@@ -14,9 +14,11 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # rlhf-ray's default Lo
 FULL: dict[str, dict] = {
     "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 1.0, "windows": 4},
     "rm": {"data": "hh-rlhf/helpful-online/test.jsonl.gz", "format": "hh-rlhf", "limit": 400, "max_length": 192,
-           "eval_fraction": 0.06, "batch_per_worker": 4, "workers": 2, "steps": 6, "lr": 1e-5},
+           "eval_fraction": 0.06, "batch_per_worker": 8, "workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
+           "chunk_size": 4, "steps": 6, "lr": 1e-5},
     "sft": {"data": "self-instruct/seed_tasks.jsonl", "format": "self-instruct", "limit": None, "max_length": 256,
-            "eval_fraction": 0.1, "batch_per_worker": 4, "workers": 2, "steps": 8, "lr": 2e-5},
+            "eval_fraction": 0.1, "batch_per_worker": 8, "workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
+            "chunk_size": 4, "steps": 8, "lr": 2e-5},
     "ppo": {"prompts": "data/demo/prompts.jsonl", "max_prompt_length": 64, "iterations": 4, "rollout_batch": 16,
             "minibatch": 8, "epochs": 2, "max_new_tokens": 32, "lr": 5e-5, "kl_coef": 0.05, "lora_r": 16,
             "lora_alpha": 32, "actor_num_cpus": 0.5},

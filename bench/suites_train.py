@@ -29,7 +29,9 @@ def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
                  f"data.max_length={s['max_length']}", "data.overlong=truncate_prompt", "data.on_bad_row=skip",
                  f"data.eval_fraction={s['eval_fraction']}", f"{suite}.batch_size={s['batch_per_worker']}",
                  f"{suite}.max_steps={s['steps']}", f"{suite}.eval_every=0", f"{suite}.checkpoint_every=0",
-                 f"{suite}.lr={s['lr']}", f"resources.num_workers={s['workers']}", "model.dtype=float32"]
+                 f"{suite}.lr={s['lr']}", f"{suite}.chunk_size={s['chunk_size']}", f"resources.num_workers={s['workers']}",
+                 f"resources.cpus_per_worker={s['cpus_per_worker']}", f"deepspeed.zero_stage={s['zero_stage']}",
+                 "model.dtype=float32"]
     if s.get("limit"):
         overrides.append(f"data.{section}.limit={s['limit']}")
     return overrides
@@ -40,8 +42,13 @@ def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
     unit = "pairs" if suite == "rm" else "examples"
     return {"model": shared["model_path"], "data": rel(SHARED_DATA / s["data"]), "rows": shared["summary"],
             "max_length": s["max_length"], "steps": s["steps"], "lr": s["lr"],
-            "global batch": f"{global_batch} {unit} ({s['batch_per_worker']} x {s['workers']} Ray Train workers for "
-                            "rlhf-ray; one process with 2 threads for TRL)",
+            "global batch": f"{global_batch} {unit} (rlhf-ray: {s['batch_per_worker']} x {s['workers']} Ray Train "
+                            f"worker(s) with {s['cpus_per_worker']} CPUs each, DeepSpeed ZeRO stage {s['zero_stage']}; "
+                            "TRL: one process with 2 threads)",
+            "padding": f"TRL pads each batch to its longest row; rlhf-ray sorts each micro-batch by length and runs "
+                       f"chunks of {s['chunk_size']} {'pairs' if suite == 'rm' else 'sequences'}, each padded to its own "
+                       "longest row (same rows per step, same loss)"
+                       + ("; its SFT loss projects only labelled positions to the vocabulary" if suite == "sft" else ""),
             "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)", "LoRA": "none (full fine-tuning)",
             "gradient checkpointing": "off on both sides",
             "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",

@@ -99,6 +99,9 @@ class TrainStageConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (None = run all epochs)
     batch_size: int = 8  # sequences (SFT) or pairs (RM) per worker per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
+    # Sequences (SFT) or pairs (RM) per padded forward pass: a micro-batch is sorted by length and cut into
+    # chunks that each pad only to their own longest row (same loss and gradient, less padding). 0 = one pass.
+    chunk_size: int = 4
     lr: float = 1e-5  # peak learning rate
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03  # linear warmup share of total steps, then cosine decay
@@ -117,6 +120,7 @@ class TrainStageConfig:
         _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0")
         _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        _check(self.chunk_size >= 0, f"chunk_size must be >= 0, got {self.chunk_size}")
 
 
 @dataclass

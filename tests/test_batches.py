@@ -53,3 +53,21 @@ def test_warmup_cosine_schedule():
     assert factor(2) == pytest.approx(1.0) and factor(10) == pytest.approx(0.0)
     assert factor(6) == pytest.approx(0.5)  # halfway through the cosine
     assert torch.tensor([factor(s) for s in range(2, 11)]).diff().le(0).all()
+
+
+def test_length_chunks_sort_by_length_and_keep_every_row():
+    from rlhf_ray.train.batches import length_chunks
+
+    assert length_chunks([5, 1, 9, 3, 7], 2) == [[1, 3], [0, 4], [2]]
+    assert length_chunks([5, 1, 9], 0) == [[0, 1, 2]]  # 0: one pass in the original order
+    assert length_chunks([5, 1, 9], 3) == [[0, 1, 2]]
+
+
+def test_pair_chunks_keep_each_pair_together():
+    from rlhf_ray.train.batches import collate_pair_chunks
+
+    rows = [{"chosen_ids": [1] * 6, "rejected_ids": [2]}, {"chosen_ids": [3], "rejected_ids": [4, 4]},
+            {"chosen_ids": [5] * 5, "rejected_ids": [6] * 5}]
+    chunks = collate_pair_chunks(rows, pad_id=0, chunk_size=2)
+    assert [tuple(c["input_ids"].shape) for c in chunks] == [(4, 5), (2, 6)]  # pairs 1 and 2 share a width of 5
+    assert chunks[0]["input_ids"][:, 0].tolist() == [3, 5, 4, 6]  # chosen of the chunk's pairs first, then rejected

@@ -28,6 +28,19 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return total, (shifted_labels != IGNORE_INDEX).sum()
 
 
+def response_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+    """next_token_loss computed from the last hidden states, projecting only the positions that carry a label.
+
+    hidden: (B, T, H) backbone output; head: the LM head (H -> V). Prompt and padding positions never
+    reach the vocabulary projection, which is most of an SFT batch's logits.
+    """
+    shifted_labels = labels[:, 1:]
+    scored = shifted_labels != IGNORE_INDEX
+    logits = head(hidden[:, :-1][scored]).float()
+    total = F.cross_entropy(logits, shifted_labels[scored], reduction="sum")
+    return total, scored.sum()
+
+
 def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """-log sigmoid(r_chosen - r_rejected - margin), averaged over pairs. chosen, rejected: (B,)."""
     return -F.logsigmoid(chosen.float() - rejected.float() - margin).mean()

@@ -21,6 +21,23 @@ REWARD = "reward-model"
 REFERENCE = "reference-model"
 
 
+def wait_until_names_free(names: list[str], namespace: str | None, still_alive: str, timeout_s: float = 60.0) -> None:
+    """Wait until no actor holds any of `names` (Ray reaps a dead driver's or a killed actor's name a little
+    later); after `timeout_s`, raise RuntimeError with `still_alive` and the name."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while True:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break  # no such actor
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{still_alive} after {timeout_s:.0f} s: actor '{name}' (namespace '{namespace}')")
+            time.sleep(0.2)
+
+
 @dataclass
 class RoleSpec:
     """How to create one named actor (and create it again after it dies)."""
@@ -132,24 +149,12 @@ class ActorCrew:
             ray.kill(self.handles[role], no_restart=True)
         except Exception:  # already gone
             pass
-        self._wait_name_free(role)
+        wait_until_names_free([role], self.specs[role].options.get("namespace"),
+                              f"the dead actor {role} still holds its name")
         self.handles[role] = self._create(self.specs[role])
         self._wait_started([role])
         if self.on_restart is not None:
             self.on_restart(role, self.handles[role])
-
-    def _wait_name_free(self, role: str, timeout_s: float = 60.0) -> None:
-        import ray
-
-        namespace = self.specs[role].options.get("namespace")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(role, namespace=namespace)
-            except ValueError:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"the dead actor {role} still holds its name after {timeout_s:.0f} s")
 
     def run(self, phase: str, calls: list[Call]) -> list:
         """Results of `calls` in order. Lost calls to stateless roles are issued again after a restart."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_ray.config import Config
-from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, RoleSpec
+from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, RoleSpec, wait_until_names_free
 
 
 @dataclass
@@ -22,25 +22,6 @@ def end_of_turn_suffix(tokenizer) -> list[int]:
     ids = response_ids(tokenizer, [{"role": "user", "content": "hi"}], "ok")
     eos = tokenizer.eos_token_id
     return ids[len(ids) - ids[::-1].index(eos):] if eos in ids else []
-
-
-def wait_until_names_free(names: list[str], namespace: str, timeout_s: float = 60.0) -> None:
-    """A driver that died leaves its actors for Ray to reap; a resumed run waits for their names."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    for name in names:
-        while True:
-            try:
-                ray.get_actor(name, namespace=namespace)
-            except ValueError:
-                break  # no such actor
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"actor '{name}' of namespace '{namespace}' is still alive: another driver is "
-                                   "running this run.name; stop it or choose another run.name")
-            time.sleep(0.5)
 
 
 def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> list[RoleSpec]:
@@ -79,5 +60,7 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
 
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:
     """Start the actors (after any left by a dead driver are gone) and wait until all are ready."""
-    wait_until_names_free([spec.name for spec in specs], specs[0].options["namespace"])
+    # A driver that died leaves its actors for Ray to reap; a resumed run waits for their names.
+    wait_until_names_free([spec.name for spec in specs], specs[0].options["namespace"],
+                          "another driver is running this run.name (stop it or choose another run.name)")
     return ActorCrew(specs, max_restarts=config.resources.max_actor_restarts, timeout_s=config.resources.call_timeout_s)

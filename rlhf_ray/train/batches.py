@@ -80,6 +80,27 @@ def _mask(sequences: list[list[int]]) -> torch.Tensor:
     return _pad([[1] * len(s) for s in sequences], 0)
 
 
+def length_chunks(lengths: list[int], chunk_size: int) -> list[list[int]]:
+    """Indices grouped for padded forward passes: sorted by length, `chunk_size` per group, so each group
+    pads only to its own longest sequence. chunk_size 0 keeps one group in the original order."""
+    if chunk_size <= 0 or chunk_size >= len(lengths):
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + chunk_size] for start in range(0, len(order), chunk_size)]
+
+
+def collate_sft_chunks(rows: list[dict], pad_id: int, chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """collate_sft per length-sorted chunk of `rows` (see length_chunks)."""
+    groups = length_chunks([len(r["input_ids"]) for r in rows], chunk_size)
+    return [collate_sft([rows[i] for i in group], pad_id) for group in groups]
+
+
+def collate_pair_chunks(rows: list[dict], pad_id: int, chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """collate_pairs per chunk of pairs, sorted by each pair's longer sequence (see length_chunks)."""
+    groups = length_chunks([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows], chunk_size)
+    return [collate_pairs([rows[i] for i in group], pad_id) for group in groups]
+
+
 def collate_sft(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids, attention_mask and labels."""
     ids = [r["input_ids"] for r in rows]

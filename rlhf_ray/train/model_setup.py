@@ -31,6 +31,19 @@ def build_causal_lm(config: Config, model_path: str | Path):
     return _apply_lora(model, config.lora, "CAUSAL_LM") if config.lora.enabled else model
 
 
+def backbone_and_head(model):
+    """(backbone, LM head) of a causal LM, through a DeepSpeed engine and a peft wrapper; None when the model's
+    forward does more than `head(backbone(x))` (final logit soft-capping or scaling) and must be called whole."""
+    inner = getattr(model, "module", model)  # DeepSpeedEngine -> the module it wraps
+    if hasattr(inner, "get_base_model"):  # peft: the transformers model with LoRA layers injected
+        inner = inner.get_base_model()
+    config = inner.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    backbone, head = getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
+    return (backbone, head) if backbone is not None and head is not None else None
+
+
 def build_reward_model(config: Config, model_path: str | Path, pad_token_id: int):
     """A causal-LM backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1).
 

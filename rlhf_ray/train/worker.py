@@ -50,24 +50,24 @@ def add_sums(total: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
         total[key] = total.get(key, 0.0) + float(value)
 
 
-def on_device(batch: dict[str, torch.Tensor], engine) -> dict[str, torch.Tensor]:
-    """Move a collated batch to the engine's device (the worker's GPU, or the CPU)."""
-    return {key: value.to(engine.device) for key, value in batch.items()}
+def on_device(chunks: list[dict[str, torch.Tensor]], engine) -> list[dict[str, torch.Tensor]]:
+    """Move a micro-batch's collated chunks to the engine's device (the worker's GPU, or the CPU)."""
+    return [{key: value.to(engine.device) for key, value in chunk.items()} for chunk in chunks]
 
 
-def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config) -> dict[str, float]:
+def evaluate(engine, task, rows, rank, world, batch_size, chunk_size, pad_id, config) -> dict[str, float]:
     """Eval sums over this worker's share of the held-out rows, all-reduced across workers."""
     engine.eval()
     sums: dict[str, float] = {}
     mine = rows[rank::world]
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            batch = on_device(task.collate(mine[start:start + batch_size], pad_id), engine)
-            _, batch_sums = task.loss_and_sums(engine, batch, config)
+            chunks = on_device(task.collate(mine[start:start + batch_size], pad_id, chunk_size), engine)
+            _, batch_sums = task.loss_and_sums(engine, chunks, config)
             add_sums(sums, batch_sums)
     engine.train()
     if not sums:  # this worker had no eval rows; still join the all-reduce with zeros
-        _, zero = task.loss_and_sums(engine, on_device(task.collate(rows[:1], pad_id), engine), config)
+        _, zero = task.loss_and_sums(engine, on_device(task.collate(rows[:1], pad_id, 0), engine), config)
         sums = {k: 0.0 for k in zero}
     return all_reduce_sums(sums)
 
@@ -167,6 +167,8 @@ class WorkerJob:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.position = restore_checkpoint(self.engine, self.rank, self.world)
         self.log = None
+        print(f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, "
+              f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})", flush=True)
         if self.rank == 0:
             from rlhf_ray.run_log import MetricsLog
 
@@ -184,7 +186,7 @@ class WorkerJob:
 
     def _evaluate(self) -> dict[str, float]:
         self.eval_sums = evaluate(self.engine, self.task, self.eval_rows, self.rank, self.world,
-                                  self.stage.batch_size, self.pad_id, self.config)
+                                  self.stage.batch_size, self.stage.chunk_size, self.pad_id, self.config)
         return self.task.eval_metrics(self.eval_sums)
 
     def _end_of_step(self, epoch_done: bool) -> dict:
@@ -218,8 +220,9 @@ class WorkerJob:
         while position.step < self.total_steps:
             micro = self._epoch_micro_batches(position.epoch)
             for indices in micro[position.micro_in_epoch:]:
-                batch = on_device(task.collate([self.train_rows[i] for i in indices], self.pad_id), self.engine)
-                loss, sums = task.loss_and_sums(self.engine, batch, self.config)
+                rows = [self.train_rows[i] for i in indices]
+                chunks = on_device(task.collate(rows, self.pad_id, self.stage.chunk_size), self.engine)
+                loss, sums = task.loss_and_sums(self.engine, chunks, self.config)
                 self.engine.backward(loss)
                 self.engine.step()
                 add_sums(self.train_sums, sums)
