@@ -1,7 +1,10 @@
 """PolicyLearner: the SFT model with a LoRA adapter and a value head; PPO updates.
 
-Plain torch (AdamW) on CPU: with one learner process, DeepSpeed's ZeRO partitioning has
-nothing to shard and its CPU optimizer path gave no speed-up, so it is not used here.
+Two optimizer backends with the same algorithm (same AdamW settings, clipping and step skipping):
+plain torch AdamW (`ppo.learner_backend: torch`, the CPU default: with one learner process ZeRO has
+nothing to shard, and DeepSpeed's CPU path gave no speed-up), or a DeepSpeed engine
+(`deepspeed`: ZeRO stage 1/2, bf16 where the GPU has it), which skips a step whose gradients are
+not finite by itself.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.ppo.experience import Experience
 from rlhf_ray.ppo.forward import response_forward
 from rlhf_ray.ppo.sequences import PackedBatch
+from rlhf_ray.train.model_setup import LEARNER_ADAMW
 
 
 @dataclass
@@ -39,9 +45,38 @@ class AdapterPayload:
         return folder
 
 
+class PolicyWithValueHead(torch.nn.Module):
+    """The LoRA policy and its value head as one module, so one optimizer (or DeepSpeed engine) owns both."""
+
+    def __init__(self, policy, value_head: torch.nn.Linear, temperature: float):
+        super().__init__()
+        self.policy, self.value_head, self.temperature = policy, value_head, temperature
+
+    def forward(self, batch: PackedBatch, entropy: bool = False):
+        """Response log-probs (and entropy) plus values; `batch` must already be on the module's device."""
+        out = response_forward(self.policy, batch, entropy=entropy, hidden=True, temperature=self.temperature)
+        values = self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
+        return out, values
+
+
+def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
+    """A one-process DeepSpeed engine inside this actor (gloo on CPU, nccl on a GPU)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as probe:  # a free local port for the one-member process group
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=parameters, config=ds_config)
+    return engine
+
+
 class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
-                 seed: int = 0, trust_remote_code: bool = False):
+                 seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None):
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         torch.manual_seed(seed)
@@ -54,7 +89,9 @@ class PolicyLearner:
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / (base.config.hidden_size + 1))
         torch.nn.init.zeros_(self.value_head.bias)
         self.ppo = ppo
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=ppo.lr, eps=1e-8)
+        self.module = PolicyWithValueHead(self.model, self.value_head, ppo.temperature)
+        self.engine = start_deepspeed(self.module, self.trainable_parameters(), deepspeed_config) if deepspeed_config else None
+        self.optimizer = None if self.engine is not None else torch.optim.AdamW(self.trainable_parameters(), lr=ppo.lr, **LEARNER_ADAMW)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order
         self.version = 0  # bumped by every update
 
@@ -62,15 +99,12 @@ class PolicyLearner:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     def _forward(self, batch: PackedBatch, entropy: bool = False):
-        """Response log-probs (and entropy) plus values; `batch` must already be on self.device."""
-        out = response_forward(self.model, batch, entropy=entropy, hidden=True, temperature=self.ppo.temperature)
-        values = self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
-        return out, values
+        return (self.engine if self.engine is not None else self.module)(batch, entropy=entropy)
 
     @torch.no_grad()
     def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) old log-probs and values, with the same code path the update uses."""
-        self.model.eval()
+        self.module.eval()
         out, values = self._forward(batch.to(self.device))
         return out.logprobs.cpu(), values.cpu()
 
@@ -80,7 +114,7 @@ class PolicyLearner:
         An optimizer step whose loss or gradient norm is NaN/inf is skipped (weights and optimizer
         state unchanged) and counted in `skipped_steps`; if every step is skipped the version stays.
         """
-        self.model.train()
+        self.module.train()
         n = experience.batch.input_ids.size(0)
         mb, micro = self.ppo.minibatch_size, self.ppo.micro_batch_size or self.ppo.minibatch_size
         totals: dict[str, float] = {}
@@ -89,18 +123,16 @@ class PolicyLearner:
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n - mb + 1, mb):
                 rows = order[start:start + mb]
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
                 step: dict[str, float] = {}
                 for micro_start in range(0, mb, micro):
                     micro_rows = rows[micro_start:micro_start + micro]
                     for key, value in self._micro_step(experience.select(micro_rows), mb).items():
                         step[key] = step.get(key, 0.0) + value * len(micro_rows) / mb
-                step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm))
-                if not all(math.isfinite(value) for value in step.values()):
-                    self.optimizer.zero_grad(set_to_none=True)
+                if not self._optimizer_step(step):
                     skipped += 1
                     continue
-                self.optimizer.step()
                 updates += 1
                 for key, value in step.items():
                     totals[key] = totals.get(key, 0.0) + value
@@ -109,6 +141,20 @@ class PolicyLearner:
         return {key: value / updates for key, value in totals.items()} | {
             "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0)}
 
+    def _optimizer_step(self, step: dict[str, float]) -> bool:
+        """Clip and apply the minibatch's accumulated gradients unless the loss or gradient norm is NaN/inf.
+        Records `grad_norm` (before clipping) in `step`; False when the step was skipped."""
+        if self.engine is not None:  # the micro-steps already called engine.step(); the last one was the boundary
+            norm = self.engine.get_global_grad_norm()
+            step["grad_norm"] = float(norm) if norm is not None else math.nan
+            return self.engine.was_step_applied() and all(math.isfinite(value) for value in step.values())
+        step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm))
+        if not all(math.isfinite(value) for value in step.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        return True
+
     def _micro_step(self, exp: Experience, minibatch_rows: int) -> dict[str, float]:
         exp = exp.to(self.device)
         out, values = self._forward(exp.batch, entropy=True)
@@ -116,7 +162,12 @@ class PolicyLearner:
         pg_loss, pg_stats = policy_loss(out.logprobs, exp.old_logprobs, exp.advantages, mask, self.ppo.clip_range)
         vf_loss, vf_stats = value_loss(values, exp.values, exp.returns, mask, self.ppo.clip_range_value)
         loss = pg_loss + self.ppo.vf_coef * vf_loss
-        (loss * exp.batch.input_ids.size(0) / minibatch_rows).backward()
+        share = loss * exp.batch.input_ids.size(0) / minibatch_rows  # of the minibatch's mean loss
+        if self.engine is not None:
+            self.engine.backward(share, scale_wrt_gas=False)
+            self.engine.step()  # applies the update only at the minibatch's last micro-batch
+        else:
+            share.backward()
         return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": masked_mean(out.entropy, mask).item(),
                 **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
 
@@ -133,8 +184,14 @@ class PolicyLearner:
         folder = Path(folder)
         self.model.save_pretrained(folder / "adapter")
         save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+        state = {"generator": self.generator.get_state()}
+        if self.engine is not None:  # optimizer state in DeepSpeed's own layout; the frozen base weights are not copied
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="learner", save_latest=False,
+                                        exclude_frozen_parameters=True)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         buffer = io.BytesIO()
-        torch.save({"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}, buffer)
+        torch.save(state, buffer)
         (folder / "learner_state.pt").write_bytes(buffer.getvalue())
         (folder / "learner.json").write_text(json.dumps({"version": self.version}))
 
@@ -146,7 +203,14 @@ class PolicyLearner:
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
         self.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
         state = torch.load(folder / "learner_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            if not (folder / "deepspeed").is_dir():
+                raise ValueError(f"{folder} was written by the torch learner backend; it has no DeepSpeed state")
+            self.engine.load_checkpoint(str(folder / "deepspeed"), tag="learner", load_module_strict=False)
+        elif "optimizer" not in state:
+            raise ValueError(f"{folder} was written by the deepspeed learner backend; it has no torch optimizer state")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.version = json.loads((folder / "learner.json").read_text())["version"]
 

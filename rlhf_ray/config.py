@@ -168,6 +168,9 @@ class PPOConfig:
     vllm_kv_cache_gib: float = 1.0  # CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); on GPU see vllm_gpu_memory_utilization
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (GPU only)
     max_nonfinite_in_a_row: int = 3  # stop after this many consecutive updates skipped for NaN/inf
+    # torch: plain AdamW in the learner actor (CPU default). deepspeed: the learner's optimizer runs in a
+    # DeepSpeed engine (ZeRO stage 1 or 2 from deepspeed.*, bf16 where the hardware has it); for GPUs.
+    learner_backend: Literal["torch", "deepspeed"] = "torch"
 
     def __post_init__(self):
         for name in ("iterations", "rollout_batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size"):

@@ -9,7 +9,8 @@ from rlhf_ray.ppo.run import find_resume_checkpoint
 
 pytestmark = pytest.mark.unit
 
-IDENTITY = {"policy_model": "/models/a", "policy_config_sha256": "abc", "lora_r": 8, "lora_target_modules": ["q_proj"]}
+IDENTITY = {"policy_model": "/models/a", "policy_config_sha256": "abc", "lora_r": 8, "lora_target_modules": ["q_proj"],
+            "learner_backend": "torch"}
 
 
 def make_checkpoint(folder, iteration, identity=IDENTITY):
@@ -71,6 +72,14 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     other = {**IDENTITY, "policy_model": "/models/b", "policy_config_sha256": "def", "lora_r": 16}
     with pytest.raises(CheckpointError, match="written for another model: policy_config_sha256, lora_r differ"):
         find_resume_checkpoint(tmp_path, other)
+
+
+def test_the_learner_backend_must_match_and_older_checkpoints_count_as_torch(tmp_path):
+    older = {key: value for key, value in IDENTITY.items() if key != "learner_backend"}  # written before the key
+    make_checkpoint(tmp_path, 1, older)
+    assert find_resume_checkpoint(tmp_path, IDENTITY).name == "iter_000001"
+    with pytest.raises(CheckpointError, match="learner_backend differ .*learner_backend torch; .*learner_backend deepspeed"):
+        find_resume_checkpoint(tmp_path, {**IDENTITY, "learner_backend": "deepspeed"})
 
 
 def test_a_staging_folder_left_by_a_crash_is_never_picked(tmp_path):

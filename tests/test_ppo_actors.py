@@ -86,3 +86,68 @@ def test_save_load_and_adapter_export(learner, tiny_model_dir, tmp_path):
     s1 = learner.train_step(make_experience(learner, batch))
     s2 = again.train_step(make_experience(again, batch))
     assert s1["policy_loss"] == pytest.approx(s2["policy_loss"], rel=1e-5, abs=1e-7)
+
+
+def deepspeed_learner(tiny_model_dir, ppo, seed=0, zero_stage=2):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train.model_setup import learner_deepspeed_config
+
+    config = load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed", f"deepspeed.zero_stage={zero_stage}",
+                                               f"ppo.minibatch_size={ppo.minibatch_size}",
+                                               f"ppo.micro_batch_size={ppo.micro_batch_size}", f"ppo.lr={ppo.lr}"])
+    return PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=seed,
+                         deepspeed_config=learner_deepspeed_config(config))
+
+
+def trainable_state(learner):
+    return {name: p.detach().clone() for name, p in learner.module.named_parameters() if p.requires_grad}
+
+
+def test_deepspeed_learner_matches_the_torch_learner(learner, tiny_model_dir, tmp_path):
+    """ppo.learner_backend=deepspeed (ZeRO-2, one gloo process on CPU) makes the same updates as plain torch AdamW,
+    skips a NaN minibatch's step by itself, and resumes from its own checkpoint with the same next update."""
+    ds = deepspeed_learner(tiny_model_dir, learner.ppo)
+    assert ds.engine is not None and ds.engine.zero_optimization_stage() == 2
+    batch = pack(PROMPTS, RESPONSES, pad_id=0)
+    for _ in range(2):
+        torch_stats = learner.train_step(make_experience(learner, batch))
+        ds_stats = ds.train_step(make_experience(ds, batch))
+        assert ds_stats["policy_version"] == torch_stats["policy_version"] and ds_stats["skipped_steps"] == 0
+        for key in ("policy_loss", "value_loss", "grad_norm", "clip_fraction"):
+            assert ds_stats[key] == pytest.approx(torch_stats[key], rel=1e-4, abs=1e-6), key
+    reference = trainable_state(learner)
+    for name, value in trainable_state(ds).items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # a NaN advantage: every optimizer step of this experience is skipped and nothing changes
+    before = trainable_state(ds)
+    poisoned = make_experience(ds, batch)
+    poisoned.advantages[0, 0] = float("nan")
+    stats = ds.train_step(poisoned)
+    assert stats["skipped_steps"] == ds.ppo.ppo_epochs and stats["update_skipped"] == 1.0 and ds.version == 2
+    assert all(torch.equal(before[name], value) for name, value in trainable_state(ds).items())
+
+    # save, load into a fresh engine, and both take the same next step
+    ds.save(tmp_path / "ckpt")
+    assert not any("base_layer" in p.name for p in (tmp_path / "ckpt" / "deepspeed").rglob("*"))
+    again = deepspeed_learner(tiny_model_dir, learner.ppo, seed=1)
+    again.load(tmp_path / "ckpt")
+    assert again.version == 2
+    s1, s2 = ds.train_step(make_experience(ds, batch)), again.train_step(make_experience(again, batch))
+    assert s1["policy_loss"] == pytest.approx(s2["policy_loss"], rel=1e-5, abs=1e-7)
+    after = trainable_state(ds)
+    for name, value in trainable_state(again).items():
+        torch.testing.assert_close(value, after[name], rtol=1e-5, atol=1e-7, msg=name)
+    # a torch-backend learner refuses the DeepSpeed checkpoint, with the reason
+    with pytest.raises(ValueError, match="deepspeed learner backend"):
+        learner.load(tmp_path / "ckpt")
+
+
+def test_deepspeed_learner_needs_zero_stage_1_or_2():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train.model_setup import learner_deepspeed_config
+
+    for stage in (0, 3):
+        config = load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed", f"deepspeed.zero_stage={stage}"])
+        with pytest.raises(ValueError, match=f"ZeRO stage 1 or 2.*got stage {stage}"):
+            learner_deepspeed_config(config)

@@ -17,11 +17,13 @@ def ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, name, *overrides):
         "data.prompts.path=data/demo/prompts.jsonl", "lora.r=8", "lora.alpha=16", *overrides])
 
 
-def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir, backend):
+    """The learner actor on either optimizer backend (deepspeed: a real ZeRO-2 engine inside the Ray actor)."""
     from rlhf_ray.ppo.run import run_ppo
 
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "ppo3", "ppo.iterations=3", "ppo.checkpoint_every=2",
-                        "ppo.sample_every=1", "ppo.responses_per_prompt=2")
+                        "ppo.sample_every=1", "ppo.responses_per_prompt=2", f"ppo.learner_backend={backend}")
     result = run_ppo(config)
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -33,7 +35,9 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
     for key in ("reward_mean", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "seconds_generate", "seconds_update"):
         assert key in rows[-1]
-    assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["iter_000002", "iter_000003"]
+    checkpoints = result.output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002", "iter_000003"]
+    assert (checkpoints / "iter_000003" / "deepspeed").is_dir() == (backend == "deepspeed")
     assert (result.output_dir / "samples.jsonl").read_text().count("\n") >= 3
     assert (result.output_dir / "curves.png").is_file()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rlhf_ray.config import Config
 from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, RoleSpec, wait_until_names_free
+from rlhf_ray.train.model_setup import learner_deepspeed_config
 
 
 @dataclass
@@ -44,8 +45,10 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
             gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,
             trust_remote_code=model.trust_remote_code), options(res.generator_num_gpus))
         for i in range(res.generator_replicas)]
+    learner_ds = learner_deepspeed_config(config) if ppo.learner_backend == "deepspeed" else None
     learner = RoleSpec(LEARNER, PolicyLearner, (str(paths.policy), config.lora, ppo), dict(
-        dtype=model.dtype, seed=config.run.seed, trust_remote_code=model.trust_remote_code), options(res.learner_num_gpus))
+        dtype=model.dtype, seed=config.run.seed, trust_remote_code=model.trust_remote_code,
+        deepspeed_config=learner_ds), options(res.learner_num_gpus))
     reward = RoleSpec(REWARD, RewardModel, (str(paths.reward),), dict(
         dtype=model.dtype, normalize=ppo.normalize_reward, clip=ppo.reward_clip, eos_token_id=tokenizer.eos_token_id,
         end_of_turn_suffix=end_of_turn_suffix(tokenizer), trust_remote_code=model.trust_remote_code),

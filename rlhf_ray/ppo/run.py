@@ -47,19 +47,26 @@ def model_identity(config: Config, paths: ModelPaths) -> dict:
     from rlhf_ray.checkpoints import sha256_of
 
     return {"policy_model": str(paths.policy), "policy_config_sha256": sha256_of(paths.policy / "config.json"),
-            "lora_r": config.lora.r, "lora_target_modules": sorted(config.lora.target_modules)}
+            "lora_r": config.lora.r, "lora_target_modules": sorted(config.lora.target_modules),
+            "learner_backend": config.ppo.learner_backend}
+
+
+# Identity keys added after the first release: checkpoints written before them had these values.
+IDENTITY_DEFAULTS = {"learner_backend": "torch"}
 
 
 def check_identity(checkpoint: Path, identity: dict) -> None:
     from rlhf_ray.checkpoints import CheckpointError, read_manifest
 
     saved = read_manifest(checkpoint)
+    saved = {**IDENTITY_DEFAULTS, **saved}
     different = [key for key in identity if key != "policy_model" and saved.get(key) != identity[key]]
     if different:
         raise CheckpointError(
             f"checkpoint {checkpoint} was written for another model: {', '.join(different)} differ "
-            f"(checkpoint: policy {saved.get('policy_model')}, LoRA r={saved.get('lora_r')}; "
-            f"this run: policy {identity['policy_model']}, LoRA r={identity['lora_r']})")
+            f"(checkpoint: policy {saved.get('policy_model')}, LoRA r={saved.get('lora_r')}, "
+            f"learner_backend {saved.get('learner_backend')}; this run: policy {identity['policy_model']}, "
+            f"LoRA r={identity['lora_r']}, learner_backend {identity.get('learner_backend')})")
 
 
 def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:

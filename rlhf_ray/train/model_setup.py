@@ -71,6 +71,33 @@ def use_bf16(config: Config) -> bool:
 
 def deepspeed_config(config: Config, stage: TrainStageConfig, world_size: int) -> dict:
     """The JSON DeepSpeed gets: the file from `deepspeed.config_file`, with batch sizes, lr and precision filled in."""
+    return _filled_deepspeed_config(config, stage.batch_size, stage.grad_accum, world_size, stage.max_grad_norm,
+                                    stage.lr, stage.weight_decay)
+
+
+# The PPO learner's AdamW (torch.optim.AdamW defaults), the same on both learner backends.
+LEARNER_ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+
+def learner_deepspeed_config(config: Config) -> dict:
+    """The PPO learner's DeepSpeed JSON (ppo.learner_backend=deepspeed): one process, one optimizer step per PPO
+    minibatch, and the torch learner's AdamW settings so that switching backend does not change the algorithm."""
+    import math
+
+    ppo = config.ppo
+    micro = ppo.micro_batch_size or ppo.minibatch_size
+    ds = _filled_deepspeed_config(config, micro, math.ceil(ppo.minibatch_size / micro), 1, ppo.max_grad_norm,
+                                  ppo.lr, LEARNER_ADAMW["weight_decay"])
+    ds["optimizer"]["params"].update(betas=list(LEARNER_ADAMW["betas"]), eps=LEARNER_ADAMW["eps"])
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ValueError(f"ppo.learner_backend=deepspeed needs ZeRO stage 1 or 2 (it skips steps with non-finite "
+                         f"gradients), got stage {stage} from {config.deepspeed.config_file} / deepspeed.zero_stage")
+    return ds
+
+
+def _filled_deepspeed_config(config: Config, micro: int, accum: int, world_size: int, max_grad_norm: float,
+                             lr: float, weight_decay: float) -> dict:
     path = Path(config.deepspeed.config_file)
     try:
         ds = json.loads(path.read_text())
@@ -78,12 +105,12 @@ def deepspeed_config(config: Config, stage: TrainStageConfig, world_size: int) -
         raise FileNotFoundError(f"DeepSpeed config not found: {path} (deepspeed.config_file)") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
-    ds["train_micro_batch_size_per_gpu"] = stage.batch_size
-    ds["gradient_accumulation_steps"] = stage.grad_accum
-    ds["train_batch_size"] = stage.batch_size * stage.grad_accum * world_size
-    ds["gradient_clipping"] = stage.max_grad_norm
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * world_size
+    ds["gradient_clipping"] = max_grad_norm
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    ds["optimizer"].setdefault("params", {}).update(lr=stage.lr, weight_decay=stage.weight_decay)
+    ds["optimizer"].setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
     if config.deepspeed.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = config.deepspeed.zero_stage
     ds["bf16"] = {"enabled": use_bf16(config)}
