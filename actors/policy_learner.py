@@ -76,7 +76,8 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
 
 class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
-                 seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None):
+                 seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None,
+                 update_threads: int | None = None):
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         torch.manual_seed(seed)
@@ -94,6 +95,7 @@ class PolicyLearner:
         self.optimizer = None if self.engine is not None else torch.optim.AdamW(self.trainable_parameters(), lr=ppo.lr, **LEARNER_ADAMW)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order
         self.version = 0  # bumped by every update
+        self.update_threads = update_threads or len(os.sched_getaffinity(0))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
@@ -114,6 +116,14 @@ class PolicyLearner:
         An optimizer step whose loss or gradient norm is NaN/inf is skipped (weights and optimizer
         state unchanged) and counted in `skipped_steps`; if every step is skipped the version stays.
         """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.update_threads)  # the other actors wait during the update
+        try:
+            return self._train_epochs(experience)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train_epochs(self, experience: Experience) -> dict[str, float]:
         self.module.train()
         n = experience.batch.input_ids.size(0)
         mb, micro = self.ppo.minibatch_size, self.ppo.micro_batch_size or self.ppo.minibatch_size

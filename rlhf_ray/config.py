@@ -202,6 +202,9 @@ class ResourcesConfig:
     reward_num_gpus: float = 0.0
     reference_num_gpus: float = 0.0
     actor_num_cpus: float = 0.5  # CPUs reserved per PPO actor
+    # torch threads for the PPO update, which runs while the other actors wait: None = every core the learner's
+    # node lets it use; a number when other work shares the node (Ray gives an actor with < 2 CPUs one thread).
+    learner_update_threads: Optional[int] = None
     max_actor_restarts: int = 3  # times PPO re-creates a dead actor of one role before giving up
     call_timeout_s: float = 1800.0  # longest one PPO actor call (generate, score, update, push) may take
 
@@ -211,6 +214,8 @@ class ResourcesConfig:
         _check(self.cpus_per_worker > 0 and self.actor_num_cpus >= 0, "CPU counts must be positive")
         _check(self.max_actor_restarts >= 0, f"max_actor_restarts must be >= 0, got {self.max_actor_restarts}")
         _check(self.call_timeout_s > 0, f"call_timeout_s must be > 0, got {self.call_timeout_s}")
+        _check(self.learner_update_threads is None or self.learner_update_threads > 0,
+               f"learner_update_threads must be > 0, got {self.learner_update_threads}")
 
 
 @dataclass

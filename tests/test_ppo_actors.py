@@ -151,3 +151,23 @@ def test_deepspeed_learner_needs_zero_stage_1_or_2():
         config = load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed", f"deepspeed.zero_stage={stage}"])
         with pytest.raises(ValueError, match=f"ZeRO stage 1 or 2.*got stage {stage}"):
             learner_deepspeed_config(config)
+
+
+def test_update_uses_the_update_threads_and_gives_them_back(tiny_model_dir, monkeypatch):
+    """Ray gives an actor with under 2 CPUs one torch thread; the update (which runs alone) takes
+    resources.learner_update_threads (default: every core the process may use), then returns to the actor's."""
+    import os
+
+    ppo = PPOConfig(rollout_batch_size=2, minibatch_size=2, ppo_epochs=1, lr=1e-2)
+    assert PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo).update_threads == len(os.sched_getaffinity(0))
+    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, update_threads=3)
+    seen = []
+    original = learner._train_epochs
+    monkeypatch.setattr(learner, "_train_epochs", lambda exp: seen.append(torch.get_num_threads()) or original(exp))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        learner.train_step(make_experience(learner, pack(PROMPTS, RESPONSES, pad_id=0)))
+        assert seen == [3] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

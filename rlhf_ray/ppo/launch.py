@@ -48,7 +48,7 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
     learner_ds = learner_deepspeed_config(config) if ppo.learner_backend == "deepspeed" else None
     learner = RoleSpec(LEARNER, PolicyLearner, (str(paths.policy), config.lora, ppo), dict(
         dtype=model.dtype, seed=config.run.seed, trust_remote_code=model.trust_remote_code,
-        deepspeed_config=learner_ds), options(res.learner_num_gpus))
+        deepspeed_config=learner_ds, update_threads=res.learner_update_threads), options(res.learner_num_gpus))
     reward = RoleSpec(REWARD, RewardModel, (str(paths.reward),), dict(
         dtype=model.dtype, normalize=ppo.normalize_reward, clip=ppo.reward_clip, eos_token_id=tokenizer.eos_token_id,
         end_of_turn_suffix=end_of_turn_suffix(tokenizer), trust_remote_code=model.trust_remote_code),
