@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     meta = {"date": now, "command": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
             "machine": machine.describe(), "versions": machine.versions(), "results_dir": rel(folder),
-            "repeats": "per suite: " + ", ".join(f"{k} {v}" for k, v in repeats_for(args).items()),
+            "repeats": "of the suites this command ran: " + ", ".join(
+                f"{k} {v}" for k, v in repeats_for(args).items() if k in args.suites or k == "ceiling")
+                       + " (each other section names the command that measured it)",
             "load_at_start": f"{os.getloadavg()[0]:.2f}"}
     if args.report_only:
         print(f"[bench] wrote {write_results(folder, args.quick, meta)}")
