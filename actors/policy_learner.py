@@ -45,6 +45,24 @@ class AdapterPayload:
         return folder
 
 
+@dataclass
+class MergedWeights:
+    """The policy's weights with the LoRA update folded in (W + scale * B @ A), by checkpoint name.
+
+    Only the modules around the adapted layers travel, but each of those whole (all of `self_attn`
+    for an adapter on `q_proj` alone): vLLM fuses q/k/v and gate/up into one layer and reloads a
+    fused layer only in full.
+    """
+
+    version: int
+    tensors: dict[str, torch.Tensor]
+
+
+def checkpoint_name(peft_name: str) -> str:
+    """`base_model.model.model.layers.0.q_proj.base_layer.weight` -> `model.layers.0.q_proj.weight`."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 class PolicyWithValueHead(torch.nn.Module):
     """The LoRA policy and its value head as one module, so one optimizer (or DeepSpeed engine) owns both."""
 
@@ -186,6 +204,24 @@ class PolicyLearner:
             self.model.save_pretrained(folder)
             files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")}
         return AdapterPayload(self.version, files)
+
+    @torch.no_grad()
+    def export_merged_weights(self) -> MergedWeights:
+        from peft.tuners.lora import LoraLayer
+
+        deltas, parents = {}, set()
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                deltas[checkpoint_name(name) + ".weight"] = sum(
+                    module.get_delta_weight(adapter) for adapter in module.active_adapters)
+                parents.add(checkpoint_name(name).rpartition(".")[0] + ".")
+        tensors = {}
+        for name, param in self.model.named_parameters():
+            name = checkpoint_name(name)
+            if "lora_" not in name and name.startswith(tuple(parents)):
+                merged = param + deltas[name] if name in deltas else param
+                tensors[name] = merged.detach().to("cpu", copy=True).contiguous()
+        return MergedWeights(self.version, tensors)
 
     def save(self, folder: str | Path) -> None:
         """Adapter, value head, optimizer and minibatch RNG into `folder` (the caller makes it atomic)."""

@@ -1,4 +1,10 @@
-"""RolloutGenerator: a vLLM engine over the SFT weights that samples responses with the newest LoRA adapter."""
+"""RolloutGenerator: a vLLM engine over the SFT weights that samples responses with the newest policy.
+
+The learner's policy reaches the engine one of two ways (`ppo.weight_sync`):
+- `merged`: the learner folds its LoRA adapter into the weights it touches, and the engine reloads
+  those tensors in place (`load_merged_weights`); generation then runs without any LoRA kernels.
+- `adapter`: the engine serves the LoRA adapter itself (`load_adapter`), a new LoRA id per version.
+"""
 
 from __future__ import annotations
 
@@ -28,16 +34,21 @@ class Rollout:
 
 
 class RolloutGenerator:
-    """`load_adapter` swaps in a new LoRA adapter without restarting vLLM.
+    """`load_adapter` and `load_merged_weights` switch the policy without restarting vLLM.
 
-    Every load gets a fresh LoRA id: vLLM caches adapters by id, and a learner restored from a
-    checkpoint may publish a version number again with different weights.
+    Every adapter load gets a fresh LoRA id: vLLM caches adapters by id, and a learner restored from
+    a checkpoint may publish a version number again with different weights. Use one of the two
+    methods per engine: an adapter on top of merged weights would apply the update twice.
     """
 
     def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
                  enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, trust_remote_code: bool = False):
+                 seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True):
         import torch
+
+        # The engine core runs in this process, so `load_merged_weights` hands its (name, tensor)
+        # pairs straight to the worker (across vLLM's process boundary they would arrive as lists).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
         cpu_only = {}
         if not torch.cuda.is_available():  # vLLM's CPU backend settings; set before vLLM starts
@@ -48,9 +59,10 @@ class RolloutGenerator:
             cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, **cpu_only)
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if enable_lora else {}
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                       seed=seed, gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, **lora, **cpu_only)
+        self.enable_lora = enable_lora
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
         self.version = 0  # 0 = the SFT weights alone
         self._lora = None
@@ -60,6 +72,9 @@ class RolloutGenerator:
         """Use `adapter` (an AdapterPayload, or a folder path) for every later generate call."""
         from vllm.lora.request import LoRARequest
 
+        if not self.enable_lora:
+            raise RuntimeError("this generator was started without LoRA (ppo.weight_sync=merged); "
+                               "use load_merged_weights, or start it with enable_lora=True")
         self._loads += 1
         folder = self.adapter_root / f"load{self._loads}-v{version}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -71,6 +86,19 @@ class RolloutGenerator:
         if self._lora is not None:  # vLLM reads an adapter's files when it first serves it; the old one is done
             shutil.rmtree(self._lora.lora_path, ignore_errors=True)
         self._lora = LoRARequest(f"policy-v{version}-load{self._loads}", self._loads, str(folder))
+        self.version = version
+        return self.version
+
+    def load_merged_weights(self, version: int, weights) -> int:
+        """Overwrite the engine's copies of the tensors in `weights` (a MergedWeights) in place.
+
+        Cached prompt prefixes were computed with the old weights, so the prefix cache is emptied.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.tensors.items()),
+                                                          "is_checkpoint_format": True})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not empty its prefix cache after a weight reload")
+        self._lora = None
         self.version = version
         return self.version
 

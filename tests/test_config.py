@@ -74,6 +74,12 @@ def test_validation_errors_name_the_override(override, pattern):
         load_config(None, [override])
 
 
+def test_merged_weight_sync_refuses_adapters_on_the_embeddings():
+    with pytest.raises(ConfigError, match=r"weight_sync=merged .* \['lm_head'\].*use ppo.weight_sync=adapter"):
+        load_config(None, ["lora.target_modules=[q_proj, lm_head]"])
+    assert load_config(None, ["lora.target_modules=[q_proj, lm_head]", "ppo.weight_sync=adapter"]).lora.target_modules
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")

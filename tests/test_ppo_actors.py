@@ -88,6 +88,27 @@ def test_save_load_and_adapter_export(learner, tiny_model_dir, tmp_path):
     assert s1["policy_loss"] == pytest.approx(s2["policy_loss"], rel=1e-5, abs=1e-7)
 
 
+def test_merged_weights_give_the_trained_policy_in_a_plain_transformers_model(learner, tiny_model_dir):
+    """After an update, the base model with the exported tensors put in computes the learner's log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    batch = pack(PROMPTS, RESPONSES, pad_id=0)
+    learner.train_step(make_experience(learner, batch))
+    merged = learner.export_merged_weights()
+    assert merged.version == 1
+    # the whole attention block of every layer, and nothing else (the adapter is on q/k/v/o)
+    assert merged.tensors and all(".self_attn." in name and "lora" not in name for name in merged.tensors)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    state = plain.state_dict()
+    assert set(merged.tensors) == {name for name in state if ".self_attn." in name}
+    plain.load_state_dict({**state, **merged.tensors})
+    logprobs, _ = learner.logprobs_and_values(batch)
+    for row, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+        assert torch.allclose(manual_logprobs(plain, prompt, response), logprobs[row, : len(response)], atol=1e-5)
+    assert not torch.allclose(manual_logprobs(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), PROMPTS[0],
+                                              RESPONSES[0]), logprobs[0, :3], atol=1e-3)
+
+
 def deepspeed_learner(tiny_model_dir, ppo, seed=0, zero_stage=2):
     from rlhf_ray.config import load_config
     from rlhf_ray.train.model_setup import learner_deepspeed_config

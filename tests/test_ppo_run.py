@@ -17,20 +17,24 @@ def ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, name, *overrides):
         "data.prompts.path=data/demo/prompts.jsonl", "lora.r=8", "lora.alpha=16", *overrides])
 
 
-@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir, backend):
-    """The learner actor on either optimizer backend (deepspeed: a real ZeRO-2 engine inside the Ray actor)."""
+@pytest.mark.parametrize("backend, weight_sync", [("torch", "merged"), ("deepspeed", "adapter")])
+def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir, backend, weight_sync):
+    """The learner actor on either optimizer backend (deepspeed: a real ZeRO-2 engine inside the Ray actor),
+    and the generators on either way of getting its weights."""
     from rlhf_ray.ppo.run import run_ppo
 
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "ppo3", "ppo.iterations=3", "ppo.checkpoint_every=2",
-                        "ppo.sample_every=1", "ppo.responses_per_prompt=2", f"ppo.learner_backend={backend}")
+                        "ppo.sample_every=1", "ppo.responses_per_prompt=2", f"ppo.learner_backend={backend}",
+                        f"ppo.weight_sync={weight_sync}", "ppo.lr=1e-2")
     result = run_ppo(config)
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float))), row
-        # every generator runs the adapter version the learner just produced
+        # every generator runs the policy version the learner just produced
         assert row["generator_versions_min"] == row["generator_versions_max"] == row["policy_version"] == row["step"]
+        # ... and really samples from the learner's policy (vLLM's log-probs agree with the learner's)
+        assert row["generator_logprob_gap"] < 1e-3, row
     assert rows[-1]["samples_seen"] == 3 * 4 * 2
     for key in ("reward_mean", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "seconds_generate", "seconds_update"):

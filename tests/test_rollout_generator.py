@@ -14,21 +14,26 @@ def generator(tiny_model_dir):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process, no spawn from pytest
     from actors.rollout_generator import RolloutGenerator
 
-    return RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=128)
+    return RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512)
 
 
-def adapter(tiny_model_dir, version, scramble):
+def learner_at(tiny_model_dir, version, scramble, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
     from actors.policy_learner import PolicyLearner
     from rlhf_ray.config import LoraConfig, PPOConfig
 
-    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), PPOConfig(rollout_batch_size=2, minibatch_size=2))
+    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16, target_modules=list(targets)),
+                            PPOConfig(rollout_batch_size=2, minibatch_size=2))
     if scramble:  # a visibly different policy
         with torch.no_grad():
             for name, p in learner.model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
     learner.version = version
-    return learner.export_adapter()
+    return learner
+
+
+def adapter(tiny_model_dir, version, scramble):
+    return learner_at(tiny_model_dir, version, scramble).export_adapter()
 
 
 def test_seeded_generation_is_reproducible_and_reports_logprobs(generator):
@@ -64,3 +69,36 @@ def test_new_adapter_changes_outputs_and_old_version_restores_them(generator, ti
     assert [r.token_ids for r in generator.generate(PROMPTS, spec)] == base
     generator.load_adapter(1, adapter(tiny_model_dir, 1, scramble=True))  # back to version 1
     assert [r.token_ids for r in generator.generate(PROMPTS, spec)] == changed and generator.current_version() == 1
+
+
+def test_merged_weights_generate_what_the_adapter_does_and_replace_cached_prefixes(generator, tiny_model_dir):
+    """The adapter on q_proj/v_proj/up_proj only: vLLM fuses q/k/v and gate/up, so the untouched k_proj
+    and gate_proj must travel too. Prompts longer than a KV block (128 tokens on CPU) are generated
+    first with the base weights, so a prefix cache kept across the reload would give the old policy's
+    answers."""
+    from actors.rollout_generator import SamplingSpec
+
+    prompts = PROMPTS + [[(3 * i) % 400 + 20 for i in range(200)], [(5 * i) % 400 + 30 for i in range(300)]]
+    assert generator.llm.llm_engine.vllm_config.cache_config.block_size < 200
+    spec = SamplingSpec(max_new_tokens=8, seed=5)
+    targets = ("q_proj", "v_proj", "up_proj")
+    zero = learner_at(tiny_model_dir, 3, scramble=False, targets=targets)
+    assert generator.load_merged_weights(3, zero.export_merged_weights()) == 3
+    base = generator.generate(prompts, spec)
+
+    scrambled = learner_at(tiny_model_dir, 4, scramble=True, targets=targets)
+    weights = scrambled.export_merged_weights()
+    assert {name.rsplit(".", 2)[-2] for name in weights.tensors} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"}
+    generator.load_adapter(4, scrambled.export_adapter())
+    with_adapter = generator.generate(prompts, spec)
+    assert [r.token_ids for r in with_adapter] != [r.token_ids for r in base]
+
+    assert generator.load_merged_weights(4, weights) == 4
+    merged = generator.generate(prompts, spec)
+    assert [r.token_ids for r in merged] == [r.token_ids for r in with_adapter]
+    for a, b in zip(merged, with_adapter):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+    generator.load_merged_weights(5, zero.export_merged_weights())  # back to the base weights
+    assert [r.token_ids for r in generator.generate(prompts, spec)] == [r.token_ids for r in base]

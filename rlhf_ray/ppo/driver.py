@@ -14,27 +14,39 @@ from rlhf_ray.ppo.experience import Experience
 from rlhf_ray.ppo.sequences import pack
 
 
-class GeneratorWeights:
-    """The adapter every generator must serve; a re-created generator gets it again before it works."""
+# ppo.weight_sync -> (the learner's export method, the generators' load method)
+WEIGHT_SYNC_METHODS = {"merged": ("export_merged_weights", "load_merged_weights"),
+                       "adapter": ("export_adapter", "load_adapter")}
 
-    def __init__(self, crew: ActorCrew):
+
+class GeneratorWeights:
+    """The policy every generator must serve; a re-created generator gets it again before it works."""
+
+    def __init__(self, crew: ActorCrew, weight_sync: str):
         self.crew = crew
-        self.adapter = None
+        self.export_method, self.load_method = WEIGHT_SYNC_METHODS[weight_sync]
+        self.payload = None  # the newest AdapterPayload or MergedWeights
         crew.on_restart = self._restore
 
-    def push(self, adapter) -> list[int]:
+    @property
+    def version(self) -> int:
+        return self.payload.version if self.payload is not None else 0
+
+    def push_from_learner(self) -> list[int]:
+        """Export the learner's policy and load it into every generator; returns their versions."""
         import ray
 
-        self.adapter = adapter
-        ref = ray.put(adapter)
-        return self.crew.run("push_weights", [Call(name, "load_adapter", (adapter.version, ref))
+        self.payload = self.crew.call("export_weights", LEARNER, self.export_method)
+        ref = ray.put(self.payload)
+        return self.crew.run("push_weights", [Call(name, self.load_method, (self.payload.version, ref))
                                               for name in self.crew.generator_names])
 
     def _restore(self, role: str, handle) -> None:
         import ray
 
-        if role.startswith(GENERATOR_PREFIX) and self.adapter is not None:
-            ray.get(handle.load_adapter.remote(self.adapter.version, self.adapter), timeout=self.crew.timeout_s)
+        if role.startswith(GENERATOR_PREFIX) and self.payload is not None:
+            load = getattr(handle, self.load_method)
+            ray.get(load.remote(self.payload.version, self.payload), timeout=self.crew.timeout_s)
 
 
 class PhaseTimer:
@@ -58,9 +70,20 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return chunks
 
 
+def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
+    """Mean |vLLM's log-prob - the learner's| over the sampled tokens.
+
+    Near 0 when the generators serve the learner's current policy at temperature 1 (vLLM reports
+    log-probs before temperature scaling, the learner after); a large gap means stale weights.
+    """
+    gaps = [abs(mine - theirs) for i, r in enumerate(rollouts)
+            for mine, theirs in zip(learner_logprobs[i].tolist(), r.logprobs)]
+    return sum(gaps) / len(gaps) if gaps else 0.0
+
+
 def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]], sampling, kl_coef: float,
              ppo: PPOConfig, pad_id: int) -> tuple[Experience, dict, list]:
-    """Collect one batch of experience, update the policy, push the new adapter to the generators.
+    """Collect one batch of experience, update the policy, push the new weights to the generators.
 
     If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
     (weights unchanged) and `metrics["update_skipped"]` is 1.
@@ -101,7 +124,7 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
                                  "values": values, "advantages": advantages, "returns": returns}, mask)
 
     stats: dict = {"update_skipped": 1.0, "nonfinite_in": nonfinite} if nonfinite else {}
-    versions = [weights.adapter.version] if weights.adapter is not None else [0]
+    versions = [weights.version]
     if not nonfinite:
         # 5. update (the learner itself skips any optimizer step whose loss or gradients are not finite)
         with timer("update"):
@@ -109,7 +132,7 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
         # 6. push weights
         if not stats.get("update_skipped"):
             with timer("push_weights"):
-                versions = weights.push(crew.call("export_adapter", LEARNER, "export_adapter"))
+                versions = weights.push_from_learner()
 
     lengths = mask.sum(1).float()
     generated_tokens = float(lengths.sum())
@@ -119,6 +142,7 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
         "response_length": float(lengths.mean()), "finished_fraction": sum(r.finished for r in rollouts) / len(rollouts),
         "generated_tokens_per_s": generated_tokens / max(timer.seconds["seconds_generate"], 1e-9),
         "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
+        "generator_logprob_gap": generator_logprob_gap(rollouts, old_logprobs),
         "generator_versions_min": min(versions), "generator_versions_max": max(versions),
         **stats, **timer.seconds,
     }

@@ -165,7 +165,7 @@ class PPOLoop:
 
         self.config, self.crew, self.prompts, self.tokenizer = config, crew, prompts, tokenizer
         self.out, self.identity, self.on_iteration = out, identity, on_iteration
-        self.weights = GeneratorWeights(crew)
+        self.weights = GeneratorWeights(crew, config.ppo.weight_sync)
         self.last_checkpoint: Path | None = None
         self.log = None
         self.state: dict = {}
@@ -194,7 +194,7 @@ class PPOLoop:
         return self.state, self.metrics
 
     def _start_from(self, checkpoint: Path | None) -> None:
-        """Learner, driver state and logs as of `checkpoint` (None: the beginning); generators get its adapter."""
+        """Learner, driver state and logs as of `checkpoint` (None: the beginning); generators get its weights."""
         from rlhf_ray.ppo.crew import LEARNER, RoleLost
         from rlhf_ray.run_log import MetricsLog, trim_jsonl
 
@@ -202,7 +202,7 @@ class PPOLoop:
             try:
                 if checkpoint is not None:  # (from the start, the learner is fresh: just created or re-created)
                     self.crew.call("restore", LEARNER, "load", str(checkpoint))
-                self.weights.push(self.crew.call("export_adapter", LEARNER, "export_adapter"))
+                self.weights.push_from_learner()
                 break
             except RoleLost as lost:
                 print(f"[ppo] {lost}; trying again", flush=True)
