@@ -61,7 +61,8 @@ def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
         "max new tokens": s["max_new_tokens"], "PPO epochs x minibatches": f"{s['epochs']} x {batch // mini} (minibatch {mini})",
         "iterations": f"{s['iterations']} (the first is dropped)", "lr": s["lr"], "KL coef": s["kl_coef"],
         "sampling": "temperature 1, top-p 1", "precision": "fp32",
-        "generation": "rlhf-ray: vLLM CPU build (enforce_eager) in a Ray actor; TRL: transformers generate",
+        "generation": ("rlhf-ray: vLLM CPU build (enforce_eager) in a Ray actor, the learner's merged weights reloaded "
+                       "each iteration (ppo.weight_sync=merged); TRL: transformers generate"),
         "rlhf-ray run (CLI equivalent of repeat 1)": cli("ppo", ppo_overrides(s, ctx, "bench-ppo-0", shared, batch))}
 
 
