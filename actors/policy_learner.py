@@ -175,7 +175,7 @@ class PolicyLearner:
         if self.engine is not None:  # the micro-steps already called engine.step(); the last one was the boundary
             norm = self.engine.get_global_grad_norm()
             step["grad_norm"] = float(norm) if norm is not None else math.nan
-            return self.engine.was_step_applied() and all(math.isfinite(value) for value in step.values())
+            return self.engine.was_step_applied()
         step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm))
         if not all(math.isfinite(value) for value in step.values()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -191,13 +191,16 @@ class PolicyLearner:
         vf_loss, vf_stats = value_loss(values, exp.values, exp.returns, mask, self.ppo.clip_range_value)
         loss = pg_loss + self.ppo.vf_coef * vf_loss
         share = loss * exp.batch.input_ids.size(0) / minibatch_rows  # of the minibatch's mean loss
+        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": masked_mean(out.entropy, mask).item(),
+                 **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
         if self.engine is not None:
+            if not all(math.isfinite(value) for value in stats.values()):
+                share = share * math.nan  # DeepSpeed then skips the step, as the torch backend does for any NaN stat
             self.engine.backward(share, scale_wrt_gas=False)
             self.engine.step()  # applies the update only at the minibatch's last micro-batch
         else:
             share.backward()
-        return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": masked_mean(out.entropy, mask).item(),
-                **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+        return stats
 
     def export_adapter(self) -> AdapterPayload:
         with tempfile.TemporaryDirectory() as folder:

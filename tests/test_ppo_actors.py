@@ -52,6 +52,34 @@ def test_learner_logprobs_match_a_fresh_forward_pass(learner, tiny_model_dir):
     assert torch.allclose(reference, logprobs, atol=1e-5)
 
 
+def test_response_only_projection_matches_the_whole_forward(learner, monkeypatch):
+    """Log-probs, entropy, values and their gradients are the same as with the model's own forward, which
+    projects every position to the vocabulary."""
+    import rlhf_ray.ppo.forward as forward
+
+    batch = pack(PROMPTS, RESPONSES, pad_id=0)
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:  # a non-zero adapter, so LoRA is on the path
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        learner.module.zero_grad(set_to_none=True)
+        out, values = learner.module(batch, entropy=True)
+        (out.logprobs.sum() + out.entropy.sum() + values.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in learner.module.named_parameters() if p.grad is not None}
+        return out, values, grads
+
+    split = run()
+    monkeypatch.setattr(forward, "backbone_and_head", lambda model: None)
+    whole = run()
+    for a, b in [(split[0].logprobs, whole[0].logprobs), (split[0].entropy, whole[0].entropy), (split[1], whole[1])]:
+        assert torch.allclose(a, b, atol=1e-5)
+    assert split[2].keys() == whole[2].keys() and any("lora_A" in n for n in split[2])
+    for name in split[2]:
+        assert torch.allclose(split[2][name], whole[2][name], atol=1e-5), name
+
+
 def test_train_step_changes_only_adapter_and_value_head(learner, tiny_model_dir):
     before = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
     head_before = learner.value_head.weight.detach().clone()
