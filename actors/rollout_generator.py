@@ -8,6 +8,7 @@ The learner's policy reaches the engine one of two ways (`ppo.weight_sync`):
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -94,6 +95,8 @@ class RolloutGenerator:
 
         Cached prompt prefixes were computed with the old weights, so the prefix cache is emptied.
         """
+        # vLLM warns about every weight a reload leaves alone; here that is all but the touched modules, on purpose
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.ERROR)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.tensors.items()),
                                                           "is_checkpoint_format": True})
         if not self.llm.reset_prefix_cache():

@@ -175,6 +175,10 @@ class PPOConfig:
     # weights it touches and vLLM reloads them in place (no LoRA kernels while generating; vLLM's CPU
     # LoRA path generates 2-3x slower). adapter: vLLM serves the LoRA adapter (a new LoRA id per version).
     weight_sync: Literal["merged", "adapter"] = "merged"
+    # Sample the next batch while the learner updates on this one: one step off-policy (that batch
+    # comes from the policy before the update; PPO's ratio is taken against the updated one). Pays off
+    # when generators and learner have their own devices; on a few shared CPU cores they contend.
+    overlap_generation: bool = False
 
     def __post_init__(self):
         for name in ("iterations", "rollout_batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size"):

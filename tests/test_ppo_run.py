@@ -56,6 +56,25 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
 
 
 
+def test_overlapped_generation_samples_the_next_batch_with_the_weights_before_the_update(
+        ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
+    """Iteration 1 is sampled on its own by the starting policy; batches 2 and 3 are sampled during the
+    update before them, so vLLM's log-probs trail the learner's by exactly that update."""
+    from rlhf_ray.ppo.run import run_ppo
+
+    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "overlap", "ppo.iterations=3",
+                        "ppo.checkpoint_every=0", "ppo.sample_every=0", "ppo.lr=1e-2", "ppo.overlap_generation=true")
+    result = run_ppo(config)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert [r["generator_versions_max"] for r in rows] == [1, 2, 3]
+    assert rows[0]["generator_logprob_gap"] < 1e-3
+    assert all(r["generator_logprob_gap"] > 1e-2 for r in rows[1:]), [r["generator_logprob_gap"] for r in rows]
+    assert ["seconds_generate" in r for r in rows] == [True, False, False]
+    assert ["seconds_update_and_generate_next" in r for r in rows] == [True, True, False]
+    assert rows[-1]["samples_seen"] == 3 * 4
+
+
 def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir,
                                                                  capfd):
     """SIGKILL the `rlhf-ray ppo` process once iteration 2's checkpoint is complete, rerun it with --resume:

@@ -81,9 +81,32 @@ def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
     return sum(gaps) / len(gaps) if gaps else 0.0
 
 
+def generate_calls(crew: ActorCrew, prompts: list[list[int]], sampling) -> tuple[list[list[int]], list[Call]]:
+    """The prompt batch split across the generator replicas: (prompt indices per shard, one call per shard)."""
+    shards = [s for s in split_evenly(list(range(len(prompts))), len(crew.generator_names)) if s]
+    calls = [Call(name, "generate", ([prompts[i] for i in shard], sampling, shard[0]))
+             for name, shard in zip(crew.generator_names, shards)]
+    return shards, calls
+
+
+def gather_rollouts(shards: list[list[int]], results: list[list]) -> list:
+    """The shards' rollouts in one list, each pointing at its prompt in the whole batch."""
+    rollouts = []
+    for shard, shard_rollouts in zip(shards, results):
+        for r in shard_rollouts:
+            r.prompt_index = shard[r.prompt_index]
+            rollouts.append(r)
+    return rollouts
+
+
 def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]], sampling, kl_coef: float,
-             ppo: PPOConfig, pad_id: int) -> tuple[Experience, dict, list]:
+             ppo: PPOConfig, pad_id: int, *, rollouts: list | None = None,
+             next_batch: tuple | None = None) -> tuple[Experience, dict, list, list | None]:
     """Collect one batch of experience, update the policy, push the new weights to the generators.
+
+    With overlapped generation, `rollouts` for `prompts` were already sampled (during the previous
+    update, by the policy before it), and `next_batch` = (prompts, sampling) of the next iteration is
+    sampled while the learner updates; its rollouts are returned last (None without `next_batch`).
 
     If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
     (weights unchanged) and `metrics["update_skipped"]` is 1.
@@ -92,15 +115,10 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
 
     timer = PhaseTimer()
     # 1. generate: the prompt batch is split across generator replicas
-    with timer("generate"):
-        shards = [s for s in split_evenly(list(range(len(prompts))), len(crew.generator_names)) if s]
-        calls = [Call(name, "generate", ([prompts[i] for i in shard], sampling, shard[0]))
-                 for name, shard in zip(crew.generator_names, shards)]
-        rollouts = []
-        for shard, shard_rollouts in zip(shards, crew.run("generate", calls)):
-            for r in shard_rollouts:
-                r.prompt_index = shard[r.prompt_index]
-                rollouts.append(r)
+    if rollouts is None:
+        with timer("generate"):
+            shards, calls = generate_calls(crew, prompts, sampling)
+            rollouts = gather_rollouts(shards, crew.run("generate", calls))
     prompt_ids = [prompts[r.prompt_index] for r in rollouts]
     responses = [r.token_ids for r in rollouts]
     batch = pack(prompt_ids, responses, pad_id)
@@ -125,14 +143,21 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
 
     stats: dict = {"update_skipped": 1.0, "nonfinite_in": nonfinite} if nonfinite else {}
     versions = [weights.version]
+    next_shards, next_calls = generate_calls(crew, *next_batch) if next_batch is not None else ([], [])
+    next_results: list = []
     if not nonfinite:
-        # 5. update (the learner itself skips any optimizer step whose loss or gradients are not finite)
-        with timer("update"):
-            stats = crew.call("update", LEARNER, "train_step", experience)
+        # 5. update (the learner itself skips any optimizer step whose loss or gradients are not finite),
+        # with the next batch sampled meanwhile by the current weights when generation overlaps
+        with timer("update" if next_batch is None else "update_and_generate_next"):
+            stats, *next_results = crew.run("update", [Call(LEARNER, "train_step", (experience,)), *next_calls])
         # 6. push weights
         if not stats.get("update_skipped"):
             with timer("push_weights"):
                 versions = weights.push_from_learner()
+    elif next_calls:
+        with timer("generate_next"):
+            next_results = crew.run("generate", next_calls)
+    next_rollouts = gather_rollouts(next_shards, next_results) if next_batch is not None else None
 
     lengths = mask.sum(1).float()
     generated_tokens = float(lengths.sum())
@@ -140,14 +165,15 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
         "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef,
         "response_length": float(lengths.mean()), "finished_fraction": sum(r.finished for r in rollouts) / len(rollouts),
-        "generated_tokens_per_s": generated_tokens / max(timer.seconds["seconds_generate"], 1e-9),
         "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
         "generator_logprob_gap": generator_logprob_gap(rollouts, old_logprobs),
         "generator_versions_min": min(versions), "generator_versions_max": max(versions),
         **stats, **timer.seconds,
     }
+    if "seconds_generate" in timer.seconds:  # (an overlapped generation has no time of its own)
+        metrics["generated_tokens_per_s"] = generated_tokens / max(timer.seconds["seconds_generate"], 1e-9)
     metrics["seconds_iteration"] = sum(timer.seconds.values())
-    return experience, metrics, rollouts
+    return experience, metrics, rollouts, next_rollouts
 
 
 def finite_only(metrics: dict) -> dict:

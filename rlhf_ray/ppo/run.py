@@ -166,6 +166,7 @@ class PPOLoop:
         self.config, self.crew, self.prompts, self.tokenizer = config, crew, prompts, tokenizer
         self.out, self.identity, self.on_iteration = out, identity, on_iteration
         self.weights = GeneratorWeights(crew, config.ppo.weight_sync)
+        self.next_rollouts: tuple[int, list] | None = None  # (iteration, rollouts) sampled ahead (overlap)
         self.last_checkpoint: Path | None = None
         self.log = None
         self.state: dict = {}
@@ -206,6 +207,7 @@ class PPOLoop:
                 break
             except RoleLost as lost:
                 print(f"[ppo] {lost}; trying again", flush=True)
+        self.next_rollouts = None  # sampled by weights that are gone; a resumed run samples its first batch again
         self.state = {"iteration": 0, "kl_coef": self.config.ppo.kl_coef, "samples_seen": 0, "skipped_updates": 0,
                       "nonfinite_in_a_row": 0}
         if checkpoint is not None:
@@ -226,12 +228,22 @@ class PPOLoop:
 
         ppo, seed, state = self.config.ppo, self.config.run.seed, self.state
         iteration = state["iteration"]
-        indices = self.prompts.batch(iteration, ppo.rollout_batch_size, seed)
-        sampling = SamplingSpec(ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt,
-                                seed=seed * 1_000 + iteration)
-        batch_prompts = [self.prompts.token_ids[i] for i in indices]
-        experience, metrics, rollouts = ppo_step(self.crew, self.weights, batch_prompts, sampling,
-                                                 self.kl_controller.value, ppo, self.tokenizer.pad_token_id)
+
+        def batch_of(it: int) -> tuple[list[int], list[list[int]], SamplingSpec]:
+            """Prompt ids, prompts and sampling of iteration `it`: they depend on nothing else."""
+            ids = self.prompts.batch(it, ppo.rollout_batch_size, seed)
+            return ids, [self.prompts.token_ids[i] for i in ids], SamplingSpec(
+                ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt, seed=seed * 1_000 + it)
+
+        indices, batch_prompts, sampling = batch_of(iteration)
+        ready = self.next_rollouts if self.next_rollouts and self.next_rollouts[0] == iteration else None
+        self.next_rollouts = None
+        next_batch = batch_of(iteration + 1)[1:] if ppo.overlap_generation and iteration + 1 < ppo.iterations else None
+        experience, metrics, rollouts, next_rollouts = ppo_step(
+            self.crew, self.weights, batch_prompts, sampling, self.kl_controller.value, ppo,
+            self.tokenizer.pad_token_id, rollouts=ready[1] if ready else None, next_batch=next_batch)
+        if next_rollouts is not None:
+            self.next_rollouts = (iteration + 1, next_rollouts)
         nonfinite = metrics.pop("nonfinite_in", [])
         if metrics.get("update_skipped"):
             state["skipped_updates"] += 1
