@@ -210,6 +210,7 @@ class PolicyLearner:
 
     @torch.no_grad()
     def export_merged_weights(self) -> MergedWeights:
+        """The adapted modules' weights with the LoRA update folded in, on the CPU, for the generators."""
         from peft.tuners.lora import LoraLayer
 
         deltas, parents = {}, set()

@@ -49,7 +49,7 @@ class RolloutGenerator:
 
         # The engine core runs in this process, so `load_merged_weights` hands its (name, tensor)
         # pairs straight to the worker (across vLLM's process boundary they would arrive as lists).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
         cpu_only = {}
         if not torch.cuda.is_available():  # vLLM's CPU backend settings; set before vLLM starts
@@ -62,7 +62,8 @@ class RolloutGenerator:
 
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if enable_lora else {}
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       seed=seed, gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, **lora, **cpu_only)
+                       seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                       trust_remote_code=trust_remote_code, **lora, **cpu_only)
         self.enable_lora = enable_lora
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
         self.version = 0  # 0 = the SFT weights alone

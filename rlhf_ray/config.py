@@ -173,7 +173,8 @@ class PPOConfig:
     learner_backend: Literal["torch", "deepspeed"] = "torch"
     # How the generators get each new policy. merged: the learner folds the LoRA update into the
     # weights it touches and vLLM reloads them in place (no LoRA kernels while generating; vLLM's CPU
-    # LoRA path generates 2-3x slower). adapter: vLLM serves the LoRA adapter (a new LoRA id per version).
+    # LoRA path generated 2.8-3.9x slower in the rollout bench). adapter: vLLM serves the LoRA
+    # adapter itself (a new LoRA id per version).
     weight_sync: Literal["merged", "adapter"] = "merged"
     # Sample the next batch while the learner updates on this one: one step off-policy (that batch
     # comes from the policy before the update; PPO's ratio is taken against the updated one). Pays off
