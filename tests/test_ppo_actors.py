@@ -55,7 +55,7 @@ def test_learner_logprobs_match_a_fresh_forward_pass(learner, tiny_model_dir):
 def test_response_only_projection_matches_the_whole_forward(learner, monkeypatch):
     """Log-probs, entropy, values and their gradients are the same as with the model's own forward, which
     projects every position to the vocabulary."""
-    import rlhf_ray.ppo.forward as forward
+    from rlhf_ray.ppo import forward
 
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     with torch.no_grad():
