@@ -36,17 +36,18 @@ def gpu_model(points: list[dict]) -> list[str]:
     gen, srv, upd = ph["generate"], ph["score_reference_values"], ph["update"]
     rest = total - gen
     share = {k: 100 * v / total for k, v in ph.items()}
-    two = next((p for p in points if p["replicas"] == 2 and p["batch"] == ref["batch"] and p["s_per_iter"]), None)
+    two = next((p for p in points if p["replicas"] == 2 and p["s_per_iter"]), None)
+    one = two and next((p for p in points if p["replicas"] == 1 and p["batch"] == two["batch"] and p["s_per_iter"]), None)
     lines = [
         f"Measured here at batch {ref['batch']}, one generator: {total:.1f} s of phases per iteration, of which "
         f"generation {share['generate']:.0f}%, scoring + reference + old log-probs/values "
         f"{share['score_reference_values']:.0f}%, "
-        f"update {share['update']:.0f}%, adapter push {share['push_weights']:.0f}%.",
+        f"update {share['update']:.0f}%, weight push {share['push_weights']:.0f}%.",
         "",
-        "On this machine every actor shares the same 2 cores, so nothing overlaps: a second generator replica "
-        "splits the batch but competes for the same cores" + (
-            f" (measured: {_n(two['s_per_iter'])} s per iteration with 2 replicas vs {_n(ref['s_per_iter'])} s with 1)."
-            if two else "."),
+        "On this machine every actor shares the same 2 cores: a second generator replica splits the batch but not "
+        "the hardware" + (
+            f" (measured at batch {two['batch']}: {_n(two['s_per_iter'])} s per iteration with 2 replicas vs "
+            f"{_n(one['s_per_iter'])} s with 1, one run each)." if one else "."),
         "",
         "A model of the same iteration on N >= 4 GPUs (an estimate, not a measurement), one GPU per role as "
         "`resources.*_num_gpus` allows (learner, reward, reference) and G = N - 3 generator replicas:",
@@ -54,7 +55,7 @@ def gpu_model(points: list[dict]) -> list[str]:
         f"- generate: the batch is split over G replicas, so about {gen:.1f}/G s in this machine's units. (A GPU is "
         "much faster than these 2 cores, and not by the same factor for every phase: small-batch decoding is bound by "
         "memory bandwidth, training by compute; the shares below are this machine's.) Each replica also loads the "
-        "new adapter, so push_weights grows slowly with G.",
+        "new weights, so push_weights grows slowly with G.",
         f"- score + reference + old log-probs/values: three actors on three GPUs run at once, so the phase takes the "
         f"longest of the three rather than their sum; here they share the cores, so at best about {srv / 3:.1f}-{srv:.1f} s.",
         f"- update: one PolicyLearner (the DeepSpeed data-parallel learner is not built), so {upd:.1f} s does not "
@@ -64,7 +65,8 @@ def gpu_model(points: list[dict]) -> list[str]:
         f"G=8: {total / (gen / 8 + rest):.2f}x, limit {total / rest:.2f}x as G grows "
         "(more if the three scoring actors overlap, i.e. the middle phase shrinks towards a third).",
         "- Beyond that: a data-parallel learner (ZeRO over N GPUs) divides the update; overlapping generation of "
-        "batch k+1 with the update of batch k (not built) hides the smaller of the two. Larger rollout batches "
+        "batch k+1 with the update of batch k (`ppo.overlap_generation`, off by default; on these 2 shared cores it "
+        "gained nothing) hides the smaller of the two. Larger rollout batches "
         "raise generated tokens/s per replica (see the batch rows) until the KV cache or compute is full.",
     ]
     return lines
