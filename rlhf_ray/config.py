@@ -177,8 +177,8 @@ class PPOConfig:
     # adapter itself (a new LoRA id per version).
     weight_sync: Literal["merged", "adapter"] = "merged"
     # Sample the next batch while the learner updates on this one: one step off-policy (that batch
-    # comes from the policy before the update; PPO's ratio is taken against the updated one). Pays off
-    # when generators and learner have their own devices; on a few shared CPU cores they contend.
+    # comes from the policy before the update; PPO's ratio is taken against the updated one). Meant for
+    # generators and a learner on their own devices; on a few shared CPU cores they contend.
     overlap_generation: bool = False
 
     def __post_init__(self):
