@@ -64,6 +64,9 @@ class RolloutGenerator:
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        trust_remote_code=trust_remote_code, **lora, **cpu_only)
+        # vLLM warns about every weight a reload leaves alone; `load_merged_weights` sends only the touched
+        # modules. (Set once the engine has started: set before it, the warnings still appeared.)
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.ERROR)
         self.enable_lora = enable_lora
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
         self.version = 0  # 0 = the SFT weights alone
@@ -96,8 +99,6 @@ class RolloutGenerator:
 
         Cached prompt prefixes were computed with the old weights, so the prefix cache is emptied.
         """
-        # vLLM warns about every weight a reload leaves alone; here that is all but the touched modules, on purpose
-        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.ERROR)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.tensors.items()),
                                                           "is_checkpoint_format": True})
         if not self.llm.reset_prefix_cache():
