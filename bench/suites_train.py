@@ -48,7 +48,10 @@ def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
             "padding": f"TRL pads each batch to its longest row; rlhf-ray sorts each micro-batch by length and runs "
                        f"chunks of {s['chunk_size']} {'pairs' if suite == 'rm' else 'sequences'}, each padded to its own "
                        "longest row (same rows per step, same loss)"
-                       + ("; its SFT loss projects only labelled positions to the vocabulary" if suite == "sft" else ""),
+                       + ("; its SFT loss projects only labelled positions to the vocabulary" if suite == "sft" else
+                          "; each pair is one row of [shared prompt, rest of chosen, rest of rejected] with an attention "
+                          "mask that keeps the two apart (rm.shared_prompt), so its prompt is computed once; "
+                          f"{shared['computed_share']:.1%} of the real tokens are computed"),
             "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)", "LoRA": "none (full fine-tuning)",
             "gradient checkpointing": "off on both sides",
             "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",
@@ -57,13 +60,15 @@ def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
 
 def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric]:
     def mfu(record) -> float:
-        return 100 * flops.mfu(flops.train_flops(params, record.result["tokens_per_s"]), peak)
+        """On the tokens run through the model (TRL's are its real tokens; rlhf-ray's RM runs shared prompts once)."""
+        tokens_per_s = record.result.get("computed_tokens_per_s") or record.result["tokens_per_s"]
+        return 100 * flops.mfu(flops.train_flops(params, tokens_per_s), peak)
 
     metrics = [
         Metric("tokens_per_s", "tokens/s (steady state, real tokens)", "tokens/s", True,
                safe(lambda r: r.result["tokens_per_s"])),
         Metric("rows_per_s", "pairs/s" if suite == "rm" else "examples/s", "/s", True, safe(lambda r: r.result["rows_per_s"])),
-        Metric("mfu", f"MFU (6N x tokens/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True, safe(mfu)),
+        Metric("mfu", f"MFU (6N x tokens computed/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True, safe(mfu)),
         Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False,
                safe(lambda r: r.result["call_s"])),
         Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),

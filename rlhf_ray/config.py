@@ -132,6 +132,9 @@ class SFTConfig(TrainStageConfig):
 class RMConfig(TrainStageConfig):
     lr: float = 1e-5
     margin: float = 0.0  # loss is -log sigmoid(r_chosen - r_rejected - margin)
+    # Run the prompt a pair's two sequences share once: one row of [prompt, rest of chosen, rest of rejected] whose
+    # attention mask keeps the two continuations apart. Same scores and gradients, fewer tokens computed.
+    shared_prompt: bool = True
 
 
 @dataclass

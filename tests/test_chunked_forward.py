@@ -24,23 +24,36 @@ def rows_of_many_lengths(stage: str, tokenizer) -> list[dict]:
     return tokenize_pairs(pairs, tokenizer, 64, "truncate_prompt").rows
 
 
+def loss_sums_and_grads(task, model, chunks, config):
+    model.zero_grad()
+    loss, sums = task.loss_and_sums(model, chunks, config)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), {k: float(v) for k, v in sums.items()}, grads
+
+
+def assert_same_grads(got: dict, expected: dict, rtol: float = 1e-4):
+    """Every gradient equal up to float32 summation order (tolerance scaled to the tensor's largest entry)."""
+    assert got.keys() == expected.keys() and expected
+    for name in expected:
+        atol = max(1e-6, 1e-5 * float(expected[name].abs().max()))
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("stage, lora", [("sft", False), ("sft", True), ("rm", False)])
 def test_chunked_loss_and_gradients_match_one_padded_pass(stage, lora, tiny_model_dir, tiny_tokenizer):
-    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", f"lora.enabled={str(lora).lower()}"])
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", f"lora.enabled={str(lora).lower()}",
+                                               "rm.shared_prompt=false"])
     task = TASKS[stage]
     torch.manual_seed(0)
     model = task.build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
     rows = rows_of_many_lengths(stage, tiny_tokenizer)
     results = []
     for chunk_size in (0, 2):
-        chunks = task.collate(rows, tiny_tokenizer.pad_token_id, chunk_size)
+        chunks = task.collate(rows, tiny_tokenizer.pad_token_id, chunk_size, config)
         assert len(chunks) == (1 if chunk_size == 0 else 3)
-        model.zero_grad()
-        loss, sums = task.loss_and_sums(model, chunks, config)
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         padded = sum(c["input_ids"].numel() for c in chunks)
-        results.append((loss.item(), {k: float(v) for k, v in sums.items()}, grads, padded))
+        results.append((*loss_sums_and_grads(task, model, chunks, config), padded))
     (loss0, sums0, grads0, padded0), (loss2, sums2, grads2, padded2) = results
     assert padded2 < padded0  # fewer padded positions computed
     if stage == "sft":  # SFT projects only labelled positions to the vocabulary; the loss is the full-logits one
@@ -54,6 +67,71 @@ def test_chunked_loss_and_gradients_match_one_padded_pass(stage, lora, tiny_mode
         assert loss0 == pytest.approx((total / count).item(), rel=1e-5)
     assert loss2 == pytest.approx(loss0, rel=1e-5)
     assert sums2 == pytest.approx(sums0, rel=1e-5)
-    assert grads0.keys() == grads2.keys() and grads0
-    for name in grads0:
-        torch.testing.assert_close(grads2[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_grads(grads2, grads0)
+
+
+def pairs_with_edge_cases(tokenizer) -> list[dict]:
+    """Tokenized pairs of many lengths, plus pairs whose responses share their first tokens, whose rejected
+    sequence is the chosen one cut short, and that end in the pad token (pooled before it, as transformers does)."""
+    rows = rows_of_many_lengths("rm", tokenizer)
+    base, pad = rows[0]["chosen_ids"], tokenizer.pad_token_id
+    rows.append({"chosen_ids": base + [7, 8, 9], "rejected_ids": base + [7, 8, 10, 11]})
+    rows.append({"chosen_ids": base + [7, 8, 9], "rejected_ids": base + [7]})
+    rows.append({"chosen_ids": base + [5, pad], "rejected_ids": base + [6, 6, pad]})
+    return rows
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_pass_gives_the_scores_and_gradients_of_separate_passes(lora, tiny_model_dir, tiny_tokenizer):
+    from rlhf_ray.train.batches import packed_pair_length
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"lora.enabled={str(lora).lower()}"]
+    task, pad = TASKS["rm"], tiny_tokenizer.pad_token_id
+    rows = pairs_with_edge_cases(tiny_tokenizer)
+    torch.manual_seed(0)
+    model = task.build_model(load_config("configs/tiny.yaml", overrides), str(tiny_model_dir), pad)
+    with torch.no_grad():  # a trained-looking head, so that scores differ from pair to pair
+        torch.nn.init.normal_(next(p for n, p in model.named_parameters() if "score" in n and p.requires_grad))
+    results = {}
+    for shared in (False, True):
+        config = load_config("configs/tiny.yaml", overrides + [f"rm.shared_prompt={str(shared).lower()}"])
+        chunks = task.collate(rows, pad, 3, config)
+        results[shared] = loss_sums_and_grads(task, model, chunks, config)
+        if shared:
+            assert sum(c["attention_mask"][:, 0].diagonal(dim1=1, dim2=2).sum() for c in chunks) >= sum(map(packed_pair_length, rows))
+    (loss_apart, sums_apart, grads_apart), (loss_shared, sums_shared, grads_shared) = results[False], results[True]
+    assert loss_shared == pytest.approx(loss_apart, rel=1e-5)
+    assert sums_shared == pytest.approx(sums_apart, rel=1e-5, abs=1e-6)  # includes seq_tokens: the same tokens counted
+    assert_same_grads(grads_shared, grads_apart)
+    computed = sum(map(packed_pair_length, rows))
+    assert computed < sums_apart["seq_tokens"]
+
+
+def test_shared_prompt_layout_keeps_the_continuations_apart():
+    from rlhf_ray.train.batches import collate_shared_prompt_pairs
+
+    batch = collate_shared_prompt_pairs([{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5]},
+                                         {"chosen_ids": [1, 9], "rejected_ids": [1, 8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 9, 8, 0, 0]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 2]  # rejected's token 5 sits at position 2, as alone
+    assert batch["chosen_at"].tolist() == [3, 1] and batch["rejected_at"].tolist() == [4, 2]
+    assert int(batch["sequence_tokens"]) == 7 + 4
+    allowed = batch["attention_mask"][0, 0]
+    assert allowed[4].tolist() == [True, True, False, False, True]  # rejected sees the prompt and itself
+    assert allowed[3].tolist() == [True, True, True, True, False]
+    assert batch["attention_mask"][1, 0, 3].tolist() == [False, False, False, True, False]  # padding: only itself
+
+
+def test_a_model_that_ignores_position_ids_is_refused_at_start(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from rlhf_ray.train import tasks
+
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    model = tasks.build_reward_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
+    assert tasks.shared_prompt_problem(model, tiny_tokenizer.pad_token_id, 64) is None
+    backbone_forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a, position_ids=None, **kw: backbone_forward(*a, **kw))
+    problem = tasks.shared_prompt_problem(model, tiny_tokenizer.pad_token_id, 64)
+    assert problem and "position ids" in problem
+    monkeypatch.setattr(tasks, "build_reward_model", lambda *a: model)
+    with pytest.raises(ValueError, match="rm.shared_prompt=false"):
+        TASKS["rm"].build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)

@@ -45,8 +45,13 @@ def prepare_training(spec: dict) -> dict:
     Path(spec["data_out"]).write_text(json.dumps(data))
     key = "chosen_ids" if stage == "rm" else "input_ids"
     tokens = [len(r[key]) + (len(r["rejected_ids"]) if stage == "rm" else 0) for r in data["train_in_order"]]
-    return {"summary": summary, "model_path": str(model_path), "n_train": len(train), "n_eval": len(held_out),
-            "mean_tokens_per_row": sum(tokens) / max(len(tokens), 1)}
+    out = {"summary": summary, "model_path": str(model_path), "n_train": len(train), "n_eval": len(held_out),
+           "mean_tokens_per_row": sum(tokens) / max(len(tokens), 1)}
+    if stage == "rm":  # the share of real tokens rm.shared_prompt computes over the steps run
+        from rlhf_ray.train.batches import packed_pair_length
+
+        out["computed_share"] = sum(map(packed_pair_length, data["train_in_order"])) / max(sum(tokens), 1)
+    return out
 
 
 def build_reward_model(model_path: str, folder: Path, seed: int = 0) -> None:

@@ -108,6 +108,70 @@ def collate_sft(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX)}
 
 
+def shared_prompt_pair_chunks(rows: list[dict], pad_id: int, chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """collate_shared_prompt_pairs per chunk of pairs, sorted by packed length (see length_chunks)."""
+    groups = length_chunks([packed_pair_length(r) for r in rows], chunk_size)
+    return [collate_shared_prompt_pairs([rows[i] for i in group], pad_id) for group in groups]
+
+
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share, short of the last token of either."""
+    limit, n = min(len(a), len(b)) - 1, 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def packed_pair_length(row: dict) -> int:
+    """Tokens a pair takes when its shared prefix is run once: what the reward model actually computes."""
+    chosen, rejected = row["chosen_ids"], row["rejected_ids"]
+    return len(chosen) + len(rejected) - shared_prefix_length(chosen, rejected)
+
+
+def pooled_index(ids: list[int], pad_id: int) -> int:
+    """The token a sequence-classification head scores: the rightmost one that is not `pad_id`
+    (transformers' pooling for right- or left-padded batches)."""
+    return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad_id), 0)
+
+
+SHARED, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
+
+
+def collate_shared_prompt_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """(B, T) rows laid out as [shared prefix, rest of chosen, rest of rejected], right-padded.
+
+    Rejected tokens take the positions they have in their own sequence and attend to the shared prefix
+    and to themselves, never to chosen tokens; so one pass gives every token the hidden state it gets in
+    a pass over its own sequence, and the common prompt (most of an hh-rlhf pair) is computed once.
+    `attention_mask` is (B, 1, T, T) boolean, True where a query may attend a key; padding attends only to
+    itself. `chosen_at` / `rejected_at` are the positions the score is read at (see pooled_index), and
+    `sequence_tokens` the length of chosen plus rejected, the tokens the pair stands for.
+    """
+    width = max(packed_pair_length(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), PADDING, dtype=torch.long)
+    chosen_at, rejected_at, sequence_tokens = [], [], 0
+    for b, row in enumerate(rows):
+        chosen, rejected = row["chosen_ids"], row["rejected_ids"]
+        shared, end = shared_prefix_length(chosen, rejected), packed_pair_length(row)
+        ids[b, :end] = torch.tensor(chosen + rejected[shared:])
+        positions[b, :len(chosen)] = torch.arange(len(chosen))
+        positions[b, len(chosen):end] = torch.arange(shared, len(rejected))
+        segment[b, :shared], segment[b, shared:len(chosen)], segment[b, len(chosen):end] = SHARED, CHOSEN, REJECTED
+        chosen_at.append(pooled_index(chosen, pad_id))
+        j = pooled_index(rejected, pad_id)
+        rejected_at.append(j if j < shared else len(chosen) + j - shared)
+        sequence_tokens += len(chosen) + len(rejected)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (query != PADDING) & ((key == SHARED) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": allowed[:, None],
+            "chosen_at": torch.tensor(chosen_at), "rejected_at": torch.tensor(rejected_at),
+            "sequence_tokens": torch.tensor(sequence_tokens)}
+
+
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """(2B, T): the B chosen sequences, then the B rejected ones, so one forward pass scores both."""
     ids = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]

@@ -31,12 +31,16 @@ def build_causal_lm(config: Config, model_path: str | Path):
     return _apply_lora(model, config.lora, "CAUSAL_LM") if config.lora.enabled else model
 
 
+def transformers_model(model):
+    """The transformers model inside a DeepSpeed engine and a peft wrapper (with any LoRA layers injected)."""
+    inner = getattr(model, "module", model)  # DeepSpeedEngine -> the module it wraps
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def backbone_and_head(model):
     """(backbone, LM head) of a causal LM, through a DeepSpeed engine and a peft wrapper; None when the model's
     forward does more than `head(backbone(x))` (final logit soft-capping or scaling) and must be called whole."""
-    inner = getattr(model, "module", model)  # DeepSpeedEngine -> the module it wraps
-    if hasattr(inner, "get_base_model"):  # peft: the transformers model with LoRA layers injected
-        inner = inner.get_base_model()
+    inner = transformers_model(model)
     config = inner.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
@@ -60,6 +64,13 @@ def build_reward_model(config: Config, model_path: str | Path, pad_token_id: int
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return _apply_lora(model, config.lora, "SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else model
+
+
+def reward_backbone_and_head(model):
+    """(backbone, scalar score head) of a sequence-classification reward model, or None if it has no `score`."""
+    inner = transformers_model(model)
+    backbone, head = getattr(inner, inner.base_model_prefix, None), getattr(inner, "score", None)
+    return (backbone, head) if backbone is not None and head is not None else None
 
 
 def use_bf16(config: Config) -> bool:

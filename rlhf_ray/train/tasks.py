@@ -23,6 +23,8 @@ from rlhf_ray.train.model_setup import (
     backbone_and_head,
     build_causal_lm,
     build_reward_model,
+    reward_backbone_and_head,
+    transformers_model,
 )
 
 
@@ -31,7 +33,7 @@ class Task(Protocol):
 
     def build_model(self, config: Config, model_path: str, pad_id: int) -> torch.nn.Module: ...
 
-    def collate(self, rows: list[dict], pad_id: int, chunk_size: int) -> list[dict[str, torch.Tensor]]: ...
+    def collate(self, rows: list[dict], pad_id: int, chunk_size: int, config: Config) -> list[dict[str, torch.Tensor]]: ...
 
     def loss_and_sums(self, model, chunks: list[dict], config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
@@ -48,7 +50,7 @@ class SFTTask:
     def build_model(self, config, model_path, pad_id):
         return build_causal_lm(config, model_path)
 
-    def collate(self, rows, pad_id, chunk_size):
+    def collate(self, rows, pad_id, chunk_size, config):
         return batches.collate_sft_chunks(rows, pad_id, chunk_size)
 
     def loss_and_sums(self, model, chunks, config):
@@ -83,16 +85,22 @@ class RMTask:
     name = "rm"
 
     def build_model(self, config, model_path, pad_id):
-        return build_reward_model(config, model_path, pad_id)
+        model = build_reward_model(config, model_path, pad_id)
+        problem = shared_prompt_problem(model, pad_id, config.data.max_length) if config.rm.shared_prompt else None
+        if problem:
+            raise ValueError(f"rm.shared_prompt: {problem}. Set rm.shared_prompt=false to score each sequence in a "
+                             "pass of its own.")
+        return model
 
-    def collate(self, rows, pad_id, chunk_size):
+    def collate(self, rows, pad_id, chunk_size, config):
+        if config.rm.shared_prompt:
+            return batches.shared_prompt_pair_chunks(rows, pad_id, chunk_size)
         return batches.collate_pair_chunks(rows, pad_id, chunk_size)
 
     def loss_and_sums(self, model, chunks, config):
         chosen_parts, rejected_parts = [], []
         for batch in chunks:
-            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
-            chosen_part, rejected_part = scores.chunk(2)  # collate_pairs puts chosen first
+            chosen_part, rejected_part = pair_scores(model, batch)
             chosen_parts.append(chosen_part)
             rejected_parts.append(rejected_part)
         chosen, rejected = torch.cat(chosen_parts), torch.cat(rejected_parts)
@@ -101,7 +109,7 @@ class RMTask:
         sums = {"loss_sum": loss.detach() * chosen.numel(), "pairs": torch.tensor(float(chosen.numel())),
                 "correct": (chosen > rejected).float().sum().detach(), "margin_sum": (chosen - rejected).sum().detach(),
                 "reward_sum": rewards.sum().detach(), "reward_sq_sum": (rewards ** 2).sum().detach(),
-                "seq_tokens": sum(batch["attention_mask"].sum() for batch in chunks).float()}
+                "seq_tokens": sum(sequence_tokens(batch) for batch in chunks).float()}
         return loss, sums
 
     def train_metrics(self, sums):
@@ -119,6 +127,71 @@ class RMTask:
         mean, var = reward_moments(eval_sums)
         stats = {"mean": mean, "std": math.sqrt(var), "count": int(2 * eval_sums["pairs"])}
         (folder / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The real tokens of the chosen and rejected sequences a chunk stands for (however it lays them out)."""
+    return batch["sequence_tokens"] if "sequence_tokens" in batch else batch["attention_mask"].sum()
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scores of a chunk's chosen and rejected sequences, from either collated layout."""
+    if "chosen_at" not in batch:  # collate_pairs: chosen sequences, then rejected ones, each pooled by transformers
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+        return scores.chunk(2)
+    _, head = reward_backbone_and_head(model)
+    return head(shared_prompt_hidden(model, batch)).squeeze(-1).float().chunk(2)
+
+
+def shared_prompt_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B, hidden): the last hidden states at the scored tokens of a collate_shared_prompt_pairs chunk,
+    chosen rows first."""
+    backbone, _ = reward_backbone_and_head(model)
+    dtype = backbone.get_input_embeddings().weight.dtype
+    allowed = batch["attention_mask"]  # the additive form works with both sdpa and eager attention
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                      use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return torch.cat([hidden[rows, batch["chosen_at"]], hidden[rows, batch["rejected_at"]]])
+
+
+def shared_prompt_problem(model, pad_id: int, max_length: int) -> str | None:
+    """Why `model` cannot score a pair in one shared-prompt pass, or None.
+
+    Beyond the structural checks, a made-up pair is scored both ways: an architecture that ignores
+    position ids or custom attention masks (or an attention kernel that refuses them) shows up here,
+    at start-up, instead of as a quietly wrong reward model.
+    """
+    parts = reward_backbone_and_head(model)
+    if parts is None:
+        return f"{type(transformers_model(model)).__name__} has no `score` head on a backbone"
+    config = transformers_model(model).config
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < 2 * max_length:
+        return f"the model's sliding-window attention ({window} tokens) would see across the packed pair"
+    tokens = [t for t in torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(0)).tolist()
+              if t != pad_id][:52]
+    row = {"chosen_ids": tokens[:40], "rejected_ids": tokens[:24] + tokens[40:]}  # a 24-token shared prompt
+    separate = batches.collate_pairs([row], pad_id)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = shared_prompt_hidden(model, batches.collate_shared_prompt_pairs([row], pad_id))
+            hidden = parts[0](input_ids=separate["input_ids"], attention_mask=separate["attention_mask"],
+                              use_cache=False).last_hidden_state
+            alone = hidden[torch.arange(2), torch.tensor([39, 35])]
+    except Exception as err:  # noqa: BLE001 - any failure means this model cannot take the packed layout
+        return f"the packed forward failed ({type(err).__name__}: {err})"
+    finally:
+        model.train(training)
+    error = float((packed.float() - alone.float()).norm() / alone.float().norm())
+    tolerance = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    if error > tolerance:
+        return (f"hidden states of a test pair differ by {error:.2g} (relative) from separate passes; the "
+                "architecture does not honour position ids or a custom attention mask")
+    return None
 
 
 def reward_moments(sums: dict[str, float]) -> tuple[float, float]:

@@ -62,12 +62,12 @@ def evaluate(engine, task, rows, rank, world, batch_size, chunk_size, pad_id, co
     mine = rows[rank::world]
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            chunks = on_device(task.collate(mine[start:start + batch_size], pad_id, chunk_size), engine)
+            chunks = on_device(task.collate(mine[start:start + batch_size], pad_id, chunk_size, config), engine)
             _, batch_sums = task.loss_and_sums(engine, chunks, config)
             add_sums(sums, batch_sums)
     engine.train()
     if not sums:  # this worker had no eval rows; still join the all-reduce with zeros
-        _, zero = task.loss_and_sums(engine, on_device(task.collate(rows[:1], pad_id, 0), engine), config)
+        _, zero = task.loss_and_sums(engine, on_device(task.collate(rows[:1], pad_id, 0, config), engine), config)
         sums = {k: 0.0 for k in zero}
     return all_reduce_sums(sums)
 
@@ -221,7 +221,7 @@ class WorkerJob:
             micro = self._epoch_micro_batches(position.epoch)
             for indices in micro[position.micro_in_epoch:]:
                 rows = [self.train_rows[i] for i in indices]
-                chunks = on_device(task.collate(rows, self.pad_id, self.stage.chunk_size), self.engine)
+                chunks = on_device(task.collate(rows, self.pad_id, self.stage.chunk_size, self.config), self.engine)
                 loss, sums = task.loss_and_sums(self.engine, chunks, self.config)
                 self.engine.backward(loss)
                 self.engine.step()
