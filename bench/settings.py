@@ -41,7 +41,8 @@ DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "sca
 # Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
 ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "sft:rlhf-ray": 130, "sft:trl": 100,
               "ppo:rlhf-ray": 185, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 210,
-              "rollout:transformers": 110, "scaling:rlhf-ray": 200}
+              "rollout:transformers": 110, "rollout:rlhf-ray-adapter": 210,
+              "scaling:rlhf-ray": 200}
 
 
 def sizes(suite: str, quick: bool) -> dict:

@@ -20,8 +20,9 @@ def rollout_metrics(batches: list[int], lm_params: int, peak: float | None) -> l
         metrics.append(Metric(f"mfu_{b}", f"MFU at batch {b} (2N per generated token)", "%", True,
                               safe(lambda r, f=tokens_per_s: 100 * flops.mfu(flops.generation_flops(lm_params, f(r)), peak))))
     for b in batches:
-        metrics.append(Metric(f"tps_lora_{b}", f"tokens/s at batch {b} with a LoRA adapter loaded, as in PPO", "tokens/s",
-                              True, safe(lambda r, b=b: r.result["by_batch_lora"][str(b)]["tokens_per_s"]), compare=False))
+        metrics.append(Metric(f"tps_lora_{b}", f"tokens/s at batch {b} with a LoRA adapter loaded (ppo.weight_sync=adapter)",
+                              "tokens/s", True, safe(lambda r, b=b: r.result["by_batch_lora"][str(b)]["tokens_per_s"]),
+                              compare=False))
     metrics.append(Metric("startup_s", "start-up s (engine / model load)", "s", False, safe(lambda r: r.result["startup_s"])))
     return metrics
 
@@ -33,24 +34,29 @@ def rollout(ctx: Context) -> dict:
                 "max new tokens": s["max_new_tokens"], "sampling": "temperature 1, top-p 1, no top-k, EOS stops",
                 "precision": "fp32",
                 "rlhf-ray": f"actors.rollout_generator.RolloutGenerator (vLLM CPU build, enforce_eager={s['enforce_eager']}, "
-                            f"enable_lora with no adapter loaded, KV cache {s['kv_cache_gib']} GiB) built in the process",
+                            f"KV cache {s['kv_cache_gib']} GiB) built in the process, started as PPO's default "
+                            "ppo.weight_sync=merged starts it (no LoRA support; the learner's weights are reloaded in place)",
+                "rlhf-ray-adapter": "the same engine started as ppo.weight_sync=adapter starts it (enable_lora), measured "
+                                    "with no adapter, then again on fresh prompts with a zero LoRA adapter loaded",
                 "transformers": "AutoModelForCausalLM.generate, left padding, one call per batch",
                 "counted": "real generated tokens (up to and including EOS) over the generate call's wall time, prefill "
                            "included; each batch gets prompts no earlier call had",
-                "LoRA rows": f"rlhf-ray again after loading a zero LoRA adapter (r={s['lora_r']}, on "
-                             f"{', '.join(LORA_TARGETS)}), as PPO always serves one; information only, not the target"}
+                "LoRA rows": f"rlhf-ray-adapter after loading a zero LoRA adapter (r={s['lora_r']}, on "
+                             f"{', '.join(LORA_TARGETS)}); information only, not the target"}
     print_settings("rollout", settings)
     base = {"model_path": shared["model_path"], "data": shared["data"], "batches": s["batches"],
             "max_new_tokens": s["max_new_tokens"], "max_model_len": s["max_prompt_length"] + s["max_new_tokens"],
             "kv_cache_gib": s["kv_cache_gib"], "enforce_eager": s["enforce_eager"], "lora_r": s["lora_r"],
-            "lora_target_modules": LORA_TARGETS, "with_lora": True}
-    systems = [System("rlhf-ray", "bench.workers.rollout", lambda i: {**base, "engine": "vllm"}),
-               System("transformers", "bench.workers.rollout", lambda i: {**base, "engine": "hf"})]
+            "lora_target_modules": LORA_TARGETS, "enable_lora": False}
+    names = ["rlhf-ray", "transformers", "rlhf-ray-adapter"]
+    systems = [System(names[0], "bench.workers.rollout", lambda i: {**base, "engine": "vllm"}),
+               System(names[1], "bench.workers.rollout", lambda i: {**base, "engine": "hf"}),
+               System(names[2], "bench.workers.rollout", lambda i: {**base, "engine": "vllm", "enable_lora": True})]
     runs = ctx.alternate("rollout", systems)
     lm = flops.model_params(shared["model_path"])["lm"]
-    rows = table(runs, ["rlhf-ray", "transformers"], rollout_metrics(s["batches"], lm, ctx.peak.get("float32")))
+    rows = table(runs, names, rollout_metrics(s["batches"], lm, ctx.peak.get("float32")))
     b64 = 64 if 64 in s["batches"] else max(b for b in s["batches"] if b <= 64)
     name = "rollout tokens/s >= 2x transformers generate at batch 64" + ("" if b64 == 64 else f" (smoke: batch {b64} stands in)")
     targets = [target(name, row(rows, f"tps_{b64}")["advantage"]["transformers"], 2.0)]
-    return {"suite": "rollout", "settings": settings, "systems": ["rlhf-ray", "transformers"],
+    return {"suite": "rollout", "settings": settings, "systems": names,
             "runs": [r.to_dict() for r in runs], "rows": rows, "targets": targets}

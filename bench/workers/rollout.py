@@ -4,8 +4,10 @@ Same prompt tokens, temperature 1, top-p 1, no top-k, same max_new_tokens, fp32.
 real generated tokens only (up to and including EOS) over the wall time of the generate call,
 prompt prefill included. One untimed warm-up call first. Every call gets prompts no earlier call
 had, so vLLM's prefix cache holds nothing of them beyond the shared chat-template header.
-With `with_lora`, the vLLM run then loads a zero LoRA adapter (as PPO always has one loaded) and
-measures the same batch sizes again on fresh prompts.
+The vLLM engine starts as PPO's default weight sync (`ppo.weight_sync=merged`) starts it: without
+LoRA support. With `enable_lora` it starts as `ppo.weight_sync=adapter` does, measures with no
+adapter, then loads a zero LoRA adapter (as that mode always has one loaded) and measures the same
+batch sizes again on fresh prompts.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def vllm_engine(spec: dict):
 
     generator = RolloutGenerator(spec["model_path"], max_lora_rank=spec["lora_r"], max_model_len=spec["max_model_len"],
                                  dtype="float32", enforce_eager=spec["enforce_eager"], kv_cache_gib=spec["kv_cache_gib"],
-                                 seed=0)
+                                 seed=0, enable_lora=spec["enable_lora"])
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
         rollouts = generator.generate(prompts, SamplingSpec(max_new_tokens, temperature=1.0, top_p=1.0, seed=0))
@@ -105,7 +107,7 @@ def run(spec: dict) -> dict:
     prompts = data["token_ids"]
     generate(batch_of(prompts, len(prompts) - 4, 4), 8)  # warm-up, on the last prompts of the set
     out["by_batch"], used = timed_batches(generate, prompts, 0, spec, spec["engine"])
-    if spec["engine"] == "vllm" and spec.get("with_lora"):  # as in PPO, where an adapter is always loaded
+    if spec["engine"] == "vllm" and spec["enable_lora"]:  # as in PPO's adapter mode, where one is always loaded
         generate.use_lora()
         generate(batch_of(prompts, len(prompts) - 8, 4), 8)  # warm-up with the adapter
         out["by_batch_lora"], _ = timed_batches(generate, prompts, used, spec, "vllm + LoRA adapter")
