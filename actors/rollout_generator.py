@@ -44,7 +44,7 @@ class RolloutGenerator:
 
     def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
                  enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True):
+                 seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True, threads: int | None = None):
         import torch
 
         # The engine core runs in this process, so `load_merged_weights` hands its (name, tensor)
@@ -53,6 +53,10 @@ class RolloutGenerator:
 
         cpu_only = {}
         if not torch.cuda.is_available():  # vLLM's CPU backend settings; set before vLLM starts
+            # vLLM computes with the torch threads the process has when it starts (and then blocks changes).
+            # Ray gives an actor with fewer than 2 CPUs one thread; generation runs while the other actors
+            # wait, so take `threads`, by default every core this process may use.
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             # A prompt prefilled in chunks makes vLLM rewind its per-request seeded generator, which
@@ -126,6 +130,12 @@ class RolloutGenerator:
                 logprobs = [step[token].logprob for step, token in zip(sample.logprobs or [], ids)]
                 rollouts.append(Rollout(index, ids, logprobs, sample.finish_reason == "stop"))
         return rollouts
+
+    def compute_threads(self) -> dict:
+        """The torch threads this engine computes with, and the OMP_NUM_THREADS Ray gave the process."""
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
     def current_version(self) -> int:
         return self.version

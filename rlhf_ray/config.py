@@ -217,6 +217,7 @@ class ResourcesConfig:
     # torch threads for the PPO update, which runs while the other actors wait: None = every core the learner's
     # node lets it use; a number when other work shares the node (Ray gives an actor with < 2 CPUs one thread).
     learner_update_threads: Optional[int] = None
+    generator_threads: Optional[int] = None  # the same for a CPU RolloutGenerator's vLLM engine (fixed at its start)
     max_actor_restarts: int = 3  # times PPO re-creates a dead actor of one role before giving up
     call_timeout_s: float = 1800.0  # longest one PPO actor call (generate, score, update, push) may take
 
@@ -226,8 +227,8 @@ class ResourcesConfig:
         _check(self.cpus_per_worker > 0 and self.actor_num_cpus >= 0, "CPU counts must be positive")
         _check(self.max_actor_restarts >= 0, f"max_actor_restarts must be >= 0, got {self.max_actor_restarts}")
         _check(self.call_timeout_s > 0, f"call_timeout_s must be > 0, got {self.call_timeout_s}")
-        _check(self.learner_update_threads is None or self.learner_update_threads > 0,
-               f"learner_update_threads must be > 0, got {self.learner_update_threads}")
+        for name in ("learner_update_threads", "generator_threads"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -43,7 +43,8 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
             max_lora_rank=config.lora.r, max_model_len=max_model_len, dtype=model.dtype,
             enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
             gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,
-            trust_remote_code=model.trust_remote_code, enable_lora=ppo.weight_sync == "adapter"),
+            trust_remote_code=model.trust_remote_code, enable_lora=ppo.weight_sync == "adapter",
+            threads=res.generator_threads),
             options(res.generator_num_gpus))
         for i in range(res.generator_replicas)]
     learner_ds = learner_deepspeed_config(config) if ppo.learner_backend == "deepspeed" else None
