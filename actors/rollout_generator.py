@@ -68,9 +68,10 @@ class RolloutGenerator:
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        trust_remote_code=trust_remote_code, **lora, **cpu_only)
-        # vLLM warns about every weight a reload leaves alone; `load_merged_weights` sends only the touched
-        # modules. (Set once the engine has started: set before it, the warnings still appeared.)
-        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.ERROR)
+        # vLLM warns about every layer a reload leaves alone (from `reload.inplace` and `reload.layerwise`);
+        # `load_merged_weights` sends only the touched modules. (Set once the engine has started: set before
+        # it, the warnings still appeared.)
+        logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
         self.enable_lora = enable_lora
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-ray-adapters-"))
         self.version = 0  # 0 = the SFT weights alone
