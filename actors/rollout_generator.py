@@ -44,7 +44,8 @@ class RolloutGenerator:
 
     def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
                  enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True, threads: int | None = None):
+                 seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True, threads: int | None = None,
+                 threads_shared_by: int = 1):
         import torch
 
         # The engine core runs in this process, so `load_merged_weights` hands its (name, tensor)
@@ -55,8 +56,9 @@ class RolloutGenerator:
         if not torch.cuda.is_available():  # vLLM's CPU backend settings; set before vLLM starts
             # vLLM computes with the torch threads the process has when it starts (and then blocks changes).
             # Ray gives an actor with fewer than 2 CPUs one thread; generation runs while the other actors
-            # wait, so take `threads`, by default every core this process may use.
-            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+            # wait, so take `threads`, by default the cores this process may use split between the
+            # `threads_shared_by` generators that may share them (more threads than cores stalls all of them).
+            torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // threads_shared_by))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             # A prompt prefilled in chunks makes vLLM rewind its per-request seeded generator, which

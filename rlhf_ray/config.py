@@ -217,7 +217,9 @@ class ResourcesConfig:
     # torch threads for the PPO update, which runs while the other actors wait: None = every core the learner's
     # node lets it use; a number when other work shares the node (Ray gives an actor with < 2 CPUs one thread).
     learner_update_threads: Optional[int] = None
-    generator_threads: Optional[int] = None  # the same for a CPU RolloutGenerator's vLLM engine (fixed at its start)
+    # The same for a CPU RolloutGenerator's vLLM engine (fixed at its start); None = the cores it may use divided
+    # by generator_replicas, since replicas generate at the same time and may share a node.
+    generator_threads: Optional[int] = None
     max_actor_restarts: int = 3  # times PPO re-creates a dead actor of one role before giving up
     call_timeout_s: float = 1800.0  # longest one PPO actor call (generate, score, update, push) may take
 

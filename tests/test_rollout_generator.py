@@ -104,18 +104,20 @@ def test_merged_weights_generate_what_the_adapter_does_and_replace_cached_prefix
     assert [r.token_ids for r in generator.generate(prompts, spec)] == [r.token_ids for r in base]
 
 
-def test_a_generator_actor_on_half_a_cpu_computes_with_every_core(tiny_model_dir, ray_local):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_generator_actor_on_half_a_cpu_computes_with_its_share_of_the_cores(tiny_model_dir, ray_local, replicas):
     """Ray gives an actor with under 2 CPUs one OpenMP thread; vLLM would keep it for the engine's life
-    (generation at about half speed on 2 cores). The generator takes every core it may use instead."""
+    (generation at about half speed on 2 cores). The generator takes the cores it may use instead, split
+    between the replicas that generate at the same time (2 replicas x 2 threads on 2 cores generated 5.6x slower)."""
     import ray
 
     from actors.rollout_generator import RolloutGenerator
 
     actor = ray.remote(num_cpus=0.5)(RolloutGenerator).remote(str(tiny_model_dir), max_lora_rank=8, max_model_len=64,
-                                                            enable_lora=False)
+                                                            enable_lora=False, threads_shared_by=replicas)
     try:
         threads = ray.get(actor.compute_threads.remote(), timeout=300)
         cores = ray.get(ray.remote(num_cpus=0)(lambda: len(os.sched_getaffinity(0))).remote())
-        assert threads == {"torch_threads": cores, "OMP_NUM_THREADS": "1"}
+        assert threads == {"torch_threads": max(1, cores // replicas), "OMP_NUM_THREADS": "1"}
     finally:
         ray.kill(actor)

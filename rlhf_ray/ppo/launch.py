@@ -44,7 +44,7 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
             enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
             gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,
             trust_remote_code=model.trust_remote_code, enable_lora=ppo.weight_sync == "adapter",
-            threads=res.generator_threads),
+            threads=res.generator_threads, threads_shared_by=res.generator_replicas),
             options(res.generator_num_gpus))
         for i in range(res.generator_replicas)]
     learner_ds = learner_deepspeed_config(config) if ppo.learner_backend == "deepspeed" else None
