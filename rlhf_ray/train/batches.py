@@ -154,7 +154,8 @@ def collate_shared_prompt_pairs(rows: list[dict], pad_id: int) -> dict[str, torc
     chosen_at, rejected_at, sequence_tokens = [], [], 0
     for b, row in enumerate(rows):
         chosen, rejected = row["chosen_ids"], row["rejected_ids"]
-        shared, end = shared_prefix_length(chosen, rejected), packed_pair_length(row)
+        shared = shared_prefix_length(chosen, rejected)
+        end = len(chosen) + len(rejected) - shared  # packed_pair_length
         ids[b, :end] = torch.tensor(chosen + rejected[shared:])
         positions[b, :len(chosen)] = torch.arange(len(chosen))
         positions[b, len(chosen):end] = torch.arange(shared, len(rejected))

@@ -139,14 +139,13 @@ def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     if "chosen_at" not in batch:  # collate_pairs: chosen sequences, then rejected ones, each pooled by transformers
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
         return scores.chunk(2)
-    _, head = reward_backbone_and_head(model)
-    return head(shared_prompt_hidden(model, batch)).squeeze(-1).float().chunk(2)
+    backbone, head = reward_backbone_and_head(model)
+    return head(shared_prompt_hidden(backbone, batch)).squeeze(-1).float().chunk(2)
 
 
-def shared_prompt_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(2B, hidden): the last hidden states at the scored tokens of a collate_shared_prompt_pairs chunk,
-    chosen rows first."""
-    backbone, _ = reward_backbone_and_head(model)
+def shared_prompt_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B, hidden): the backbone's last hidden states at the scored tokens of a collate_shared_prompt_pairs
+    chunk, chosen rows first."""
     dtype = backbone.get_input_embeddings().weight.dtype
     allowed = batch["attention_mask"]  # the additive form works with both sdpa and eager attention
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -178,7 +177,7 @@ def shared_prompt_problem(model, pad_id: int, max_length: int) -> str | None:
     model.eval()
     try:
         with torch.no_grad():
-            packed = shared_prompt_hidden(model, batches.collate_shared_prompt_pairs([row], pad_id))
+            packed = shared_prompt_hidden(parts[0], batches.collate_shared_prompt_pairs([row], pad_id))
             hidden = parts[0](input_ids=separate["input_ids"], attention_mask=separate["attention_mask"],
                               use_cache=False).last_hidden_state
             alone = hidden[torch.arange(2), torch.tensor([39, 35])]
