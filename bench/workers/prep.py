@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from bench.workers._io import main
+from bench.workers.train_rlhf import row_tokens
 
 
 def training_order(n_train: int, batch_size: int, workers: int, steps: int, seed: int) -> list[int]:
@@ -43,8 +44,7 @@ def prepare_training(spec: dict) -> dict:
                            stage_config.max_steps, config.data.seed)
     data = {"train_in_order": [train[i] for i in order], "eval": held_out, "pad_id": tokenizer.pad_token_id}
     Path(spec["data_out"]).write_text(json.dumps(data))
-    key = "chosen_ids" if stage == "rm" else "input_ids"
-    tokens = [len(r[key]) + (len(r["rejected_ids"]) if stage == "rm" else 0) for r in data["train_in_order"]]
+    tokens = [row_tokens(r) for r in data["train_in_order"]]
     out = {"summary": summary, "model_path": str(model_path), "n_train": len(train), "n_eval": len(held_out),
            "mean_tokens_per_row": sum(tokens) / max(len(tokens), 1)}
     if stage == "rm":  # the share of real tokens rm.shared_prompt computes over the steps run
