@@ -1,4 +1,4 @@
-"""`python -m bench.run [--suite all|ceiling|rm|sft|ppo|rollout|scaling] [--repeats N] [--quick]`
+"""`python -m bench.run [--suite all|ceiling|rm|sft|ppo|rollout|rollout-bf16|scaling] [--repeats N] [--quick]`
 
 Runs the suites, prints a table per suite, writes bench/RESULTS.md and the raw per-run JSON
 (bench/results/ for full runs, bench/out/results/ for --quick smoke runs).
@@ -22,10 +22,10 @@ from bench import machine, report, settings
 from bench.common import BENCH, OUT, Progress, fmt_duration, rel
 from bench.context import Context
 
-SUITES = ("ceiling", "rm", "sft", "ppo", "rollout", "scaling")
+SUITES = ("ceiling", "rm", "sft", "ppo", "rollout", "rollout-bf16", "scaling")
 NEEDS_TRL = {"rm", "sft", "ppo"}
 SYSTEMS = {"rm": ["rlhf-ray", "trl"], "sft": ["rlhf-ray", "trl"], "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
-           "rollout": ["rlhf-ray", "transformers"]}
+           "rollout": ["rlhf-ray", "transformers", "rlhf-ray-adapter"], "rollout-bf16": ["rlhf-ray", "transformers"]}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +76,8 @@ def run_suite(ctx: Context, suite: str) -> dict:
 
     runners = {"ceiling": suites_train.ceiling, "rm": lambda c: suites_train.training_suite(c, "rm"),
                "sft": lambda c: suites_train.training_suite(c, "sft"), "ppo": suites_ppo.ppo,
-               "rollout": suites_rollout.rollout, "scaling": suites_ppo.scaling}
+               "rollout": suites_rollout.rollout, "rollout-bf16": lambda c: suites_rollout.rollout(c, "bfloat16"),
+               "scaling": suites_ppo.scaling}
     try:
         return runners[suite](ctx)
     except Exception as err:  # a broken suite is reported, the others still run
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(report.console(ceiling), flush=True)
         for suite in (s for s in args.suites if s != "ceiling"):
             result = run_suite(ctx, suite)
-            if "settings" in result and ctx.peak.get("float32"):
-                result["settings"]["MFU peak (fp32)"] = (f"{ctx.peak['float32'] / 1e9:.1f} GFLOP/s, from the ceiling "
-                                                         "measured at the start of this invocation")
+            dtype, short = ("bfloat16", "bf16") if suite.endswith("-bf16") else ("float32", "fp32")
+            if "settings" in result and ctx.peak.get(dtype):
+                result["settings"][f"MFU peak ({short})"] = (f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling "
+                                                             "measured at the start of this invocation")
             save(folder, result, args.quick, meta)
             print("\n" + report.console(result), flush=True)
     finally:

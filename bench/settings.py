@@ -21,9 +21,9 @@ FULL: dict[str, dict] = {
             "chunk_size": 4, "steps": 8, "lr": 2e-5},
     "ppo": {"prompts": "data/demo/prompts.jsonl", "max_prompt_length": 64, "iterations": 4, "rollout_batch": 16,
             "minibatch": 8, "epochs": 2, "max_new_tokens": 32, "lr": 5e-5, "kl_coef": 0.05, "lora_r": 16,
-            "lora_alpha": 32, "actor_num_cpus": 0.5},
+            "lora_alpha": 32, "actor_num_cpus": 0.5, "vllm_enforce_eager": False},
     "rollout": {"prompts": "hh-rlhf/helpful-online/test.jsonl.gz", "max_prompt_length": 64, "batches": [16, 64, 256],
-                "max_new_tokens": 32, "kv_cache_gib": 2, "enforce_eager": True, "lora_r": 16},
+                "max_new_tokens": 32, "kv_cache_gib": 2, "enforce_eager": False, "lora_r": 16},
     "scaling": {"batches": [8, 16, 32], "replicas": [1, 2], "replica_batch": 16, "iterations": 4},
 }
 
@@ -36,12 +36,13 @@ QUICK_CHANGES: dict[str, dict] = {
     "scaling": {"batches": [4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
 }
 
-DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "scaling": 1}
+DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "rollout-bf16": 3, "scaling": 1}
 
 # Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
 ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "sft:rlhf-ray": 130, "sft:trl": 100,
               "ppo:rlhf-ray": 185, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 210,
               "rollout:transformers": 110, "rollout:rlhf-ray-adapter": 210,
+              "rollout-bf16:rlhf-ray": 120, "rollout-bf16:transformers": 70,
               "scaling:rlhf-ray": 200}
 
 

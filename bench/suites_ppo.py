@@ -47,7 +47,8 @@ def ppo_overrides(s: dict, ctx: Context, name: str, shared: dict, batch: int, re
             f"ppo.ppo_epochs={s['epochs']}", f"ppo.max_new_tokens={s['max_new_tokens']}", f"ppo.lr={s['lr']}",
             f"ppo.kl_coef={s['kl_coef']}", "ppo.checkpoint_every=0", "ppo.sample_every=0", f"lora.r={s['lora_r']}",
             f"lora.alpha={s['lora_alpha']}", f"resources.generator_replicas={replicas}",
-            f"resources.actor_num_cpus={actor_cpus(replicas, s['actor_num_cpus'])}", "model.dtype=float32"]
+            f"resources.actor_num_cpus={actor_cpus(replicas, s['actor_num_cpus'])}", "model.dtype=float32",
+            f"ppo.vllm_enforce_eager={str(s['vllm_enforce_eager']).lower()}"]
 
 
 def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
@@ -61,8 +62,9 @@ def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
         "max new tokens": s["max_new_tokens"], "PPO epochs x minibatches": f"{s['epochs']} x {batch // mini} (minibatch {mini})",
         "iterations": f"{s['iterations']} (the first is dropped)", "lr": s["lr"], "KL coef": s["kl_coef"],
         "sampling": "temperature 1, top-p 1", "precision": "fp32",
-        "generation": ("rlhf-ray: vLLM CPU build (enforce_eager) in a Ray actor, the learner's merged weights reloaded "
-                       "each iteration (ppo.weight_sync=merged); TRL: transformers generate"),
+        "generation": (f"rlhf-ray: vLLM CPU build in a Ray actor (ppo.vllm_enforce_eager={s['vllm_enforce_eager']}; the "
+                       "default, False, compiles the model at start-up, before the first iteration), the learner's "
+                       "merged weights reloaded each iteration (ppo.weight_sync=merged); TRL: transformers generate"),
         "rlhf-ray run (CLI equivalent of repeat 1)": cli("ppo", ppo_overrides(s, ctx, "bench-ppo-0", shared, batch))}
 
 

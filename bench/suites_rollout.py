@@ -1,4 +1,7 @@
-"""The rollout suite: rlhf-ray's RolloutGenerator (vLLM CPU build) vs batched transformers generate."""
+"""The rollout suites: rlhf-ray's RolloutGenerator (vLLM CPU build) vs batched transformers generate.
+
+`rollout` runs both in fp32 (the precision of the PPO suite); `rollout-bf16` runs both in bf16.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from bench.suites_train import print_settings
 from bench.summary import Metric, row, safe, table, target
 
 
-def rollout_metrics(batches: list[int], lm_params: int, peak: float | None) -> list[Metric]:
+def rollout_metrics(batches: list[int], lm_params: int, peak: float | None, lora_rows: bool) -> list[Metric]:
     metrics = []
     for b in batches:
         def tokens_per_s(record, b=b) -> float:
@@ -19,7 +22,7 @@ def rollout_metrics(batches: list[int], lm_params: int, peak: float | None) -> l
         metrics.append(Metric(f"tps_{b}", f"tokens/s at batch {b}", "tokens/s", True, safe(tokens_per_s)))
         metrics.append(Metric(f"mfu_{b}", f"MFU at batch {b} (2N per generated token)", "%", True,
                               safe(lambda r, f=tokens_per_s: 100 * flops.mfu(flops.generation_flops(lm_params, f(r)), peak))))
-    for b in batches:
+    for b in batches if lora_rows else []:
         metrics.append(Metric(f"tps_lora_{b}", f"tokens/s at batch {b} with a LoRA adapter loaded (ppo.weight_sync=adapter)",
                               "tokens/s", True, safe(lambda r, b=b: r.result["by_batch_lora"][str(b)]["tokens_per_s"]),
                               compare=False))
@@ -27,36 +30,47 @@ def rollout_metrics(batches: list[int], lm_params: int, peak: float | None) -> l
     return metrics
 
 
-def rollout(ctx: Context) -> dict:
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def rollout(ctx: Context, dtype: str = "float32") -> dict:
+    """fp32: rlhf-ray, transformers and the enable_lora engine; bf16: rlhf-ray and transformers."""
+    suite = "rollout" if dtype == "float32" else f"rollout-{PRECISION[dtype]}"
     s = sizes("rollout", ctx.quick)
     shared = prep_prompts(ctx, "rollout", s, reward_model=False, limit=2 * sum(s["batches"]) + 8)
+    compile_note = ("enforce_eager=True: eager" if s["enforce_eager"] else
+                    "enforce_eager=False, as PPO's default ppo.vllm_enforce_eager=false: torch.compile graph, "
+                    "compiled at start-up or loaded from vLLM's on-disk cache")
     settings = {"model": shared["model_path"], "prompts": shared["summary"], "batches": s["batches"],
                 "max new tokens": s["max_new_tokens"], "sampling": "temperature 1, top-p 1, no top-k, EOS stops",
-                "precision": "fp32",
-                "rlhf-ray": f"actors.rollout_generator.RolloutGenerator (vLLM CPU build, enforce_eager={s['enforce_eager']}, "
-                            f"KV cache {s['kv_cache_gib']} GiB) built in the process, started as PPO's default "
+                "precision": f"{PRECISION[dtype]} on both sides (weights, activations and KV cache)",
+                "rlhf-ray": f"actors.rollout_generator.RolloutGenerator (vLLM CPU build, {compile_note}; KV cache "
+                            f"{s['kv_cache_gib']} GiB) built in the process, started as PPO's default "
                             "ppo.weight_sync=merged starts it (no LoRA support; the learner's weights are reloaded in place)",
-                "rlhf-ray-adapter": "the same engine started as ppo.weight_sync=adapter starts it (enable_lora), measured "
-                                    "with no adapter, then again on fresh prompts with a zero LoRA adapter loaded",
                 "transformers": "AutoModelForCausalLM.generate, left padding, one call per batch",
                 "counted": "real generated tokens (up to and including EOS) over the generate call's wall time, prefill "
-                           "included; each batch gets prompts no earlier call had",
-                "LoRA rows": f"rlhf-ray-adapter after loading a zero LoRA adapter (r={s['lora_r']}, on "
-                             f"{', '.join(LORA_TARGETS)}); information only, not the target"}
-    print_settings("rollout", settings)
-    base = {"model_path": shared["model_path"], "data": shared["data"], "batches": s["batches"],
+                           "included; each batch gets prompts no earlier call had"}
+    if dtype == "float32":
+        settings["rlhf-ray-adapter"] = ("the same engine started as ppo.weight_sync=adapter starts it (enable_lora; "
+                                        "vLLM's CPU backend then always runs eager), measured with no adapter, then "
+                                        "again on fresh prompts with a zero LoRA adapter loaded")
+        settings["LoRA rows"] = (f"rlhf-ray-adapter after loading a zero LoRA adapter (r={s['lora_r']}, on "
+                                 f"{', '.join(LORA_TARGETS)}); information only, not the target")
+    print_settings(suite, settings)
+    base = {"model_path": shared["model_path"], "data": shared["data"], "batches": s["batches"], "dtype": dtype,
             "max_new_tokens": s["max_new_tokens"], "max_model_len": s["max_prompt_length"] + s["max_new_tokens"],
             "kv_cache_gib": s["kv_cache_gib"], "enforce_eager": s["enforce_eager"], "lora_r": s["lora_r"],
             "lora_target_modules": LORA_TARGETS, "enable_lora": False}
-    names = ["rlhf-ray", "transformers", "rlhf-ray-adapter"]
+    names = ["rlhf-ray", "transformers", "rlhf-ray-adapter"][:3 if dtype == "float32" else 2]
     systems = [System(names[0], "bench.workers.rollout", lambda i: {**base, "engine": "vllm"}),
                System(names[1], "bench.workers.rollout", lambda i: {**base, "engine": "hf"}),
-               System(names[2], "bench.workers.rollout", lambda i: {**base, "engine": "vllm", "enable_lora": True})]
-    runs = ctx.alternate("rollout", systems)
+               System("rlhf-ray-adapter", "bench.workers.rollout", lambda i: {**base, "engine": "vllm", "enable_lora": True})]
+    runs = ctx.alternate(suite, systems[:len(names)])
     lm = flops.model_params(shared["model_path"])["lm"]
-    rows = table(runs, names, rollout_metrics(s["batches"], lm, ctx.peak.get("float32")))
+    rows = table(runs, names, rollout_metrics(s["batches"], lm, ctx.peak.get(dtype), lora_rows=dtype == "float32"))
     b64 = 64 if 64 in s["batches"] else max(b for b in s["batches"] if b <= 64)
-    name = "rollout tokens/s >= 2x transformers generate at batch 64" + ("" if b64 == 64 else f" (smoke: batch {b64} stands in)")
+    name = (f"rollout tokens/s >= 2x transformers generate at batch 64, both {PRECISION[dtype]}"
+            + ("" if b64 == 64 else f" (smoke: batch {b64} stands in)"))
     targets = [target(name, row(rows, f"tps_{b64}")["advantage"]["transformers"], 2.0)]
-    return {"suite": "rollout", "settings": settings, "systems": names,
+    return {"suite": suite, "settings": settings, "systems": names,
             "runs": [r.to_dict() for r in runs], "rows": rows, "targets": targets}

@@ -167,7 +167,10 @@ class PPOConfig:
     normalize_reward: bool = True  # use the RM's saved mean/std
     sample_every: int = 5  # iterations between saved sample generations
     checkpoint_every: int = 5  # iterations between checkpoints
-    vllm_enforce_eager: bool = True  # skip vLLM graph compilation: starts in ~25 s instead of ~90 s on CPU, ~10% slower
+    # False: vLLM compiles the model (torch.compile on CPU, CUDA graphs on GPU). On the 2-core CPU machine
+    # the first start compiles SmolLM2-135M for ~50 s (cached on disk for later starts) and generation
+    # then runs ~15% faster (bench rollout suite). True skips it: for short runs and tests.
+    vllm_enforce_eager: bool = False
     vllm_kv_cache_gib: float = 1.0  # CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); on GPU see vllm_gpu_memory_utilization
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (GPU only)
     max_nonfinite_in_a_row: int = 3  # stop after this many consecutive updates skipped for NaN/inf

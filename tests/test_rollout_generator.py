@@ -104,6 +104,30 @@ def test_merged_weights_generate_what_the_adapter_does_and_replace_cached_prefix
     assert [r.token_ids for r in generator.generate(prompts, spec)] == [r.token_ids for r in base]
 
 
+def test_a_compiled_engine_generates_with_the_weights_reloaded_into_it(generator, tiny_model_dir):
+    """PPO's default engine (ppo.vllm_enforce_eager=false, merged sync) runs a compiled graph. A graph that
+    kept its own copies of the weights would go on sampling the SFT policy after every reload; it must
+    sample what the eager engine samples with the same weights."""
+    from actors.rollout_generator import RolloutGenerator, SamplingSpec
+    from vllm.config import CompilationMode
+
+    compiled = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enforce_eager=False,
+                                enable_lora=False)
+    assert compiled.llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+    spec = SamplingSpec(max_new_tokens=8, seed=7)
+    base = compiled.generate(PROMPTS, spec)
+    weights = learner_at(tiny_model_dir, 6, scramble=True).export_merged_weights()
+    compiled.load_merged_weights(6, weights)
+    generator.load_merged_weights(6, weights)
+    after, eager = compiled.generate(PROMPTS, spec), generator.generate(PROMPTS, spec)
+    assert [r.token_ids for r in after] != [r.token_ids for r in base]
+    assert [r.token_ids for r in after] == [r.token_ids for r in eager]
+    for a, b in zip(after, eager):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    compiled.load_merged_weights(7, learner_at(tiny_model_dir, 7, scramble=False).export_merged_weights())
+    assert [r.token_ids for r in compiled.generate(PROMPTS, spec)] == [r.token_ids for r in base]
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_generator_actor_on_half_a_cpu_computes_with_its_share_of_the_cores(tiny_model_dir, ray_local, replicas):
     """Ray gives an actor with under 2 CPUs one OpenMP thread; vLLM would keep it for the engine's life

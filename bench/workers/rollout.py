@@ -1,6 +1,6 @@
 """rollout suite: rlhf-ray's RolloutGenerator (vLLM CPU build, in this process) vs batched transformers generate.
 
-Same prompt tokens, temperature 1, top-p 1, no top-k, same max_new_tokens, fp32. Tokens/s counts
+Same prompt tokens, temperature 1, top-p 1, no top-k, same max_new_tokens, same dtype (spec["dtype"]). Tokens/s counts
 real generated tokens only (up to and including EOS) over the wall time of the generate call,
 prompt prefill included. One untimed warm-up call first. Every call gets prompts no earlier call
 had, so vLLM's prefix cache holds nothing of them beyond the shared chat-template header.
@@ -44,7 +44,7 @@ def vllm_engine(spec: dict):
     from actors.rollout_generator import RolloutGenerator, SamplingSpec
 
     generator = RolloutGenerator(spec["model_path"], max_lora_rank=spec["lora_r"], max_model_len=spec["max_model_len"],
-                                 dtype="float32", enforce_eager=spec["enforce_eager"], kv_cache_gib=spec["kv_cache_gib"],
+                                 dtype=spec["dtype"], enforce_eager=spec["enforce_eager"], kv_cache_gib=spec["kv_cache_gib"],
                                  seed=0, enable_lora=spec["enable_lora"])
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
@@ -63,7 +63,7 @@ def hf_engine(spec: dict, eos_id: int, pad_id: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=getattr(torch, spec["dtype"])).eval()
     torch.manual_seed(0)
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
