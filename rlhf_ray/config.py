@@ -168,8 +168,9 @@ class PPOConfig:
     sample_every: int = 5  # iterations between saved sample generations
     checkpoint_every: int = 5  # iterations between checkpoints
     # False: vLLM compiles the model (torch.compile on CPU, CUDA graphs on GPU). On the 2-core CPU machine
-    # the first start compiles SmolLM2-135M for ~50 s (cached on disk for later starts) and generation
-    # then runs ~15% faster (bench rollout suite). True skips it: for short runs and tests.
+    # that costs SmolLM2-135M ~50 s at the first start and ~18 s at later ones (inductor's on-disk cache),
+    # and generation then runs 1.15-1.2x faster (bench rollout suite). True skips it: for short runs and
+    # tests. With LoRA support (ppo.weight_sync=adapter) vLLM's CPU backend always runs eager.
     vllm_enforce_eager: bool = False
     vllm_kv_cache_gib: float = 1.0  # CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); on GPU see vllm_gpu_memory_utilization
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (GPU only)

@@ -157,6 +157,7 @@ def test_deepspeed_learner_matches_the_torch_learner(learner, tiny_model_dir, tm
     skips a NaN minibatch's step by itself, and resumes from its own checkpoint with the same next update."""
     ds = deepspeed_learner(tiny_model_dir, learner.ppo)
     assert ds.engine is not None and ds.engine.zero_optimization_stage() == 2
+    assert learner.optimizer.defaults["fused"] and ds.engine.basic_optimizer.defaults["fused"]  # one AdamW kernel
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     for _ in range(2):
         torch_stats = learner.train_step(make_experience(learner, batch))
