@@ -1,4 +1,4 @@
-"""Workload sizes of every suite: FULL for real figures (about 85 minutes on 2 cores), QUICK for a smoke run.
+"""Workload sizes of every suite: FULL for real figures (about 100 minutes on 2 cores), QUICK for a smoke run.
 
 The full sizes are small because this machine is small: one fp32 training step of SmolLM2-135M on
 8 pairs of ~200 tokens is about 2 TFLOP, some 20 s at the ~100 GFLOP/s two cores give.
@@ -40,8 +40,8 @@ DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "rol
 
 # Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
 ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "sft:rlhf-ray": 130, "sft:trl": 100,
-              "ppo:rlhf-ray": 185, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 210,
-              "rollout:transformers": 110, "rollout:rlhf-ray-adapter": 210,
+              "ppo:rlhf-ray": 245, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 200,
+              "rollout:transformers": 110, "rollout:rlhf-ray-adapter": 290,
               "rollout-bf16:rlhf-ray": 120, "rollout-bf16:transformers": 70,
               "scaling:rlhf-ray": 200}
 
