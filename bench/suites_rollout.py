@@ -39,8 +39,8 @@ def rollout(ctx: Context, dtype: str = "float32") -> dict:
     s = sizes("rollout", ctx.quick)
     shared = prep_prompts(ctx, "rollout", s, reward_model=False, limit=2 * sum(s["batches"]) + 8)
     compile_note = ("enforce_eager=True: eager" if s["enforce_eager"] else
-                    "enforce_eager=False, as PPO's default ppo.vllm_enforce_eager=false: torch.compile graph, "
-                    "compiled at start-up or loaded from vLLM's on-disk cache")
+                    "enforce_eager=False, as PPO's default ppo.vllm_enforce_eager=false: a torch.compile graph, "
+                    "compiled at start-up (shorter when inductor's on-disk cache has it)")
     settings = {"model": shared["model_path"], "prompts": shared["summary"], "batches": s["batches"],
                 "max new tokens": s["max_new_tokens"], "sampling": "temperature 1, top-p 1, no top-k, EOS stops",
                 "precision": f"{PRECISION[dtype]} on both sides (weights, activations and KV cache)",
@@ -61,11 +61,11 @@ def rollout(ctx: Context, dtype: str = "float32") -> dict:
             "max_new_tokens": s["max_new_tokens"], "max_model_len": s["max_prompt_length"] + s["max_new_tokens"],
             "kv_cache_gib": s["kv_cache_gib"], "enforce_eager": s["enforce_eager"], "lora_r": s["lora_r"],
             "lora_target_modules": LORA_TARGETS, "enable_lora": False}
-    names = ["rlhf-ray", "transformers", "rlhf-ray-adapter"][:3 if dtype == "float32" else 2]
-    systems = [System(names[0], "bench.workers.rollout", lambda i: {**base, "engine": "vllm"}),
-               System(names[1], "bench.workers.rollout", lambda i: {**base, "engine": "hf"}),
-               System("rlhf-ray-adapter", "bench.workers.rollout", lambda i: {**base, "engine": "vllm", "enable_lora": True})]
-    runs = ctx.alternate(suite, systems[:len(names)])
+    engines = {"rlhf-ray": {"engine": "vllm"}, "transformers": {"engine": "hf"},
+               "rlhf-ray-adapter": {"engine": "vllm", "enable_lora": True}}
+    names = list(engines) if dtype == "float32" else ["rlhf-ray", "transformers"]
+    runs = ctx.alternate(suite, [System(name, "bench.workers.rollout", lambda i, name=name: {**base, **engines[name]})
+                                 for name in names])
     lm = flops.model_params(shared["model_path"])["lm"]
     rows = table(runs, names, rollout_metrics(s["batches"], lm, ctx.peak.get(dtype), lora_rows=dtype == "float32"))
     b64 = 64 if 64 in s["batches"] else max(b for b in s["batches"] if b <= 64)

@@ -108,8 +108,9 @@ def test_a_compiled_engine_generates_with_the_weights_reloaded_into_it(generator
     """PPO's default engine (ppo.vllm_enforce_eager=false, merged sync) runs a compiled graph. A graph that
     kept its own copies of the weights would go on sampling the SFT policy after every reload; it must
     sample what the eager engine samples with the same weights."""
-    from actors.rollout_generator import RolloutGenerator, SamplingSpec
     from vllm.config import CompilationMode
+
+    from actors.rollout_generator import RolloutGenerator, SamplingSpec
 
     compiled = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enforce_eager=False,
                                 enable_lora=False)
