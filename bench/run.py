@@ -21,6 +21,7 @@ from pathlib import Path
 from bench import machine, report, settings
 from bench.common import BENCH, OUT, Progress, fmt_duration, rel
 from bench.context import Context
+from bench.settings import PRECISION
 
 SUITES = ("ceiling", "rm", "sft", "ppo", "rollout", "rollout-bf16", "scaling")
 NEEDS_TRL = {"rm", "sft", "ppo"}
@@ -136,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report.console(ceiling), flush=True)
         for suite in (s for s in args.suites if s != "ceiling"):
             result = run_suite(ctx, suite)
-            dtype, short = ("bfloat16", "bf16") if suite.endswith("-bf16") else ("float32", "fp32")
+            dtype = result.get("dtype", "float32")  # the precision the suite measured (its MFU peak)
             if "settings" in result and ctx.peak.get(dtype):
-                result["settings"][f"MFU peak ({short})"] = (f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling "
+                result["settings"][f"MFU peak ({PRECISION[dtype]})"] = (f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling "
                                                              "measured at the start of this invocation")
             save(folder, result, args.quick, meta)
             print("\n" + report.console(result), flush=True)

@@ -10,6 +10,7 @@ import copy
 
 MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # rlhf-ray's default LoRA target modules
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}  # short names in suite names and tables
 
 FULL: dict[str, dict] = {
     "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 1.0, "windows": 4},

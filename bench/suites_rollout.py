@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from bench import flops
 from bench.context import Context, System
-from bench.settings import LORA_TARGETS, sizes
+from bench.settings import LORA_TARGETS, PRECISION, sizes
 from bench.suites_ppo import prep_prompts
 from bench.suites_train import print_settings
 from bench.summary import Metric, row, safe, table, target
@@ -30,12 +30,10 @@ def rollout_metrics(batches: list[int], lm_params: int, peak: float | None, lora
     return metrics
 
 
-PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
-
-
 def rollout(ctx: Context, dtype: str = "float32") -> dict:
     """fp32: rlhf-ray, transformers and the enable_lora engine; bf16: rlhf-ray and transformers."""
     suite = "rollout" if dtype == "float32" else f"rollout-{PRECISION[dtype]}"
+    with_adapter = dtype == "float32"  # the enable_lora engine is measured in fp32 only
     s = sizes("rollout", ctx.quick)
     shared = prep_prompts(ctx, "rollout", s, reward_model=False, limit=2 * sum(s["batches"]) + 8)
     compile_note = ("enforce_eager=True: eager" if s["enforce_eager"] else
@@ -50,7 +48,7 @@ def rollout(ctx: Context, dtype: str = "float32") -> dict:
                 "transformers": "AutoModelForCausalLM.generate, left padding, one call per batch",
                 "counted": "real generated tokens (up to and including EOS) over the generate call's wall time, prefill "
                            "included; each batch gets prompts no earlier call had"}
-    if dtype == "float32":
+    if with_adapter:
         settings["rlhf-ray-adapter"] = ("the same engine started as ppo.weight_sync=adapter starts it (enable_lora; "
                                         "vLLM's CPU backend then always runs eager), measured with no adapter, then "
                                         "again on fresh prompts with a zero LoRA adapter loaded")
@@ -63,14 +61,14 @@ def rollout(ctx: Context, dtype: str = "float32") -> dict:
             "lora_target_modules": LORA_TARGETS, "enable_lora": False}
     engines = {"rlhf-ray": {"engine": "vllm"}, "transformers": {"engine": "hf"},
                "rlhf-ray-adapter": {"engine": "vllm", "enable_lora": True}}
-    names = list(engines) if dtype == "float32" else ["rlhf-ray", "transformers"]
+    names = list(engines) if with_adapter else ["rlhf-ray", "transformers"]
     runs = ctx.alternate(suite, [System(name, "bench.workers.rollout", lambda i, name=name: {**base, **engines[name]})
                                  for name in names])
     lm = flops.model_params(shared["model_path"])["lm"]
-    rows = table(runs, names, rollout_metrics(s["batches"], lm, ctx.peak.get(dtype), lora_rows=dtype == "float32"))
+    rows = table(runs, names, rollout_metrics(s["batches"], lm, ctx.peak.get(dtype), lora_rows=with_adapter))
     b64 = 64 if 64 in s["batches"] else max(b for b in s["batches"] if b <= 64)
     name = (f"rollout tokens/s >= 2x transformers generate at batch 64, both {PRECISION[dtype]}"
             + ("" if b64 == 64 else f" (smoke: batch {b64} stands in)"))
     targets = [target(name, row(rows, f"tps_{b64}")["advantage"]["transformers"], 2.0)]
-    return {"suite": suite, "settings": settings, "systems": names,
+    return {"suite": suite, "dtype": dtype, "settings": settings, "systems": names,
             "runs": [r.to_dict() for r in runs], "rows": rows, "targets": targets}
