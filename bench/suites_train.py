@@ -45,13 +45,16 @@ def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
             "global batch": f"{global_batch} {unit} (rlhf-ray: {s['batch_per_worker']} x {s['workers']} Ray Train "
                             f"worker(s) with {s['cpus_per_worker']} CPUs each, DeepSpeed ZeRO stage {s['zero_stage']}; "
                             "TRL: one process with 2 threads)",
-            "padding": f"TRL pads each batch to its longest row; rlhf-ray sorts each micro-batch by length and runs "
-                       f"chunks of {s['chunk_size']} {'pairs' if suite == 'rm' else 'sequences'}, each padded to its own "
-                       "longest row (same rows per step, same loss)"
-                       + ("; its SFT loss projects only labelled positions to the vocabulary" if suite == "sft" else
-                          "; each pair is one row of [shared prompt, rest of chosen, rest of rejected] with an attention "
-                          "mask that keeps the two apart (rm.shared_prompt), so its prompt is computed once; "
-                          f"{shared['computed_share']:.1%} of the real tokens are computed"),
+            "padding": "TRL pads each batch to its longest row; rlhf-ray "
+                       + ("packs each micro-batch's sequences (first-fit decreasing) into rows of up to max_length "
+                          "tokens, each sequence attending only to itself (sft.packing), and runs the rows in one pass "
+                          "(same rows per step, same loss); its SFT loss projects only labelled positions to the "
+                          "vocabulary" if suite == "sft" else
+                          f"sorts each micro-batch by length and runs chunks of {s['chunk_size']} pairs, each padded to "
+                          "its own longest row (same rows per step, same loss); each pair is one row of [shared prompt, "
+                          "rest of chosen, rest of rejected] with an attention mask that keeps the two apart "
+                          f"(rm.shared_prompt), so its prompt is computed once; {shared['computed_share']:.1%} of the "
+                          "real tokens are computed"),
             "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)", "LoRA": "none (full fine-tuning)",
             "gradient checkpointing": "off on both sides",
             "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",

@@ -101,6 +101,7 @@ class TrainStageConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     # Sequences (SFT) or pairs (RM) per padded forward pass: a micro-batch is sorted by length and cut into
     # chunks that each pad only to their own longest row (same loss and gradient, less padding). 0 = one pass.
+    # (SFT with `packing` runs its packed rows in one pass.)
     chunk_size: int = 4
     lr: float = 1e-5  # peak learning rate
     weight_decay: float = 0.0
@@ -126,6 +127,9 @@ class TrainStageConfig:
 @dataclass
 class SFTConfig(TrainStageConfig):
     lr: float = 2e-5
+    # Pack a micro-batch's sequences (first-fit decreasing) into rows of up to data.max_length tokens, each
+    # attending only to itself (block-diagonal causal mask, positions restarting): same loss, less padding.
+    packing: bool = True
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Length-sorted forward chunks (`sft.chunk_size`, `rm.chunk_size`) change padding, not the math:
-the loss and every gradient match one padded pass over the whole micro-batch."""
+"""Length-sorted forward chunks (`sft.chunk_size`, `rm.chunk_size`), packed SFT rows (`sft.packing`) and the
+RM's shared-prompt rows change padding, not the math: the loss and every gradient match one padded pass
+over the whole micro-batch."""
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def assert_same_grads(got: dict, expected: dict, rtol: float = 1e-4):
 @pytest.mark.parametrize("stage, lora", [("sft", False), ("sft", True), ("rm", False)])
 def test_chunked_loss_and_gradients_match_one_padded_pass(stage, lora, tiny_model_dir, tiny_tokenizer):
     config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", f"lora.enabled={str(lora).lower()}",
-                                               "rm.shared_prompt=false"])
+                                               "rm.shared_prompt=false", "sft.packing=false"])
     task = TASKS[stage]
     torch.manual_seed(0)
     model = task.build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
@@ -68,6 +69,60 @@ def test_chunked_loss_and_gradients_match_one_padded_pass(stage, lora, tiny_mode
     assert loss2 == pytest.approx(loss0, rel=1e-5)
     assert sums2 == pytest.approx(sums0, rel=1e-5)
     assert_same_grads(grads2, grads0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_sft_rows_give_the_loss_and_gradients_of_one_row_per_sequence(lora, tiny_model_dir, tiny_tokenizer):
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"lora.enabled={str(lora).lower()}"]
+    task, pad = TASKS["sft"], tiny_tokenizer.pad_token_id
+    rows = rows_of_many_lengths("sft", tiny_tokenizer)
+    torch.manual_seed(0)
+    model = task.build_model(load_config("configs/tiny.yaml", overrides + ["data.max_length=64"]), str(tiny_model_dir), pad)
+    results, widths = {}, {}
+    for packing in (False, True):
+        config = load_config("configs/tiny.yaml", overrides + ["data.max_length=64", f"sft.packing={str(packing).lower()}",
+                                                               "sft.chunk_size=0"])
+        chunks = task.collate(rows, pad, 0, config)
+        widths[packing] = sum(c["input_ids"].numel() for c in chunks)
+        results[packing] = loss_sums_and_grads(task, model, chunks, config)
+    (loss_apart, sums_apart, grads_apart), (loss_packed, sums_packed, grads_packed) = results[False], results[True]
+    assert widths[True] < widths[False]  # fewer padded positions computed
+    assert loss_packed == pytest.approx(loss_apart, rel=1e-5)
+    assert sums_packed == pytest.approx(sums_apart, rel=1e-5)  # includes the labelled and the real tokens counted
+    assert_same_grads(grads_packed, grads_apart)
+
+
+def test_packed_sft_layout_keeps_the_sequences_apart():
+    from rlhf_ray.algo.losses import IGNORE_INDEX as X
+    from rlhf_ray.train.batches import collate_packed_sft
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [X, 2, 3]}, {"input_ids": [4, 5, 6, 7], "labels": [X, X, 6, 7]},
+            {"input_ids": [8, 9], "labels": [8, 9]}]
+    batch = collate_packed_sft(rows, pad_id=0, capacity=6)
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 8, 9], [1, 2, 3, 0, 0, 0]]  # first fit, longest first
+    assert batch["labels"].tolist() == [[X, X, 6, 7, X, 9], [X, 2, 3, X, X, X]]  # 8 is not predicted from 7
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]]
+    assert int(batch["sequence_tokens"]) == 9
+    allowed = batch["attention_mask"][0, 0]
+    assert allowed[5].tolist() == [False, False, False, False, True, True]  # token 9 sees only its own sequence
+    assert allowed[3].tolist() == [True, True, True, True, False, False]
+    assert batch["attention_mask"][1, 0, 4].tolist() == [False, False, False, False, True, False]  # padding: itself
+
+
+def test_a_model_that_ignores_the_packed_mask_is_refused_at_start(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from rlhf_ray.train import tasks
+
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    model = tasks.build_causal_lm(config, str(tiny_model_dir))
+    assert tasks.packing_problem(model, tiny_tokenizer.pad_token_id, 64) is None
+    backbone_forward = model.model.forward  # (transformers alone finds packed rows from restarting position ids)
+    monkeypatch.setattr(model.model, "forward",
+                        lambda *a, attention_mask=None, position_ids=None, **kw: backbone_forward(*a, **kw))
+    problem = tasks.packing_problem(model, tiny_tokenizer.pad_token_id, 64)
+    assert problem and "attention mask" in problem
+    monkeypatch.setattr(tasks, "build_causal_lm", lambda *a: model)
+    with pytest.raises(ValueError, match="sft.packing=false"):
+        TASKS["sft"].build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
 
 
 def pairs_with_edge_cases(tokenizer) -> list[dict]:

@@ -164,13 +164,52 @@ def collate_shared_prompt_pairs(rows: list[dict], pad_id: int) -> dict[str, torc
         j = pooled_index(rejected, pad_id)
         rejected_at.append(j if j < shared else len(chosen) + j - shared)
         sequence_tokens += len(chosen) + len(rejected)
-    query, key = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (query != PADDING) & ((key == SHARED) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool)
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": allowed[:, None],
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": segment_attention(segment, shared=SHARED),
             "chosen_at": torch.tensor(chosen_at), "rejected_at": torch.tensor(rejected_at),
             "sequence_tokens": torch.tensor(sequence_tokens)}
+
+
+def segment_attention(segment: torch.Tensor, shared: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) boolean attention of (B, T) segment ids: causal, each token sees its own segment (and the
+    `shared` one); PADDING sees only itself (a row of all False would give NaN attention)."""
+    width = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]
+    same = key == query if shared is None else (key == shared) | (key == query)
+    allowed = torch.ones(width, width, dtype=torch.bool).tril() & (query != PADDING) & same
+    return (allowed | torch.eye(width, dtype=torch.bool))[:, None]
+
+
+def first_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped first-fit decreasing into bins of at most `capacity` tokens (a longer item gets its own)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[slot].append(i)
+            room[slot] -= lengths[i]
+    return bins
+
+
+def collate_packed_sft(rows: list[dict], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """SFT sequences laid end to end in rows of at most `capacity` tokens (first-fit decreasing), right-padded.
+
+    `attention_mask` (B, 1, T, T) keeps each sequence to itself and `position_ids` restart at each, so every
+    token gets the hidden state of a pass over its own sequence. A sequence's first label is never scored
+    (the previous sequence's last token must not learn to predict it). `sequence_tokens`: the real tokens.
+    """
+    ids, labels, positions, segments = [], [], [], []
+    for members in first_fit_bins([len(r["input_ids"]) for r in rows], capacity):
+        ids.append([t for i in members for t in rows[i]["input_ids"]])
+        labels.append([t for i in members for t in [IGNORE_INDEX] + rows[i]["labels"][1:]])
+        positions.append([p for i in members for p in range(len(rows[i]["input_ids"]))])
+        segments.append([k for k, i in enumerate(members) for _ in rows[i]["input_ids"]])
+    return {"input_ids": _pad(ids, pad_id), "labels": _pad(labels, IGNORE_INDEX), "position_ids": _pad(positions, 0),
+            "attention_mask": segment_attention(_pad(segments, PADDING)),
+            "sequence_tokens": torch.tensor(sum(len(r) for r in ids))}
 
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

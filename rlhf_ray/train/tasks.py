@@ -48,9 +48,15 @@ class SFTTask:
     name = "sft"
 
     def build_model(self, config, model_path, pad_id):
-        return build_causal_lm(config, model_path)
+        model = build_causal_lm(config, model_path)
+        problem = packing_problem(model, pad_id, config.data.max_length) if config.sft.packing else None
+        if problem:
+            raise ValueError(f"sft.packing: {problem}. Set sft.packing=false to run each sequence in a row of its own.")
+        return model
 
     def collate(self, rows, pad_id, chunk_size, config):
+        if config.sft.packing:
+            return [batches.collate_packed_sft(rows, pad_id, config.data.max_length)]
         return batches.collate_sft_chunks(rows, pad_id, chunk_size)
 
     def loss_and_sums(self, model, chunks, config):
@@ -59,13 +65,12 @@ class SFTTask:
         parts = backbone_and_head(model)
         for batch in chunks:
             if parts:
-                hidden = parts[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                hidden = parts[0](**model_inputs(batch, parts[0])).last_hidden_state
                 chunk_total, chunk_count = response_token_loss(hidden, batch["labels"], parts[1])
             else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                chunk_total, chunk_count = next_token_loss(logits, batch["labels"])
+                chunk_total, chunk_count = next_token_loss(model(**model_inputs(batch, model)).logits, batch["labels"])
             total, count = total + chunk_total, count + chunk_count
-            seq_tokens += batch["attention_mask"].sum()
+            seq_tokens += sequence_tokens(batch)
         count = torch.as_tensor(count)
         sums = {"loss_sum": total.detach(), "tokens": count.float(), "seq_tokens": seq_tokens.float()}
         return total / count.clamp(min=1), sums
@@ -130,7 +135,7 @@ class RMTask:
 
 
 def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The real tokens of the chosen and rejected sequences a chunk stands for (however it lays them out)."""
+    """The real tokens of the sequences a chunk stands for (however it lays them out)."""
     return batch["sequence_tokens"] if "sequence_tokens" in batch else batch["attention_mask"].sum()
 
 
@@ -143,54 +148,95 @@ def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return head(shared_prompt_hidden(backbone, batch)).squeeze(-1).float().chunk(2)
 
 
+def model_inputs(batch: dict[str, torch.Tensor], model) -> dict:
+    """Forward arguments of a padded chunk, or of a packed one (a (B, 1, T, T) boolean attention mask,
+    passed in the additive form that both sdpa and eager attention take, and position ids)."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    dtype = transformers_model(model).get_input_embeddings().weight.dtype
+    allowed = batch["attention_mask"]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+            "use_cache": False}
+
+
 def shared_prompt_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B, hidden): the backbone's last hidden states at the scored tokens of a collate_shared_prompt_pairs
     chunk, chosen rows first."""
-    dtype = backbone.get_input_embeddings().weight.dtype
-    allowed = batch["attention_mask"]  # the additive form works with both sdpa and eager attention
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                      use_cache=False).last_hidden_state
+    hidden = backbone(**model_inputs(batch, backbone)).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return torch.cat([hidden[rows, batch["chosen_at"]], hidden[rows, batch["rejected_at"]]])
 
 
-def shared_prompt_problem(model, pad_id: int, max_length: int) -> str | None:
-    """Why `model` cannot score a pair in one shared-prompt pass, or None.
+def made_up_tokens(model, pad_id: int, count: int) -> list[int]:
+    """`count` distinct token ids other than `pad_id`, the same every time."""
+    vocab = transformers_model(model).config.vocab_size
+    return [t for t in torch.randperm(vocab, generator=torch.Generator().manual_seed(0)).tolist() if t != pad_id][:count]
 
-    Beyond the structural checks, a made-up pair is scored both ways: an architecture that ignores
-    position ids or custom attention masks (or an attention kernel that refuses them) shows up here,
-    at start-up, instead of as a quietly wrong reward model.
-    """
-    parts = reward_backbone_and_head(model)
-    if parts is None:
-        return f"{type(transformers_model(model)).__name__} has no `score` head on a backbone"
+
+def sliding_window_problem(model, span: int) -> str | None:
     config = transformers_model(model).config
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < 2 * max_length:
-        return f"the model's sliding-window attention ({window} tokens) would see across the packed pair"
-    tokens = [t for t in torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(0)).tolist()
-              if t != pad_id][:52]
-    row = {"chosen_ids": tokens[:40], "rejected_ids": tokens[:24] + tokens[40:]}  # a 24-token shared prompt
-    separate = batches.collate_pairs([row], pad_id)
+    if window and getattr(config, "use_sliding_window", True) and window < span:
+        return f"the model's sliding-window attention ({window} tokens) would see across the packed row"
+    return None
+
+
+def layout_problem(model, packed_run, separate_run) -> str | None:
+    """Why a packed layout's outputs (`packed_run()`) differ from separate passes' (`separate_run()`), or None.
+
+    Checked at start-up on made-up tokens: an architecture that ignores position ids or custom attention
+    masks (or an attention kernel that refuses them) shows up here instead of as a quietly wrong model.
+    """
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            packed = shared_prompt_hidden(parts[0], batches.collate_shared_prompt_pairs([row], pad_id))
-            hidden = parts[0](input_ids=separate["input_ids"], attention_mask=separate["attention_mask"],
-                              use_cache=False).last_hidden_state
-            alone = hidden[torch.arange(2), torch.tensor([39, 35])]
+            packed, alone = packed_run().float(), separate_run().float()
     except Exception as err:  # noqa: BLE001 - any failure means this model cannot take the packed layout
         return f"the packed forward failed ({type(err).__name__}: {err})"
     finally:
         model.train(training)
-    error = float((packed.float() - alone.float()).norm() / alone.float().norm())
-    tolerance = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    error = float((packed - alone).norm() / alone.norm())
+    tolerance = 1e-3 if transformers_model(model).dtype == torch.float32 else 5e-2
     if error > tolerance:
-        return (f"hidden states of a test pair differ by {error:.2g} (relative) from separate passes; the "
+        return (f"outputs of a test layout differ by {error:.2g} (relative) from separate passes; the "
                 "architecture does not honour position ids or a custom attention mask")
     return None
+
+
+def shared_prompt_problem(model, pad_id: int, max_length: int) -> str | None:
+    """Why `model` cannot score a pair in one shared-prompt pass, or None (see layout_problem)."""
+    parts = reward_backbone_and_head(model)
+    if parts is None:
+        return f"{type(transformers_model(model)).__name__} has no `score` head on a backbone"
+    backbone = parts[0]
+    tokens = made_up_tokens(model, pad_id, 52)
+    row = {"chosen_ids": tokens[:40], "rejected_ids": tokens[:24] + tokens[40:]}  # a 24-token shared prompt
+    separate = batches.collate_pairs([row], pad_id)
+
+    def alone():
+        hidden = backbone(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"],
+                          use_cache=False).last_hidden_state
+        return hidden[torch.arange(2), torch.tensor([39, 35])]
+
+    return sliding_window_problem(model, 2 * max_length) or layout_problem(
+        model, lambda: shared_prompt_hidden(backbone, batches.collate_shared_prompt_pairs([row], pad_id)), alone)
+
+
+def packing_problem(model, pad_id: int, max_length: int) -> str | None:
+    """Why `model` cannot run packed SFT rows (batches.collate_packed_sft), or None (see layout_problem)."""
+    tokens = made_up_tokens(model, pad_id, 40)
+    rows = [{"input_ids": tokens[:24], "labels": tokens[:24]}, {"input_ids": tokens[24:], "labels": tokens[24:]}]
+    packed = batches.collate_packed_sft(rows, pad_id, capacity=40)
+    separate = batches.collate_sft(rows, pad_id)
+
+    def alone():
+        logits = model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"], use_cache=False).logits
+        return torch.cat([logits[0, :24], logits[1, :16]])
+
+    return sliding_window_problem(model, max_length) or layout_problem(
+        model, lambda: model(**model_inputs(packed, model)).logits[0], alone)
 
 
 def reward_moments(sums: dict[str, float]) -> tuple[float, float]:
