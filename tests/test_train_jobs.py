@@ -52,9 +52,13 @@ def assert_trained(result, base, lora, head_key=None):
         assert head_key in after and head_key not in base  # the new scalar head was trained and saved
 
 
-@pytest.mark.parametrize("zero, lora", [(ZERO2, False), (ZERO3, True)], ids=["zero2-full", "zero3-lora"])
+ONE_WORKER = "resources.num_workers=1 deepspeed.zero_stage=0"  # (DeepSpeed's all-reduce is skipped)
+
+
+@pytest.mark.parametrize("zero, lora", [(ZERO2, False), (ZERO3, True), (ONE_WORKER, False)],
+                         ids=["zero2-full", "zero3-lora", "one-worker-stage0-full"])
 def test_sft_job(ray_local, tmp_path, tiny_model_dir, zero, lora):
-    config = tiny_config(tmp_path, tiny_model_dir, "sft", zero, f"lora.enabled={str(lora).lower()}", "sft.lr=1e-3")
+    config = tiny_config(tmp_path, tiny_model_dir, "sft", *zero.split(), f"lora.enabled={str(lora).lower()}", "sft.lr=1e-3")
     result = run_stage(config, "sft")
     assert_trained(result, weights(tiny_model_dir), lora)
     # the exported model reproduces the final eval loss measured inside training

@@ -126,6 +126,13 @@ def restore_checkpoint(engine, rank: int, world: int) -> Position:
     return position
 
 
+def skip_lone_allreduce(engine, world: int) -> None:
+    """A single worker has no gradients to average, but DeepSpeed's ZeRO stage-0 reduction still copies every
+    gradient into flat buffers and back (0.23 s per step for SmolLM2-135M on 2 cores): turn it off."""
+    if world == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
+
+
 def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
     """Test hook: raise once on rank 1 (or 0) at a given step; a marker file makes it happen only once."""
     spec = loop_config.get("fail_once_at_step")
@@ -165,6 +172,7 @@ class WorkerJob:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=loop_config["deepspeed"],
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        skip_lone_allreduce(self.engine, self.world)
         self.position = restore_checkpoint(self.engine, self.rank, self.world)
         self.log = None
         print(f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, "
