@@ -46,8 +46,8 @@ def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
                             f"worker(s) with {s['cpus_per_worker']} CPUs each, DeepSpeed ZeRO stage {s['zero_stage']}; "
                             "TRL: one process with 2 threads)",
             "padding": "TRL pads each batch to its longest row; rlhf-ray "
-                       + ("packs each micro-batch's sequences (first-fit decreasing) into rows of up to max_length "
-                          "tokens, each sequence attending only to itself (sft.packing), and runs the rows in one pass "
+                       + ("packs each micro-batch's sequences (first-fit decreasing) into rows no longer than its "
+                          "longest sequence, each sequence attending only to itself (sft.packing), and runs the rows in one pass "
                           "(same rows per step, same loss); its SFT loss projects only labelled positions to the "
                           "vocabulary" if suite == "sft" else
                           f"sorts each micro-batch by length and runs chunks of {s['chunk_size']} pairs, each padded to "

@@ -127,7 +127,7 @@ class TrainStageConfig:
 @dataclass
 class SFTConfig(TrainStageConfig):
     lr: float = 2e-5
-    # Pack a micro-batch's sequences (first-fit decreasing) into rows of up to data.max_length tokens, each
+    # Pack a micro-batch's sequences (first-fit decreasing) into rows no longer than its longest sequence, each
     # attending only to itself (block-diagonal causal mask, positions restarting): same loss, less padding.
     packing: bool = True
 

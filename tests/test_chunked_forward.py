@@ -96,17 +96,17 @@ def test_packed_sft_layout_keeps_the_sequences_apart():
     from rlhf_ray.algo.losses import IGNORE_INDEX as X
     from rlhf_ray.train.batches import collate_packed_sft
 
-    rows = [{"input_ids": [1, 2, 3], "labels": [X, 2, 3]}, {"input_ids": [4, 5, 6, 7], "labels": [X, X, 6, 7]},
-            {"input_ids": [8, 9], "labels": [8, 9]}]
-    batch = collate_packed_sft(rows, pad_id=0, capacity=6)
-    assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 8, 9], [1, 2, 3, 0, 0, 0]]  # first fit, longest first
-    assert batch["labels"].tolist() == [[X, X, 6, 7, X, 9], [X, 2, 3, X, X, X]]  # 8 is not predicted from 7
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]]
-    assert int(batch["sequence_tokens"]) == 9
-    allowed = batch["attention_mask"][0, 0]
-    assert allowed[5].tolist() == [False, False, False, False, True, True]  # token 9 sees only its own sequence
-    assert allowed[3].tolist() == [True, True, True, True, False, False]
-    assert batch["attention_mask"][1, 0, 4].tolist() == [False, False, False, False, True, False]  # padding: itself
+    rows = [{"input_ids": [1, 2, 3], "labels": [X, 2, 3]}, {"input_ids": [4, 5, 6, 7, 10], "labels": [X, X, 6, 7, 10]},
+            {"input_ids": [8, 9], "labels": [8, 9]}, {"input_ids": [11], "labels": [X]}]
+    batch = collate_packed_sft(rows, pad_id=0)  # rows no longer than the longest sequence, first fit, longest first
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 10], [1, 2, 3, 8, 9], [11, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[X, X, 6, 7, 10], [X, 2, 3, X, 9], [X, X, X, X, X]]  # 8 is not predicted from 3
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 0, 0, 0]]
+    assert int(batch["sequence_tokens"]) == 11
+    allowed = batch["attention_mask"][1, 0]
+    assert allowed[4].tolist() == [False, False, False, True, True]  # token 9 sees only its own sequence
+    assert allowed[2].tolist() == [True, True, True, False, False]
+    assert batch["attention_mask"][2, 0, 1].tolist() == [False, True, False, False, False]  # padding: only itself
 
 
 def test_a_model_that_ignores_the_packed_mask_is_refused_at_start(tiny_model_dir, tiny_tokenizer, monkeypatch):

@@ -180,7 +180,7 @@ def segment_attention(segment: torch.Tensor, shared: int | None = None) -> torch
 
 
 def first_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped first-fit decreasing into bins of at most `capacity` tokens (a longer item gets its own)."""
+    """Indices grouped first-fit decreasing into bins of at most `capacity` tokens."""
     bins: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -194,22 +194,24 @@ def first_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed_sft(rows: list[dict], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
-    """SFT sequences laid end to end in rows of at most `capacity` tokens (first-fit decreasing), right-padded.
+def collate_packed_sft(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """SFT sequences laid end to end (first-fit decreasing) in rows no longer than the longest sequence, so no
+    token attends over a longer row than it would unpacked; right-padded.
 
     `attention_mask` (B, 1, T, T) keeps each sequence to itself and `position_ids` restart at each, so every
     token gets the hidden state of a pass over its own sequence. A sequence's first label is never scored
     (the previous sequence's last token must not learn to predict it). `sequence_tokens`: the real tokens.
     """
+    lengths = [len(r["input_ids"]) for r in rows]
     ids, labels, positions, segments = [], [], [], []
-    for members in first_fit_bins([len(r["input_ids"]) for r in rows], capacity):
+    for members in first_fit_bins(lengths, max(lengths)):
         ids.append([t for i in members for t in rows[i]["input_ids"]])
         labels.append([t for i in members for t in [IGNORE_INDEX] + rows[i]["labels"][1:]])
         positions.append([p for i in members for p in range(len(rows[i]["input_ids"]))])
         segments.append([k for k, i in enumerate(members) for _ in rows[i]["input_ids"]])
     return {"input_ids": _pad(ids, pad_id), "labels": _pad(labels, IGNORE_INDEX), "position_ids": _pad(positions, 0),
             "attention_mask": segment_attention(_pad(segments, PADDING)),
-            "sequence_tokens": torch.tensor(sum(len(r) for r in ids))}
+            "sequence_tokens": torch.tensor(sum(lengths))}
 
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ class SFTTask:
 
     def collate(self, rows, pad_id, chunk_size, config):
         if config.sft.packing:
-            return [batches.collate_packed_sft(rows, pad_id, config.data.max_length)]
+            return [batches.collate_packed_sft(rows, pad_id)]
         return batches.collate_sft_chunks(rows, pad_id, chunk_size)
 
     def loss_and_sums(self, model, chunks, config):
@@ -226,17 +226,17 @@ def shared_prompt_problem(model, pad_id: int, max_length: int) -> str | None:
 
 def packing_problem(model, pad_id: int, max_length: int) -> str | None:
     """Why `model` cannot run packed SFT rows (batches.collate_packed_sft), or None (see layout_problem)."""
-    tokens = made_up_tokens(model, pad_id, 40)
-    rows = [{"input_ids": tokens[:24], "labels": tokens[:24]}, {"input_ids": tokens[24:], "labels": tokens[24:]}]
-    packed = batches.collate_packed_sft(rows, pad_id, capacity=40)
+    tokens = made_up_tokens(model, pad_id, 48)
+    rows = [{"input_ids": part, "labels": part} for part in (tokens[:24], tokens[24:38], tokens[38:])]
+    packed = batches.collate_packed_sft(rows, pad_id)  # [first], [second, third]
     separate = batches.collate_sft(rows, pad_id)
 
     def alone():
         logits = model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"], use_cache=False).logits
-        return torch.cat([logits[0, :24], logits[1, :16]])
+        return torch.cat([logits[0, :24], logits[1, :14], logits[2, :10]])
 
     return sliding_window_problem(model, max_length) or layout_problem(
-        model, lambda: model(**model_inputs(packed, model)).logits[0], alone)
+        model, lambda: model(**model_inputs(packed, model)).logits.flatten(0, 1), alone)
 
 
 def reward_moments(sums: dict[str, float]) -> tuple[float, float]:
