@@ -125,6 +125,20 @@ def test_a_model_that_ignores_the_packed_mask_is_refused_at_start(tiny_model_dir
         TASKS["sft"].build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
 
 
+def test_a_sliding_window_shorter_than_a_packed_row_is_refused(tiny_model_dir, tiny_tokenizer):
+    from rlhf_ray.train import tasks
+
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    pad = tiny_tokenizer.pad_token_id
+    causal_lm = tasks.build_causal_lm(config, str(tiny_model_dir))
+    reward_model = tasks.build_reward_model(config, str(tiny_model_dir), pad)
+    for model in (causal_lm, reward_model):
+        model.config.sliding_window = 48
+    assert tasks.packing_problem(causal_lm, pad, 40) is None  # rows no longer than 40 tokens fit the window
+    assert "sliding-window" in tasks.packing_problem(causal_lm, pad, 64)
+    assert "sliding-window" in tasks.shared_prompt_problem(reward_model, pad, 32)  # a pair's row: up to 64
+
+
 def pairs_with_edge_cases(tokenizer) -> list[dict]:
     """Tokenized pairs of many lengths, plus pairs whose responses share their first tokens, whose rejected
     sequence is the chosen one cut short, and that end in the pad token (pooled before it, as transformers does)."""

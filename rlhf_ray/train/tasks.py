@@ -178,7 +178,8 @@ def sliding_window_problem(model, span: int) -> str | None:
     config = transformers_model(model).config
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < span:
-        return f"the model's sliding-window attention ({window} tokens) would see across the packed row"
+        return (f"the model's sliding-window attention ({window} tokens) is shorter than a packed row may be "
+                f"({span} tokens)")
     return None
 
 
