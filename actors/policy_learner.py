@@ -25,7 +25,7 @@ from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
 from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.ppo.experience import Experience
-from rlhf_ray.ppo.forward import response_forward
+from rlhf_ray.ppo.forward import ResponseOutputs, response_forward
 from rlhf_ray.ppo.sequences import PackedBatch
 from rlhf_ray.train.model_setup import LEARNER_ADAMW
 
@@ -77,6 +77,32 @@ class PolicyWithValueHead(torch.nn.Module):
         return out, values
 
 
+@dataclass
+class HeldForward:
+    """The coming update's first micro-batch, run by `logprobs_and_values` with its autograd graph kept.
+
+    The update's first forward sees the same weights and rows, so it would compute exactly this again.
+    """
+
+    batch: PackedBatch  # the whole batch the old log-probs were computed for (on the learner's device)
+    version: int  # the policy version it was run with
+    rows: torch.Tensor  # the micro-batch's rows in `batch`
+    outputs: ResponseOutputs
+    values: torch.Tensor
+
+    def matches(self, batch: PackedBatch, version: int) -> bool:
+        return version == self.version and all(torch.equal(a, b.to(a.device)) for a, b in zip(
+            self.batch.to_dict().values(), batch.to_dict().values()))
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """True when a forward in training mode is random (so two forwards over the same rows differ)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(getattr(config, name, 0) or 0 for name in ("attention_dropout", "hidden_dropout", "dropout"))
+
+
 def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
     """A one-process DeepSpeed engine inside this actor (gloo on CPU, nccl on a GPU)."""
     import deepspeed
@@ -95,7 +121,7 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
 class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
                  seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None,
-                 update_threads: int | None = None):
+                 update_threads: int | None = None, reuse_first_forward: bool = True):
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         torch.manual_seed(seed)
@@ -114,6 +140,10 @@ class PolicyLearner:
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order
         self.version = 0  # bumped by every update
         self.update_threads = update_threads or len(os.sched_getaffinity(0))
+        # with a deterministic forward, the update's first micro-batch reuses the old-log-prob forward
+        self.reuse_first_forward = reuse_first_forward and not has_dropout(self.model)
+        self.first_order: torch.Tensor | None = None  # the coming update's first-epoch row order
+        self.held: HeldForward | None = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
@@ -121,12 +151,32 @@ class PolicyLearner:
     def _forward(self, batch: PackedBatch, entropy: bool = False):
         return (self.engine if self.engine is not None else self.module)(batch, entropy=entropy)
 
-    @torch.no_grad()
     def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) old log-probs and values, with the same code path the update uses."""
-        self.module.eval()
-        out, values = self._forward(batch.to(self.device))
-        return out.logprobs.cpu(), values.cpu()
+        """(B, A) old log-probs and values, with the same code path the update uses.
+
+        Draws the coming update's first-epoch row order. With `reuse_first_forward`, the rows of its
+        first micro-batch are run with gradients and the result is held for that micro-step.
+        """
+        batch = batch.to(self.device)
+        n = batch.input_ids.size(0)
+        self.first_order = torch.randperm(n, generator=self.generator)
+        self.held = None
+        micro = self.ppo.micro_batch_size or self.ppo.minibatch_size
+        held_rows = self.first_order[:micro] if self.reuse_first_forward and n >= self.ppo.minibatch_size else self.first_order[:0]
+        logprobs = torch.zeros(batch.response_ids.shape)
+        values = torch.zeros(batch.response_ids.shape)
+        if len(held_rows):
+            self.module.train()
+            out, held_values = self._forward(batch.select(held_rows), entropy=True)
+            self.held = HeldForward(batch, self.version, held_rows, out, held_values)
+            logprobs[held_rows], values[held_rows] = out.logprobs.detach().cpu(), held_values.detach().cpu()
+        rest = self.first_order[len(held_rows):]
+        if len(rest):
+            self.module.eval()
+            with torch.no_grad():
+                out, rest_values = self._forward(batch.select(rest))
+            logprobs[rest], values[rest] = out.logprobs.cpu(), rest_values.cpu()
+        return logprobs, values
 
     def train_step(self, experience: Experience) -> dict[str, float]:
         """PPO epochs over shuffled minibatches, with gradient accumulation over micro-batches.
@@ -140,6 +190,7 @@ class PolicyLearner:
             return self._train_epochs(experience)
         finally:
             torch.set_num_threads(threads)
+            self.first_order, self.held = None, None
 
     def _train_epochs(self, experience: Experience) -> dict[str, float]:
         self.module.train()
@@ -147,8 +198,12 @@ class PolicyLearner:
         mb, micro = self.ppo.minibatch_size, self.ppo.micro_batch_size or self.ppo.minibatch_size
         totals: dict[str, float] = {}
         updates = skipped = 0
-        for _ in range(self.ppo.ppo_epochs):
-            order = torch.randperm(n, generator=self.generator)
+        held = self.held if self.held is not None and self.held.matches(experience.batch, self.version) else None
+        for epoch in range(self.ppo.ppo_epochs):
+            if epoch == 0 and self.first_order is not None and len(self.first_order) == n:
+                order = self.first_order  # drawn with the old log-probs
+            else:
+                order = torch.randperm(n, generator=self.generator)
             for start in range(0, n - mb + 1, mb):
                 rows = order[start:start + mb]
                 if self.optimizer is not None:
@@ -156,7 +211,9 @@ class PolicyLearner:
                 step: dict[str, float] = {}
                 for micro_start in range(0, mb, micro):
                     micro_rows = rows[micro_start:micro_start + micro]
-                    for key, value in self._micro_step(experience.select(micro_rows), mb).items():
+                    reuse = held is not None and updates + skipped == 0 and micro_start == 0
+                    outputs = (held.outputs, held.values) if reuse else None
+                    for key, value in self._micro_step(experience.select(micro_rows), mb, outputs).items():
                         step[key] = step.get(key, 0.0) + value * len(micro_rows) / mb
                 if not self._optimizer_step(step):
                     skipped += 1
@@ -167,7 +224,8 @@ class PolicyLearner:
         if updates:
             self.version += 1
         return {key: value / updates for key, value in totals.items()} | {
-            "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0)}
+            "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0),
+            "reused_first_forward": float(held is not None)}
 
     def _optimizer_step(self, step: dict[str, float]) -> bool:
         """Clip and apply the minibatch's accumulated gradients unless the loss or gradient norm is NaN/inf.
@@ -183,9 +241,11 @@ class PolicyLearner:
         self.optimizer.step()
         return True
 
-    def _micro_step(self, exp: Experience, minibatch_rows: int) -> dict[str, float]:
+    def _micro_step(self, exp: Experience, minibatch_rows: int,
+                    outputs: tuple[ResponseOutputs, torch.Tensor] | None = None) -> dict[str, float]:
+        """Loss and backward of one micro-batch; `outputs` are its forward's, when already run."""
         exp = exp.to(self.device)
-        out, values = self._forward(exp.batch, entropy=True)
+        out, values = outputs if outputs is not None else self._forward(exp.batch, entropy=True)
         mask = exp.batch.response_mask
         pg_loss, pg_stats = policy_loss(out.logprobs, exp.old_logprobs, exp.advantages, mask, self.ppo.clip_range)
         vf_loss, vf_stats = value_loss(values, exp.values, exp.returns, mask, self.ppo.clip_range_value)

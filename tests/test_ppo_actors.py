@@ -97,6 +97,33 @@ def test_train_step_changes_only_adapter_and_value_head(learner, tiny_model_dir)
     assert (new_logprobs - reference).abs().max() > 1e-3
 
 
+def test_the_update_reuses_the_old_log_prob_forward_with_the_same_result(learner, tiny_model_dir):
+    """The first micro-batch's forward, run with the old log-probs, gives the same update as running it again."""
+    again = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), learner.ppo, seed=0, reuse_first_forward=False)
+    batch = pack(PROMPTS, RESPONSES, pad_id=0)
+    experiences = [make_experience(one, batch) for one in (learner, again)]
+    assert torch.equal(experiences[0].old_logprobs, experiences[1].old_logprobs)
+    reused, rerun = (one.train_step(exp) for one, exp in zip((learner, again), experiences))
+    assert reused.pop("reused_first_forward") == 1.0 and rerun.pop("reused_first_forward") == 0.0
+    assert reused == pytest.approx(rerun, rel=1e-6, abs=1e-9)
+    for (name, a), b in zip(learner.module.named_parameters(), again.module.parameters()):
+        assert torch.equal(a, b), name
+    # a batch other than the one held, or changed weights, run the forward again
+    experience = make_experience(learner, batch)
+    learner.logprobs_and_values(pack(PROMPTS[::-1], RESPONSES[::-1], pad_id=0))
+    assert learner.train_step(experience)["reused_first_forward"] == 0.0
+    learner.logprobs_and_values(batch)
+    learner.version += 1
+    assert learner.train_step(experience)["reused_first_forward"] == 0.0
+
+
+def test_a_learner_with_dropout_does_not_reuse_the_forward(tiny_model_dir):
+    ppo = PPOConfig(rollout_batch_size=2, minibatch_size=2)
+    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16, dropout=0.1), ppo, seed=0)
+    assert not learner.reuse_first_forward
+    assert learner.train_step(make_experience(learner, pack(PROMPTS, RESPONSES, pad_id=0)))["reused_first_forward"] == 0.0
+
+
 def test_save_load_and_adapter_export(learner, tiny_model_dir, tmp_path):
     learner.train_step(make_experience(learner, pack(PROMPTS, RESPONSES, pad_id=0)))
     learner.save(tmp_path / "ckpt")

@@ -170,13 +170,10 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution over the last dim. (..., V) -> (...).
 
-    H = logsumexp(z) - sum_i p_i z_i, which needs no log of a tiny probability. Logits of
-    -inf (masked-out tokens) contribute 0. Half-precision logits are computed in float32.
+    H = sum_i entr(p_i) with entr(p) = -p log p and entr(0) = 0, so logits of -inf (masked-out
+    tokens) contribute 0 with no special case. Half-precision logits are computed in float32.
     """
-    logits = _upcast(logits)
-    probs = torch.softmax(logits, dim=-1)
-    finite_logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
-    return torch.logsumexp(logits, dim=-1) - (probs * finite_logits).sum(dim=-1)
+    return torch.special.entr(torch.softmax(_upcast(logits), dim=-1)).sum(dim=-1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

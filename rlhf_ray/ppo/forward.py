@@ -15,7 +15,7 @@ from rlhf_ray.train.model_setup import backbone_and_head
 @dataclass
 class ResponseOutputs:
     logprobs: torch.Tensor  # (B, A) log-prob of each sampled response token
-    entropy: Optional[torch.Tensor] = None  # (B, A)
+    entropy: Optional[torch.Tensor] = None  # (B, A), without gradient (a statistic)
     hidden: Optional[torch.Tensor] = None  # (B, A, H) last hidden state before each response token
 
 
@@ -37,10 +37,13 @@ def response_forward(model, batch: PackedBatch, *, entropy: bool = False, hidden
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden)
         logits = at_response_positions(out.logits, batch.positions)
         response_states = at_response_positions(out.hidden_states[-1], batch.positions) if hidden else None
-    logits = logits.float() / temperature  # (B, A, V)
+    logits = logits.float()  # (B, A, V)
+    if temperature != 1.0:  # (dividing by 1 would only copy the vocabulary-sized tensor)
+        logits = logits / temperature
     result = ResponseOutputs(logprobs_from_logits(logits, batch.response_ids) * batch.response_mask)
-    if entropy:
-        result.entropy = entropy_from_logits(logits) * batch.response_mask
+    if entropy:  # a statistic only: no gradient flows through it
+        with torch.no_grad():
+            result.entropy = entropy_from_logits(logits) * batch.response_mask
     if hidden:
         result.hidden = response_states
     return result
