@@ -78,16 +78,23 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
     def generated(record) -> float:
         return statistics.median(record.result["generated_tokens"])
 
+    def reused_forward(record) -> float:
+        """FLOPs of the update's first micro-batch forward, which rlhf-ray's learner ran once, while scoring."""
+        reused = record.result.get("reused_first_forward", [0.0])[1:] or [0.0]
+        share = min(s["minibatch"], s["rollout_batch"]) / s["rollout_batch"]
+        return statistics.median(reused) * flops.forward_flops(params["lm"], (prompt_tokens + generated(record)) * share)
+
     def iteration_mfu(record) -> float:
         trl_ppo = record.system == "trl-ppo"  # old log-probs come from generation; a full value model trains
         work = flops.ppo_iteration_flops(params, prompt_tokens, generated(record), s["epochs"],
                                          full_value_model=trl_ppo, value_forward=not trl_ppo)
-        return 100 * flops.mfu(work / per_iteration(record), peak)
+        return 100 * flops.mfu((work - reused_forward(record)) / per_iteration(record), peak)
 
     def update_mfu(record) -> float | None:
         if record.system != "rlhf-ray":
             return None
         work = s["epochs"] * flops.train_flops(params["lm"], prompt_tokens + generated(record), lora=True)
+        work -= reused_forward(record)
         return 100 * flops.mfu(work / median_or_none(record.result["phase_s"]["update"][1:]), peak)
 
     return [
@@ -97,7 +104,7 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
         Metric("tokens_per_iter", "generated tokens per iteration (median; the work each side did)", "tokens", True,
                safe(generated), compare=False),
         Metric("mfu", "MFU of the whole iteration (see FLOP counting)", "%", True, safe(iteration_mfu)),
-        Metric("update_mfu", "MFU of rlhf-ray's update phase (LoRA, 4N per token per epoch)", "%", True, safe(update_mfu)),
+        Metric("update_mfu", "MFU of rlhf-ray's update phase (LoRA, 4N per token per epoch, less any reused forward)", "%", True, safe(update_mfu)),
         Metric("call_s", "wall s of the call (run_ppo / trainer set-up + train)", "s", False,
                safe(lambda r: r.result["call_s"])),
         Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),

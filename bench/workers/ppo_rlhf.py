@@ -43,6 +43,7 @@ def run(spec: dict) -> dict:
         "phase_s": {p: [r.get(f"seconds_{p}", 0.0) for r in rows] for p in PHASES},
         "response_length": [r["response_length"] for r in rows],
         "reward_mean": [r["reward_mean"] for r in rows], "kl": [r["kl"] for r in rows],
+        "reused_first_forward": [r.get("reused_first_forward", 0.0) for r in rows],
     }
     if not spec.get("keep_outputs"):
         shutil.rmtree(config.run.path, ignore_errors=True)
