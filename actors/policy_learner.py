@@ -161,8 +161,9 @@ class PolicyLearner:
         n = batch.input_ids.size(0)
         self.first_order = torch.randperm(n, generator=self.generator)
         self.held = None
-        micro = self.ppo.micro_batch_size or self.ppo.minibatch_size
-        held_rows = self.first_order[:micro] if self.reuse_first_forward and n >= self.ppo.minibatch_size else self.first_order[:0]
+        held_rows = self.first_order[:0]
+        if self.reuse_first_forward and n >= self.ppo.minibatch_size:  # (else the update runs no minibatch)
+            held_rows = self.first_order[:self.ppo.micro_batch_size or self.ppo.minibatch_size]
         logprobs = torch.zeros(batch.response_ids.shape)
         values = torch.zeros(batch.response_ids.shape)
         if len(held_rows):
@@ -199,6 +200,7 @@ class PolicyLearner:
         totals: dict[str, float] = {}
         updates = skipped = 0
         held = self.held if self.held is not None and self.held.matches(experience.batch, self.version) else None
+        reused = False
         for epoch in range(self.ppo.ppo_epochs):
             if epoch == 0 and self.first_order is not None and len(self.first_order) == n:
                 order = self.first_order  # drawn with the old log-probs
@@ -211,8 +213,10 @@ class PolicyLearner:
                 step: dict[str, float] = {}
                 for micro_start in range(0, mb, micro):
                     micro_rows = rows[micro_start:micro_start + micro]
-                    reuse = held is not None and updates + skipped == 0 and micro_start == 0
-                    outputs = (held.outputs, held.values) if reuse else None
+                    outputs = None
+                    first = epoch == start == micro_start == 0  # no optimizer step yet: the held forward's weights
+                    if first and held is not None and torch.equal(micro_rows, held.rows):
+                        outputs, reused = (held.outputs, held.values), True
                     for key, value in self._micro_step(experience.select(micro_rows), mb, outputs).items():
                         step[key] = step.get(key, 0.0) + value * len(micro_rows) / mb
                 if not self._optimizer_step(step):
@@ -225,7 +229,7 @@ class PolicyLearner:
             self.version += 1
         return {key: value / updates for key, value in totals.items()} | {
             "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0),
-            "reused_first_forward": float(held is not None)}
+            "reused_first_forward": float(reused)}
 
     def _optimizer_step(self, step: dict[str, float]) -> bool:
         """Clip and apply the minibatch's accumulated gradients unless the loss or gradient norm is NaN/inf.
