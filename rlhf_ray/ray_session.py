@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from rlhf_ray.config import ResourcesConfig
+
+DEFAULT_DASHBOARD_PORT = 8265
 
 
 def connect(resources: ResourcesConfig) -> str:
@@ -17,6 +20,40 @@ def connect(resources: ResourcesConfig) -> str:
     if address:
         ray.init(address=address)
         return f"attached to {address}"
-    # address="local": a new cluster even if a stale or foreign one left its address file in /tmp/ray
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
-    return "started a local Ray"
+    return _start_local_ray()
+
+
+def _start_local_ray() -> str:
+    """A new local cluster of this run's own, apart from any other Ray on the machine.
+
+    `address="local"` never attaches to a stale or foreign cluster found in /tmp/ray. Ray's own
+    helpers inside the cluster (Ray Train's placement-group cleaner, for one) look their cluster
+    up through the state API; with two local clusters on one machine that lookup finds both and
+    fails ("Found multiple active Ray instances"). Every worker of this run is therefore told its
+    cluster's API server address (`RAY_API_SERVER_ADDRESS`), so two runs never reach each other.
+    """
+    import ray
+    from ray._private.services import find_gcs_addresses
+
+    others = find_gcs_addresses()
+    port = dashboard_port()
+    api_server = f"http://127.0.0.1:{port}"
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server}})
+    started = f"started a local Ray (dashboard {api_server})"
+    if others:
+        started += (f"; {len(others)} other Ray instance(s) run on this machine and share its CPU cores "
+                    "(set resources.address to attach to one instead)")
+    return started
+
+
+def dashboard_port() -> int:
+    """8265 (Ray's default) when it is free on loopback, else a free port the system picks."""
+    for port in (DEFAULT_DASHBOARD_PORT, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1 for the Ray dashboard")

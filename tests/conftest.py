@@ -1,10 +1,47 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RLHF_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+KEEP_HOME = "RLHF_RAY_TEST_KEEP_HOME"  # set to 1 to run the suite with the machine's own HOME and /tmp/ray
+
+
+def pytest_configure(config):
+    """Run the suite as on a machine where Ray has never run: a fresh HOME and Ray temp folder.
+
+    Ray keeps per-user state in `~/.ray` (the auth token) and `/tmp/ray` (sessions, the address
+    of the last `ray start`); a test that passes only because an earlier run left them behind
+    fails here. Models still come from the shared cache: `RLHF_RAY_HOME` is pinned to the real
+    home's `~/.cache/rlhf-ray` unless it is set already.
+    """
+    if os.environ.get(KEEP_HOME) == "1" or hasattr(config, "workerinput"):
+        return
+    real_home = Path.home()
+    fresh = Path(tempfile.mkdtemp(prefix="rlhf-ray-test-"))  # short: Ray's socket paths must stay < 108 chars
+    (fresh / "home").mkdir()
+    (fresh / "ray").mkdir()
+    os.environ.setdefault("RLHF_RAY_HOME", str(real_home / ".cache" / "rlhf-ray"))
+    os.environ["HOME"] = str(fresh / "home")
+    os.environ["RAY_TMPDIR"] = str(fresh / "ray")
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to a cluster the calling shell knows about
+    config._rlhf_ray_fresh_home = fresh
+
+
+def pytest_unconfigure(config):
+    fresh = getattr(config, "_rlhf_ray_fresh_home", None)
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+def pytest_report_header(config):
+    fresh = getattr(config, "_rlhf_ray_fresh_home", None)
+    if fresh is None:
+        return f"rlhf-ray: the machine's own HOME ({KEEP_HOME}=1)"
+    return f"rlhf-ray: fresh HOME and RAY_TMPDIR under {fresh}; models from RLHF_RAY_HOME={os.environ['RLHF_RAY_HOME']}"
 
 
 def shared_file(relative: str) -> Path:

@@ -153,3 +153,26 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     assert [r["step"] for r in metrics(again.output_dir)] == [1, 2, 3, 4]
     other = weights(again.model_dir)
     assert max((reference[k] - other[k]).abs().max().item() for k in reference) <= 1e-6
+
+
+def test_a_second_local_run_on_the_same_machine_stays_apart(ray_local, tmp_path, tiny_model_dir):
+    """A CLI run started while another local Ray runs (this suite's) starts its own cluster: it says so,
+    finishes, and neither its helpers nor ours reach into the other cluster ("Found multiple active Ray
+    instances" from Ray Train's placement-group cleaner was the symptom)."""
+    import os
+    import subprocess
+    import sys
+
+    from ray._private.state import actors  # the GCS actor table (the suite's Ray runs without a dashboard)
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "rlhf_ray.cli", "rm", "configs/tiny.yaml", f"model.name_or_path={tiny_model_dir}",
+               f"run.output_dir={tmp_path}", "run.name=second", "resources.num_workers=1", "deepspeed.zero_stage=0"]
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert "started a local Ray" in log and "other Ray instance(s) run on this machine" in log, log[-4000:]
+    assert "multiple active Ray instances" not in log, log[-4000:]
+    assert is_exported(tmp_path / "second" / "rm" / "model")
+    ours = {actor["ActorClassName"] for actor in actors().values()}
+    assert not ours & {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"}, ours
