@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from pathlib import Path
 
 from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.formats.rows import DataError
@@ -80,6 +81,57 @@ def _pipeline(args) -> None:
     run_pipeline(load_config(args.file, args.overrides))
 
 
+def _eval_rm(args) -> None:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_rm, run_models
+
+    config = load_config(args.file, args.overrides)
+    models = args.model or [str(run_models(config).reward)]
+    data = args.data or config.data.preference.path
+    fmt = args.format or (config.data.preference.format if not args.data else "auto")
+    run_eval_rm(config, models, data, fmt, args.split, Path(args.out) if args.out else default_eval_dir(config, "rm"))
+
+
+def _eval_policy(args) -> None:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.evaluation.launch import PolicyEvalRequest, default_eval_dir, run_eval_policy, run_models
+
+    config = load_config(args.file, args.overrides)
+    policies = args.policy or [str(p) for p in run_models(config).policies]
+    request = PolicyEvalRequest(
+        policies=policies, reward_models=args.reward_model or [str(run_models(config).reward)],
+        data=args.data or config.data.prompts.path, format=args.format or (config.data.prompts.format if not args.data else "auto"),
+        split=args.split, limit=args.limit, samples_per_prompt=args.samples_per_prompt, names=args.name or [])
+    run_eval_policy(config, request, Path(args.out) if args.out else default_eval_dir(config, "policy"))
+
+
+def _add_eval_commands(commands) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate reward models or policies on held-out data (a Ray job)")
+    kinds = evaluate.add_subparsers(dest="action", required=True)
+    splits = ["eval", "test", "train", "all"]
+    rm = kinds.add_parser("rm", help="pairwise accuracy, margin, calibration and a length baseline of reward models")
+    policy = kinds.add_parser("policy", help="reward, win-rate and KL of policies on held-out prompts, with samples")
+    for parser in (rm, policy):
+        parser.add_argument("file", help="config YAML (data splits, lengths, sampling settings, resources)")
+        parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
+        parser.add_argument("--format", default=None, choices=["auto", "hh-rlhf", "pairs", "self-instruct",
+                                                               "prompt-completion", "prompts"])
+        parser.add_argument("--out", default=None, help="output folder (default: <run>/eval/rm or <run>/eval/policy)")
+    rm.add_argument("--model", action="append", help="reward model folder (repeat for several; default: the run's rm/model)")
+    rm.add_argument("--data", help="preference file or folder (default: data.preference.path)")
+    rm.add_argument("--split", default="eval", choices=splits, help="split by prompt to score (default: eval)")
+    rm.set_defaults(run=_eval_rm)
+    policy.add_argument("--policy", action="append", help="policy folder (repeat; the first is the baseline; default: "
+                                                          "the run's starting policy, then its PPO model)")
+    policy.add_argument("--reward-model", action="append", help="reward model folder (repeat; default: the run's rm/model)")
+    policy.add_argument("--name", action="append", help="display name per --policy, in order")
+    policy.add_argument("--data", help="prompt file or folder (default: data.prompts.path)")
+    policy.add_argument("--split", default="test", choices=splits, help="split by prompt to use (default: test)")
+    policy.add_argument("--limit", type=int, default=None, help="use the first N prompts of the split")
+    policy.add_argument("--samples-per-prompt", type=int, default=1)
+    policy.set_defaults(run=_eval_policy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="Ray-distributed RLHF: SFT -> reward model -> PPO.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -128,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     pipeline.set_defaults(run=_pipeline)
     models.add_parser("list", help="known model names and where they are cached").set_defaults(run=_models_list)
+    _add_eval_commands(commands)
     return parser
 
 

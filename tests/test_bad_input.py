@@ -42,12 +42,17 @@ def gz(text: str) -> bytes:
     return gzip.compress(text.encode())
 
 
-# Valid data written for every case; a case replaces the file it breaks. Eight rows give 7 train
-# rows after the eval split: enough for one optimizer step of the tiny config (2 x 2 workers).
+# Valid data written for every case; a case replaces the file it breaks. Eight prompts give 6 train,
+# 1 eval and 1 test row in the split by prompt (seed 0): enough for one optimizer step of the tiny
+# config (2 x 2 workers).
+def numbered(row: dict, n: int = 8) -> list[dict]:
+    return [{**row, "prompt": f"Name fruit number {i}."} for i in range(n)]
+
+
 GOOD_FILES = {
-    "data/sft.jsonl": jsonl(*[SFT_ROW] * 8),
-    "data/pairs.jsonl": jsonl(*[PAIR_ROW] * 8),
-    "data/prompts.jsonl": jsonl(*[PROMPT_ROW] * 8),
+    "data/sft.jsonl": jsonl(*numbered(SFT_ROW)),
+    "data/pairs.jsonl": jsonl(*numbered(PAIR_ROW)),
+    "data/prompts.jsonl": jsonl(*numbered(PROMPT_ROW)),
 }
 
 
@@ -122,7 +127,7 @@ CASES = [
     Case("sft-too-few-rows-for-one-step", ["sft", "{config}"],
          ["sft: 2 training rows are fewer than one optimizer step needs",
           "sft.batch_size 2 x sft.grad_accum 1 x resources.num_workers 2 = 4"],
-         files={"data/sft.jsonl": jsonl(SFT_ROW, SFT_ROW, SFT_ROW)}),
+         files={"data/sft.jsonl": jsonl(*numbered(SFT_ROW, 4))}),  # 2 train, 1 eval, 1 test
     Case("pipeline-bad-prompt-row-caught-before-sft", ["pipeline", "{config}"],
          ["prompts.jsonl:2: field 'prompt'", "must not end with an assistant message"],
          files={"data/prompts.jsonl": jsonl(PROMPT_ROW, {"prompt": [{"role": "assistant", "content": "Hi"}]})}),
@@ -144,6 +149,17 @@ CASES = [
          ["reward model not found at {tmp}/runs/tiny/rm/model", "run `rlhf-ray rm` first"]),
     Case("pipeline-reward-model-folder-missing", ["pipeline", "{config}", "ppo.reward_model={tmp}/no-rm"],
          ["no-rm is not a model folder (no config.json)"]),
+    Case("pipeline-judge-reward-model-missing", ["pipeline", "{config}", "eval.extra_reward_models=[{tmp}/no-judge]"],
+         ["eval.extra_reward_models:", "no-judge' is neither a model folder nor a known model name"]),
+    Case("eval-policy-folder-missing", ["eval", "policy", "{config}", "--policy", "{tmp}/no-policy",
+                                        "--reward-model", "{model}"],
+         ["no-policy' is neither a model folder nor a known model name"]),
+    Case("eval-policy-bad-prompt-row", ["eval", "policy", "{config}", "--policy", "{model}", "--reward-model", "{model}",
+                                        "--data", "{tmp}/data/prompts.jsonl"],
+         ["prompts.jsonl:2: field 'prompt'"],
+         files={"data/prompts.jsonl": jsonl(PROMPT_ROW, {"prompt": [{"role": "assistant", "content": "Hi"}]})}),
+    Case("eval-rm-data-missing", ["eval", "rm", "{config}", "--model", "{model}", "--data", "{tmp}/none.jsonl"],
+         ["none.jsonl: no such file or folder"]),
     # ---- config values ----
     Case("sft-data-format-xml", ["sft", "{config}"],
          ["'data.sft.format' must be one of", "got 'xml'"], config={"data.sft.format": "xml"},
@@ -306,4 +322,4 @@ def test_the_table_is_broad():
     """The issue asks for at least 22 malformed inputs across these subcommands."""
     assert len(CASES) >= 22 and len({case.id for case in CASES}) == len(CASES)
     commands = {" ".join(case.argv[:2]) if case.argv[0] in ("data", "config") else case.argv[0] for case in CASES}
-    assert {"sft", "rm", "ppo", "pipeline", "data inspect", "config show"} <= commands
+    assert {"sft", "rm", "ppo", "pipeline", "eval", "data inspect", "config show"} <= commands

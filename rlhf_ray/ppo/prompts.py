@@ -6,8 +6,10 @@ import random
 from dataclasses import dataclass
 
 from rlhf_ray.config import Config
+from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_prompts
 from rlhf_ray.formats.parsers import PromptExample
+from rlhf_ray.formats.splits import SplitOrAll
 from rlhf_ray.tokenization import LengthReport, fit_length, prompt_ids
 
 
@@ -29,20 +31,26 @@ class PromptSet:
         return indices
 
 
-def load_prompt_set(config: Config, tokenizer) -> PromptSet:
-    """Read `data.prompts`, apply the chat template, and the over-length policy at `data.max_prompt_length`."""
+def load_prompt_set(config: Config, tokenizer, split: SplitOrAll = "train") -> PromptSet:
+    """Read `data.prompts`, keep one split of it (`formats/splits.py`: PPO trains on `train`, never on the
+    `eval` or `test` prompts), apply the chat template and the over-length policy at `data.max_prompt_length`."""
     data = config.data
     source = data.prompts
     loaded = load_prompts(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
+    wanted = {id(example) for example in splits.select(
+        loaded.examples, split, seed=data.seed, eval_fraction=data.eval_fraction, test_fraction=data.test_fraction,
+        train_part=data.train_part)}
     report = LengthReport(data.overlong)
     examples, token_ids = [], []
-    for example in loaded.examples:
+    for example in loaded.examples:  # every prompt is checked, also those of other splits
         ids = fit_length(prompt_ids(tokenizer, example.prompt), [[]], data.max_prompt_length, report, example.ref)
-        if ids is not None:
+        if ids is not None and id(example) in wanted:
             examples.append(example)
             token_ids.append(ids)
     if not token_ids:
-        raise ValueError(f"{source.path}: no prompts left after the length policy ({report.summary()})")
-    summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(token_ids)} prompts; "
+        raise ValueError(f"{source.path}: no {split!r} prompts left after the held-out split and the length policy "
+                         f"({len(loaded.examples)} read, {len(wanted)} in the {split!r} split; {report.summary()})")
+    summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(wanted)} of "
+               f"{len(loaded.examples)} prompts in the {split!r} split, {len(token_ids)} used; "
                f"bad rows: {loaded.problems.summary()}; lengths: {report.summary()}")
     return PromptSet(examples, token_ids, summary)

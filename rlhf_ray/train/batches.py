@@ -18,9 +18,10 @@ class TokenizedSet:
     lengths: LengthReport = field(default_factory=LengthReport)
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer, max_length: int, policy: str) -> TokenizedSet:
-    """Prompt + response ids, labels masked to the response tokens only."""
-    report, rows = LengthReport(policy), []
+def tokenize_sft(examples: list[SFTExample], tokenizer, max_length: int, policy: str,
+                 report: LengthReport | None = None) -> TokenizedSet:
+    """Prompt + response ids, labels masked to the response tokens only (`report` to count into an existing one)."""
+    report, rows = report or LengthReport(policy), []
     for ex in examples:
         p = prompt_ids(tokenizer, ex.prompt)
         r = response_ids(tokenizer, ex.prompt, ex.response, p)
@@ -30,9 +31,10 @@ def tokenize_sft(examples: list[SFTExample], tokenizer, max_length: int, policy:
     return TokenizedSet(rows, report)
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, policy: str) -> TokenizedSet:
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, policy: str,
+                   report: LengthReport | None = None) -> TokenizedSet:
     """Full chosen and rejected sequences sharing one (possibly left-truncated) prompt."""
-    report, rows = LengthReport(policy), []
+    report, rows = report or LengthReport(policy), []
     for pair in pairs:
         p = prompt_ids(tokenizer, pair.prompt)
         chosen = response_ids(tokenizer, pair.prompt, pair.chosen, p)
@@ -41,16 +43,6 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, poli
         if p is not None:
             rows.append({"chosen_ids": p + chosen, "rejected_ids": p + rejected})
     return TokenizedSet(rows, report)
-
-
-def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded shuffle, then the last `eval_fraction` of rows held out (at least one when the fraction > 0)."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * eval_fraction)) if eval_fraction > 0 and len(rows) > 1 else 0
-    train = [rows[i] for i in order[: len(rows) - n_eval]]
-    held_out = [rows[i] for i in order[len(rows) - n_eval:]]
-    return train, held_out
 
 
 def epoch_batches(n_rows: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_ray.config import Config, save_config
+from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
 from rlhf_ray.train.model_setup import deepspeed_config
 
@@ -22,22 +24,32 @@ class StageResult:
 
 
 def prepare_rows(config: Config, stage: str, tokenizer) -> tuple[list, list, str]:
-    """Tokenized train and eval rows, and a summary of what was read, skipped or truncated."""
+    """Tokenized train and eval rows, and a summary of what was read, skipped or truncated.
+
+    Rows are split by their prompt (`formats/splits.py`): the eval rows are the `eval` split, the training
+    rows the `train` split (narrowed to `data.train_part`); `test` prompts are never read for training.
+    """
     data = config.data
     if stage == "sft":
-        source = data.sft
-        loaded = load_sft_examples(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
-        tokenized = batches.tokenize_sft(loaded.examples, tokenizer, data.max_length, data.overlong)
+        source, load, tokenize = data.sft, load_sft_examples, batches.tokenize_sft
     else:
-        source = data.preference
-        loaded = load_preference_pairs(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
-        tokenized = batches.tokenize_pairs(loaded.examples, tokenizer, data.max_length, data.overlong)
-    train, held_out = batches.split_rows(tokenized.rows, data.eval_fraction, data.seed)
+        source, load, tokenize = data.preference, load_preference_pairs, batches.tokenize_pairs
+    loaded = load(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
+    parts = splits.partition(loaded.examples, seed=data.seed, eval_fraction=data.eval_fraction,
+                             test_fraction=data.test_fraction, train_part=data.train_part)
+    lengths = LengthReport(data.overlong)  # every row is checked, also those this stage does not use
+    train, held_out, _, _ = (tokenize(parts[name], tokenizer, data.max_length, data.overlong, lengths)
+                             for name in ("train", "eval", "test", "other"))
+    unused = f"{len(parts['test'])} test" + (f" + {len(parts['other'])} in the other training half"
+                                              if data.train_part != "all" else "")
     summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(loaded.examples)} examples; "
-               f"bad rows: {loaded.problems.summary()}; lengths: {tokenized.lengths.summary()}; "
-               f"{len(train)} train / {len(held_out)} eval")
-    check_enough_rows(len(train), config, stage, summary)
-    return train, held_out, summary
+               f"bad rows: {loaded.problems.summary()}; lengths: {lengths.summary()}; "
+               f"{len(train.rows)} train / {len(held_out.rows)} eval, {unused} not used (split by prompt)")
+    check_enough_rows(len(train.rows), config, stage, summary)
+    if data.eval_fraction > 0 and not held_out.rows:
+        raise ValueError(f"{stage}: no rows fell in the eval split (data.eval_fraction {data.eval_fraction} of "
+                         f"{len(loaded.examples)} examples, chosen by prompt); raise data.eval_fraction. Data: {summary}")
+    return train.rows, held_out.rows, summary
 
 
 def check_enough_rows(n_train: int, config: Config, stage: str, summary: str) -> None:

@@ -55,20 +55,24 @@ def on_device(chunks: list[dict[str, torch.Tensor]], engine) -> list[dict[str, t
     return [{key: value.to(engine.device) for key, value in chunk.items()} for chunk in chunks]
 
 
-def evaluate(engine, task, rows, rank, world, batch_size, chunk_size, pad_id, config) -> dict[str, float]:
-    """Eval sums over this worker's share of the held-out rows, all-reduced across workers."""
+def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config) -> dict[str, float]:
+    """Eval sums over this worker's share of the held-out rows, all-reduced across workers.
+
+    Every worker runs the same number of forward passes: under ZeRO-3 each one gathers parameters from
+    all workers, so a worker with a smaller share runs filler batches whose sums it drops. (One padded
+    pass per batch (chunk size 0), so a short batch needs no fewer passes than a full one.)
+    """
     engine.eval()
     sums: dict[str, float] = {}
     mine = rows[rank::world]
+    batches_each = -(-(-(-len(rows) // world)) // batch_size)  # ceil(ceil(rows / world) / batch_size)
     with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            chunks = on_device(task.collate(mine[start:start + batch_size], pad_id, chunk_size, config), engine)
+        for start in range(0, batches_each * batch_size, batch_size):
+            batch = mine[start:start + batch_size]
+            chunks = on_device(task.collate(batch or rows[:1], pad_id, 0, config), engine)
             _, batch_sums = task.loss_and_sums(engine, chunks, config)
-            add_sums(sums, batch_sums)
+            add_sums(sums, batch_sums if batch else {k: 0.0 for k in batch_sums})
     engine.train()
-    if not sums:  # this worker had no eval rows; still join the all-reduce with zeros
-        _, zero = task.loss_and_sums(engine, on_device(task.collate(rows[:1], pad_id, 0, config), engine), config)
-        sums = {k: 0.0 for k in zero}
     return all_reduce_sums(sums)
 
 
@@ -194,7 +198,7 @@ class WorkerJob:
 
     def _evaluate(self) -> dict[str, float]:
         self.eval_sums = evaluate(self.engine, self.task, self.eval_rows, self.rank, self.world,
-                                  self.stage.batch_size, self.stage.chunk_size, self.pad_id, self.config)
+                                  self.stage.batch_size, self.pad_id, self.config)
         return self.task.eval_metrics(self.eval_sums)
 
     def _end_of_step(self, epoch_done: bool) -> dict:
@@ -224,6 +228,8 @@ class WorkerJob:
         from tqdm import tqdm
 
         position, task = self.position, self.task
+        if position.step == 0 and self.eval_rows and self.stage.eval_every:
+            self._log_untrained_eval()
         bar = tqdm(total=self.total_steps, initial=position.step, desc=task.name, disable=self.rank != 0, mininterval=2.0)
         while position.step < self.total_steps:
             micro = self._epoch_micro_batches(position.epoch)
@@ -246,6 +252,15 @@ class WorkerJob:
                 if epoch_done or position.step == self.total_steps:
                     break
         bar.close()
+
+    def _log_untrained_eval(self) -> None:
+        """Eval before the first step, logged at step 0, so the curves start from the untrained value."""
+        metrics = self._evaluate()
+        self.eval_sums = {}  # the export's statistics come from the final eval, never from this one
+        if self.log is not None:
+            self.log.log(0, metrics)
+            dashboard_metrics.publish(metrics, self.config.run.name, self.task.name)
+        self.since = time.perf_counter()
 
     def finish(self) -> None:
         if not self.eval_sums and self.eval_rows:

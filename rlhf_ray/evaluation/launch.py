@@ -1,0 +1,242 @@
+"""The eval jobs on Ray: reward models and policies run in the same actor classes PPO uses.
+
+`run_eval_rm` scores preference pairs with RewardModel actors; `run_eval_policy` samples held-out
+prompts with a RolloutGenerator (vLLM) per policy, scores the samples with RewardModel actors, and
+takes KL to the first policy with ReferenceModel actors. One model is loaded at a time; every
+actor is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_ray.config import Config
+from rlhf_ray.evaluation import policy_eval, rm_eval
+from rlhf_ray.models.loading import load_tokenizer, require_safetensors
+from rlhf_ray.models.provision import resolve_model
+
+GENERATE_CHUNK = 32  # prompts per generate call (a progress step)
+FORWARD_BATCH = 16  # sequences per reward / log-prob call
+
+
+@dataclass
+class PolicyEvalRequest:
+    policies: list[str]  # model folders or known names; the first is the baseline
+    reward_models: list[str]  # reward model folders
+    data: str  # prompt file or folder (any format prompts can be read from)
+    format: str = "auto"
+    split: str = "test"  # which split by prompt: "test" (held out from every stage), "eval", "train" or "all"
+    limit: int | None = None  # first N prompts of the split
+    samples_per_prompt: int = 1
+    names: list[str] = field(default_factory=list)  # display names (default: the folder names)
+
+
+@dataclass
+class RunModels:
+    policies: list[Path]  # the run's starting policy, then its PPO model when exported
+    reward: Path  # the run's reward model (ppo.reward_model, else rm/model)
+
+
+def run_models(config: Config) -> RunModels:
+    """The models a run's stages made (or its config names), as `eval` uses them by default."""
+    from rlhf_ray.ppo.run import resolve_model_paths
+    from rlhf_ray.train.export import is_exported
+
+    paths = resolve_model_paths(config)
+    ppo_model = (config.run.path / "ppo" / "model").resolve()
+    return RunModels([paths.policy] + ([ppo_model] if is_exported(ppo_model) else []), paths.reward)
+
+
+def default_eval_dir(config: Config, kind: str) -> Path:
+    return (config.run.path / "eval" / kind).resolve()
+
+
+def _actor(cls, config: Config, **options):
+    import ray
+
+    return ray.remote(cls).options(num_cpus=config.resources.actor_num_cpus, **options)
+
+
+def _stop(*actors) -> None:
+    import ray
+
+    for actor in actors:
+        if actor is not None:
+            ray.kill(actor)
+
+
+def display_names(paths: list[str], given: list[str]) -> list[str]:
+    """Short names for report columns: the given ones, else `<parent>/<folder>` (run stage folders are all 'model')."""
+    if given:
+        if len(given) != len(paths):
+            raise ValueError(f"{len(given)} names given for {len(paths)} models")
+        return given
+    names = []
+    for path in paths:
+        p = Path(path)
+        name = f"{p.parent.name}/{p.name}" if p.name == "model" else p.name
+        names.append(name if name not in names else f"{name}#{len(names)}")
+    return names
+
+
+def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: str, out: Path) -> dict:
+    """Every reward model in `models` scores the pairs of `data` (narrowed to `split`); writes eval.json and report.md."""
+    import ray
+
+    from actors.reward_model import RewardModel
+    from rlhf_ray.ray_session import connect
+
+    folders = [require_safetensors(resolve_model(m)).resolve() for m in models]
+    tokenizer = load_tokenizer(folders[0], config.model.trust_remote_code)
+    pair_set = rm_eval.load_pair_set(config, data, fmt, split, tokenizer)
+    print(f"[eval rm] data: {pair_set.description}", flush=True)
+    print(f"[eval rm] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+    results = {"data": pair_set.description, "models": {}}
+    for name, folder in zip(display_names([str(f) for f in folders], []), folders):
+        scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
+            str(folder), dtype=config.model.dtype, normalize=False, clip=float("inf"),
+            eos_token_id=tokenizer.eos_token_id, end_of_turn_suffix=[], trust_remote_code=config.model.trust_remote_code)
+        try:
+            margins = rm_eval.score_pairs(lambda p, r: ray.get(scorer.score.remote(p, r)).tolist(), pair_set.pairs,
+                                          FORWARD_BATCH, progress=f"eval rm {name}")
+        finally:
+            _stop(scorer)
+        results["models"][name] = {"path": str(folder), **rm_eval.summarise(pair_set.pairs, margins)}
+        overall = results["models"][name]["overall"]
+        print(f"[eval rm] {name}: accuracy {overall['accuracy']:.3f} over {overall['pairs']} pairs, mean margin "
+              f"{overall['mean_margin']:.3f}, ECE {overall['calibration_error']:.3f} (longer chosen: "
+              f"{overall['longer_chosen']:.3f})", flush=True)
+    rm_eval.write_results(results, out)
+    print(f"[eval rm] done: {out / 'eval.json'}, {out / 'report.md'}", flush=True)
+    return results
+
+
+def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> dict:
+    """Sample, score and compare the policies of `request`; writes eval.json, report.md and the samples tables."""
+    from rlhf_ray.ppo.launch import end_of_turn_suffix
+    from rlhf_ray.ppo.prompts import load_prompt_set
+    from rlhf_ray.ray_session import connect
+
+    folders = [require_safetensors(resolve_model(p)).resolve() for p in request.policies]
+    reward_folders = [require_safetensors(resolve_model(r)).resolve() for r in request.reward_models]
+    tokenizer = load_tokenizer(folders[0], config.model.trust_remote_code)
+    prompt_config = _with_prompts(config, request)
+    prompt_set = load_prompt_set(prompt_config, tokenizer, split=request.split)
+    prompt_ids = prompt_set.token_ids[: request.limit]
+    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
+    print(f"[eval policy] prompts: {prompt_set.summary}; {len(prompt_ids)} evaluated", flush=True)
+    print(f"[eval policy] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+    names = display_names([str(f) for f in folders], request.names)
+    policies = [_sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
+                for folder, name in zip(folders, names)]
+    _kl_to_first(config, folders, policies, prompt_ids, tokenizer)
+    suffix = end_of_turn_suffix(tokenizer)
+    for rm_name, rm_folder in zip(display_names([str(f) for f in reward_folders], []), reward_folders):
+        _score(config, rm_folder, rm_name, policies, prompt_ids, tokenizer, suffix)
+    sampling = {"temperature": config.ppo.temperature, "top_p": config.ppo.top_p,
+                "max_new_tokens": config.ppo.max_new_tokens, "samples_per_prompt": request.samples_per_prompt,
+                "seed": config.run.seed}
+    results = {"prompts": f"{prompt_set.summary}; {len(prompt_ids)} evaluated", "sampling": sampling,
+               "reward_models": {name: str(f) for name, f in zip(display_names([str(f) for f in reward_folders], []),
+                                                                   reward_folders)},
+               "policies": policy_eval.summarise(policies)}
+    policy_eval.write_results(results, prompt_texts, policies, out)
+    for line in policy_eval.markdown_report(results).splitlines()[7:]:
+        print(f"[eval policy] {line}", flush=True)
+    print(f"[eval policy] done: {out / 'report.md'}, samples in {out / 'samples.html'}", flush=True)
+    return results
+
+
+def _with_prompts(config: Config, request: PolicyEvalRequest) -> Config:
+    """The config with `data.prompts` pointed at the request's prompt source (the split rules stay the config's)."""
+    import copy
+
+    changed = copy.deepcopy(config)
+    changed.data.prompts.path, changed.data.prompts.format, changed.data.prompts.limit = request.data, request.format, None
+    return changed
+
+
+def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]], n: int, tokenizer):
+    """One vLLM engine for this policy: every prompt answered `n` times with the run's sampling seed."""
+    import ray
+    from tqdm import tqdm
+
+    from actors.rollout_generator import RolloutGenerator, SamplingSpec
+
+    ppo, model = config.ppo, config.model
+    spec = SamplingSpec(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p, n=n,
+                        seed=config.run.seed)
+    generator = _actor(RolloutGenerator, config, num_gpus=config.resources.generator_num_gpus).remote(
+        str(folder), max_lora_rank=config.lora.r, max_model_len=config.data.max_prompt_length + ppo.max_new_tokens,
+        dtype=model.dtype, enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
+        gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed,
+        trust_remote_code=model.trust_remote_code, enable_lora=False, threads=config.resources.generator_threads)
+    samples = policy_eval.PolicySamples(name, str(folder), [], [], [])
+    try:
+        for start in tqdm(range(0, len(prompt_ids), GENERATE_CHUNK), desc=f"eval sample {name}", mininterval=2.0):
+            chunk = prompt_ids[start:start + GENERATE_CHUNK]
+            for rollout in ray.get(generator.generate.remote(chunk, spec, start)):
+                samples.prompt_index.append(start + rollout.prompt_index)
+                samples.responses.append(rollout.token_ids)
+                samples.finished.append(rollout.finished)
+    finally:
+        _stop(generator)
+    samples.texts = [tokenizer.decode(r, skip_special_tokens=True) for r in samples.responses]
+    return samples
+
+
+def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc: str) -> list:
+    """(per sample) the response-token log-probs of `policy`'s samples under the model in `folder`."""
+    import ray
+
+    from actors.reference_model import ReferenceModel
+    from rlhf_ray.ppo.sequences import pack
+
+    model = _actor(ReferenceModel, config, num_gpus=config.resources.reference_num_gpus).remote(
+        str(folder), config.model.dtype, config.ppo.temperature, config.model.trust_remote_code)
+    rows = []
+    try:
+        for start in range(0, len(policy.responses), FORWARD_BATCH):
+            index = range(start, min(start + FORWARD_BATCH, len(policy.responses)))
+            batch = pack([prompt_ids[policy.prompt_index[i]] for i in index], [policy.responses[i] for i in index],
+                         tokenizer.pad_token_id)
+            logprobs = ray.get(model.logprobs.remote(batch))
+            rows += [(logprobs[k], batch.response_mask[k]) for k in range(len(index))]
+    finally:
+        _stop(model)
+    print(f"[eval policy] {desc}", flush=True)
+    return rows
+
+
+def _kl_to_first(config: Config, folders: list[Path], policies: list, prompt_ids, tokenizer) -> None:
+    """KL(policy || first policy) per sample, on the policy's own samples (0 for the first policy)."""
+    from rlhf_ray.algo.evaluation import sequence_kl
+
+    policies[0].kl = [0.0] * len(policies[0].responses)
+    for folder, policy in zip(folders[1:], policies[1:]):
+        own = _logprobs(config, folder, policy, prompt_ids, tokenizer, f"log-probs of {policy.name} under itself")
+        first = _logprobs(config, folders[0], policy, prompt_ids, tokenizer,
+                          f"log-probs of {policy.name} under {policies[0].name}")
+        policy.kl = [float(sequence_kl(lp, base, mask)) for (lp, mask), (base, _) in zip(own, first)]
+
+
+def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, tokenizer, suffix) -> None:
+    """Raw scores of every policy's samples under one reward model."""
+    import ray
+
+    from actors.reward_model import RewardModel
+
+    scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
+        str(folder), dtype=config.model.dtype, normalize=False, clip=float("inf"), eos_token_id=tokenizer.eos_token_id,
+        end_of_turn_suffix=suffix, trust_remote_code=config.model.trust_remote_code)
+    try:
+        for policy in policies:
+            scores = []
+            for start in range(0, len(policy.responses), FORWARD_BATCH):
+                index = range(start, min(start + FORWARD_BATCH, len(policy.responses)))
+                scores += ray.get(scorer.score.remote([prompt_ids[policy.prompt_index[i]] for i in index],
+                                                      [policy.responses[i] for i in index])).tolist()
+            policy.rewards[name] = scores
+    finally:
+        _stop(scorer)
