@@ -124,7 +124,8 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
     prompt_config = _with_prompts(config, request)
     prompt_set = load_prompt_set(prompt_config, tokenizer, split=request.split)
     prompt_ids = prompt_set.token_ids[: request.limit]
-    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
+    prompt_texts = ["\n".join(f"{m['role']}: {m['content']}" for m in example.prompt)
+                    for example in prompt_set.examples[: request.limit]]
     print(f"[eval policy] prompts: {prompt_set.summary}; {len(prompt_ids)} evaluated", flush=True)
     print(f"[eval policy] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
     names = display_names([str(f) for f in folders], request.names)
