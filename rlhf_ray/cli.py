@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from rlhf_ray.checkpoints import CheckpointError
+from rlhf_ray.formats.load import FORMATS
 from rlhf_ray.formats.rows import DataError
 from rlhf_ray.typed_yaml import ConfigError
 
@@ -97,9 +98,9 @@ def _eval_policy(args) -> None:
     from rlhf_ray.evaluation.launch import PolicyEvalRequest, default_eval_dir, run_eval_policy, run_models
 
     config = load_config(args.file, args.overrides)
-    policies = args.policy or [str(p) for p in run_models(config).policies]
+    found = None if args.policy and args.reward_model else run_models(config)  # the run's models, when needed
     request = PolicyEvalRequest(
-        policies=policies, reward_models=args.reward_model or [str(run_models(config).reward)],
+        policies=args.policy or [str(p) for p in found.policies], reward_models=args.reward_model or [str(found.reward)],
         data=args.data or config.data.prompts.path, format=args.format or (config.data.prompts.format if not args.data else "auto"),
         split=args.split, limit=args.limit, samples_per_prompt=args.samples_per_prompt, names=args.name or [])
     run_eval_policy(config, request, Path(args.out) if args.out else default_eval_dir(config, "policy"))
@@ -114,8 +115,7 @@ def _add_eval_commands(commands) -> None:
     for parser in (rm, policy):
         parser.add_argument("file", help="config YAML (data splits, lengths, sampling settings, resources)")
         parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
-        parser.add_argument("--format", default=None, choices=["auto", "hh-rlhf", "pairs", "self-instruct",
-                                                               "prompt-completion", "prompts"])
+        parser.add_argument("--format", default=None, choices=["auto", *FORMATS])
         parser.add_argument("--out", default=None, help="output folder (default: <run>/eval/rm or <run>/eval/policy)")
     rm.add_argument("--model", action="append", help="reward model folder (repeat for several; default: the run's rm/model)")
     rm.add_argument("--data", help="preference file or folder (default: data.preference.path)")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="look at dataset files").add_subparsers(dest="action", required=True)
     inspect = data.add_parser("inspect", help="counts, token-length percentiles and problems of a dataset")
     inspect.add_argument("file", help=".jsonl / .jsonl.gz file, folder of them, or hub dataset name")
-    inspect.add_argument("--format", default="auto", choices=["auto", "hh-rlhf", "pairs", "self-instruct", "prompt-completion", "prompts"])
+    inspect.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     inspect.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer counts tokens")
     inspect.add_argument("--max-length", type=int, default=None, help="also count examples longer than this")
     inspect.add_argument("--split", default="train", help="split, for hub datasets")

@@ -58,12 +58,15 @@ def _actor(cls, config: Config, **options):
     return ray.remote(cls).options(num_cpus=config.resources.actor_num_cpus, **options)
 
 
-def _stop(*actors) -> None:
+def _stop(actor) -> None:
     import ray
 
-    for actor in actors:
-        if actor is not None:
-            ray.kill(actor)
+    ray.kill(actor)
+
+
+def _batches(n: int) -> list[range]:
+    """Sample indices 0..n-1 in runs of FORWARD_BATCH, one reward / log-prob call each."""
+    return [range(start, min(start + FORWARD_BATCH, n)) for start in range(0, n, FORWARD_BATCH)]
 
 
 def display_names(paths: list[str], given: list[str]) -> list[str]:
@@ -133,17 +136,17 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
                 for folder, name in zip(folders, names)]
     _kl_to_first(config, folders, policies, prompt_ids, tokenizer)
     suffix = end_of_turn_suffix(tokenizer)
-    for rm_name, rm_folder in zip(display_names([str(f) for f in reward_folders], []), reward_folders):
+    reward_names = display_names([str(f) for f in reward_folders], [])
+    for rm_name, rm_folder in zip(reward_names, reward_folders):
         _score(config, rm_folder, rm_name, policies, prompt_ids, tokenizer, suffix)
     sampling = {"temperature": config.ppo.temperature, "top_p": config.ppo.top_p,
                 "max_new_tokens": config.ppo.max_new_tokens, "samples_per_prompt": request.samples_per_prompt,
                 "seed": config.run.seed}
     results = {"prompts": f"{prompt_set.summary}; {len(prompt_ids)} evaluated", "sampling": sampling,
-               "reward_models": {name: str(f) for name, f in zip(display_names([str(f) for f in reward_folders], []),
-                                                                   reward_folders)},
+               "reward_models": {name: str(f) for name, f in zip(reward_names, reward_folders)},
                "policies": policy_eval.summarise(policies)}
     policy_eval.write_results(results, prompt_texts, policies, out)
-    for line in policy_eval.markdown_report(results).splitlines()[7:]:
+    for line in policy_eval.summary_table(results):
         print(f"[eval policy] {line}", flush=True)
     print(f"[eval policy] done: {out / 'report.md'}, samples in {out / 'samples.html'}", flush=True)
     return results
@@ -198,8 +201,7 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
         str(folder), config.model.dtype, config.ppo.temperature, config.model.trust_remote_code)
     rows = []
     try:
-        for start in range(0, len(policy.responses), FORWARD_BATCH):
-            index = range(start, min(start + FORWARD_BATCH, len(policy.responses)))
+        for index in _batches(len(policy.responses)):
             batch = pack([prompt_ids[policy.prompt_index[i]] for i in index], [policy.responses[i] for i in index],
                          tokenizer.pad_token_id)
             logprobs = ray.get(model.logprobs.remote(batch))
@@ -234,8 +236,7 @@ def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, 
     try:
         for policy in policies:
             scores = []
-            for start in range(0, len(policy.responses), FORWARD_BATCH):
-                index = range(start, min(start + FORWARD_BATCH, len(policy.responses)))
+            for index in _batches(len(policy.responses)):
                 scores += ray.get(scorer.score.remote([prompt_ids[policy.prompt_index[i]] for i in index],
                                                       [policy.responses[i] for i in index])).tolist()
             policy.rewards[name] = scores

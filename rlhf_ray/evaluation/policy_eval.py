@@ -49,13 +49,9 @@ def summarise(policies: list[PolicySamples]) -> dict:
     return summary
 
 
-def markdown_report(results: dict) -> str:
-    names = list(results["policies"])
-    lines = ["# Policy evaluation", "", results["prompts"], "", f"sampling: {results['sampling']}", "",
-             f"Baseline (first policy): `{names[0]}`. Win-rates against it with a 95% interval; "
-             "gain: difference in mean reward over the baseline's reward std. KL: nats per response, "
-             "on the policy's own samples.", "",
-             "policy | reward model | mean reward | std | gain (baseline std) | win-rate vs baseline | "
+def summary_table(results: dict) -> list[str]:
+    """The report's table: one row per policy and reward model."""
+    lines = ["policy | reward model | mean reward | std | gain (baseline std) | win-rate vs baseline | "
              "KL to baseline | tokens | finished", "--- | --- | --- | --- | --- | --- | --- | --- | ---"]
     for name, s in results["policies"].items():
         for rm, r in s["reward"].items():
@@ -63,8 +59,17 @@ def markdown_report(results: dict) -> str:
             lines.append(f"{name} | {rm} | {r['mean']:.3f} | {r['std']:.3f} | {r['gain_in_first_std']:+.3f} | "
                          f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] | {s['kl_to_first']:.3f} | "
                          f"{s['response_tokens']:.1f} | {s['finish_rate']:.2f}")
-    lines += ["", "Samples side by side: `samples.md` (first prompts) and `samples.html` (all); token ids, "
-              "rewards and per-sample KL in `samples.json`."]
+    return lines
+
+
+def markdown_report(results: dict) -> str:
+    names = list(results["policies"])
+    lines = ["# Policy evaluation", "", results["prompts"], "", f"sampling: {results['sampling']}", "",
+             f"Baseline (first policy): `{names[0]}`. Win-rates against it with a 95% interval; "
+             "gain: difference in mean reward over the baseline's reward std. KL: nats per response, "
+             "on the policy's own samples.", "", *summary_table(results), "",
+             "Samples side by side: `samples.md` (first prompts) and `samples.html` (all); token ids, "
+             "rewards and per-sample KL in `samples.json`."]
     return "\n".join(lines) + "\n"
 
 

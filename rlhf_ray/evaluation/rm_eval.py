@@ -17,16 +17,16 @@ from rlhf_ray.algo.evaluation import pairwise_summary
 from rlhf_ray.config import Config
 from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs
-from rlhf_ray.tokenization import LengthReport, fit_length, prompt_ids, response_ids
+from rlhf_ray.tokenization import LengthReport
+from rlhf_ray.train.batches import tokenize_pairs
 
-ScoreFn = Callable[[list[list[int]], list[list[int]]], list[float]]  # (prompts, responses) -> raw scores
+ScoreFn = Callable[[list[list[int]], list[list[int]]], list[float]]  # (sequences, responses) -> raw scores
 
 
 @dataclass
 class TokenizedPair:
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
+    chosen_ids: list[int]  # prompt + chosen response, as the RM job tokenizes it
+    rejected_ids: list[int]  # the same prompt + rejected response
     source: str  # the file the pair came from
 
 
@@ -37,40 +37,40 @@ class PairSet:
 
 
 def load_pair_set(config: Config, data_path: str, fmt: str, split: str, tokenizer) -> PairSet:
-    """Preference pairs of `data_path` in `split` ("all", "train", "eval" or "test"), tokenized for scoring."""
+    """Preference pairs of `data_path` in `split` ("all", "train", "eval" or "test"), tokenized for scoring
+    by the RM job's own `tokenize_pairs`, one source file at a time."""
     data = config.data
     loaded = load_preference_pairs(data_path, fmt, on_bad_row=data.on_bad_row)
     examples = splits.select(loaded.examples, split, seed=data.seed, eval_fraction=data.eval_fraction,
                              test_fraction=data.test_fraction)
-    report, pairs = LengthReport(data.overlong), []
+    by_file: dict[str, list] = defaultdict(list)
     for pair in examples:
-        p = prompt_ids(tokenizer, pair.prompt)
-        chosen = response_ids(tokenizer, pair.prompt, pair.chosen, p)
-        rejected = response_ids(tokenizer, pair.prompt, pair.rejected, p)
-        p = fit_length(p, [chosen, rejected], data.max_length, report, pair.ref)
-        if p is not None:
-            pairs.append(TokenizedPair(p, chosen, rejected, pair.ref.file))
+        by_file[pair.ref.file].append(pair)
+    lengths, pairs = LengthReport(data.overlong), []
+    for source, group in by_file.items():
+        rows = tokenize_pairs(group, tokenizer, data.max_length, data.overlong, lengths).rows
+        pairs += [TokenizedPair(row["chosen_ids"], row["rejected_ids"], source) for row in rows]
     if not pairs:
         raise ValueError(f"{data_path}: no preference pairs to evaluate in split {split!r} "
-                         f"({len(loaded.examples)} read, {len(examples)} in the split; {report.summary()})")
+                         f"({len(loaded.examples)} read, {len(examples)} in the split; {lengths.summary()})")
     description = (f"{data_path} ({loaded.format}), split {split!r}: {len(loaded.examples)} pairs read, "
                    f"{len(examples)} in the split, {len(pairs)} scored; bad rows: {loaded.problems.summary()}; "
-                   f"lengths: {report.summary()}")
+                   f"lengths: {lengths.summary()}")
     return PairSet(pairs, description)
 
 
 def score_pairs(score: ScoreFn, pairs: list[TokenizedPair], batch_size: int = 16,
                 progress: str | None = None) -> list[float]:
-    """Margins r(chosen) - r(rejected), scoring sequences in batches of similar length."""
+    """Margins r(chosen) - r(rejected), scoring whole sequences in batches of similar length."""
     from tqdm import tqdm
 
-    sequences = [(pair.prompt, side) for pair in pairs for side in (pair.chosen, pair.rejected)]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    sequences = [ids for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = [0.0] * len(sequences)
     with tqdm(total=len(sequences), desc=progress, disable=progress is None, mininterval=2.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            values = score([sequences[i][0] for i in batch], [sequences[i][1] for i in batch])
+            values = score([sequences[i] for i in batch], [[] for _ in batch])
             for i, value in zip(batch, values):
                 scores[i] = float(value)
             bar.update(len(batch))
@@ -84,8 +84,9 @@ def summarise(pairs: list[TokenizedPair], margins: list[float]) -> dict:
         groups[pair.source].append(index)
 
     def of(indices: list[int]) -> dict:
-        return pairwise_summary([margins[i] for i in indices], [len(pairs[i].chosen) for i in indices],
-                                [len(pairs[i].rejected) for i in indices]).as_dict()
+        # the two sequences of a pair share their prompt, so comparing their lengths compares the responses
+        return pairwise_summary([margins[i] for i in indices], [len(pairs[i].chosen_ids) for i in indices],
+                                [len(pairs[i].rejected_ids) for i in indices]).as_dict()
 
     return {"overall": of(list(range(len(pairs)))), "per_file": {source: of(ix) for source, ix in sorted(groups.items())}}
 

@@ -35,17 +35,23 @@ def prompt_numbers(prompt: Sequence[Message], seed: int) -> tuple[float, float]:
 
 def split_of(prompt: Sequence[Message], seed: int, eval_fraction: float, test_fraction: float) -> Split:
     draw, _ = prompt_numbers(prompt, seed)
+    return _split_for(draw, eval_fraction, test_fraction)
+
+
+def in_train_part(prompt: Sequence[Message], seed: int, part: TrainPart) -> bool:
+    """Whether a training prompt belongs to `part` ("all", or one of the two disjoint halves)."""
+    _, half = prompt_numbers(prompt, seed)
+    return _in_part(half, part)
+
+
+def _split_for(draw: float, eval_fraction: float, test_fraction: float) -> Split:
     if draw < test_fraction:
         return "test"
     return "eval" if draw < test_fraction + eval_fraction else "train"
 
 
-def in_train_part(prompt: Sequence[Message], seed: int, part: TrainPart) -> bool:
-    """Whether a training prompt belongs to `part` ("all", or one of the two disjoint halves)."""
-    if part == "all":
-        return True
-    _, half = prompt_numbers(prompt, seed)
-    return (half < 0.5) == (part == "a")
+def _in_part(half: float, part: TrainPart) -> bool:
+    return part == "all" or (half < 0.5) == (part == "a")
 
 
 def partition(examples: Iterable[T], *, seed: int, eval_fraction: float, test_fraction: float,
@@ -54,8 +60,9 @@ def partition(examples: Iterable[T], *, seed: int, eval_fraction: float, test_fr
     `train_part`), "eval", "test", and "other" (the training half not chosen)."""
     parts: dict[str, list[T]] = {"train": [], "eval": [], "test": [], "other": []}
     for example in examples:
-        split = split_of(example.prompt, seed, eval_fraction, test_fraction)
-        if split == "train" and not in_train_part(example.prompt, seed, train_part):
+        draw, half = prompt_numbers(example.prompt, seed)
+        split = _split_for(draw, eval_fraction, test_fraction)
+        if split == "train" and not _in_part(half, train_part):
             split = "other"
         parts[split].append(example)
     return parts

@@ -8,6 +8,7 @@ checkpoints reported through `ray.train.report`, and export the final model on r
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -60,14 +61,15 @@ def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config) -> dic
 
     Every worker runs the same number of forward passes: under ZeRO-3 each one gathers parameters from
     all workers, so a worker with a smaller share runs filler batches whose sums it drops. (One padded
-    pass per batch (chunk size 0), so a short batch needs no fewer passes than a full one.)
+    pass per batch, chunk size 0, so a short batch needs no fewer passes than a full one.)
     """
     engine.eval()
     sums: dict[str, float] = {}
     mine = rows[rank::world]
-    batches_each = -(-(-(-len(rows) // world)) // batch_size)  # ceil(ceil(rows / world) / batch_size)
+    largest_share = math.ceil(len(rows) / world)
+    passes = math.ceil(largest_share / batch_size)
     with torch.no_grad():
-        for start in range(0, batches_each * batch_size, batch_size):
+        for start in range(0, passes * batch_size, batch_size):
             batch = mine[start:start + batch_size]
             chunks = on_device(task.collate(batch or rows[:1], pad_id, 0, config), engine)
             _, batch_sums = task.loss_and_sums(engine, chunks, config)
@@ -213,9 +215,8 @@ class WorkerJob:
             self.train_sums = {}
         if (stage.eval_every and position.step % stage.eval_every == 0 or done) and self.eval_rows:
             metrics.update(self._evaluate())
-        if self.log is not None and metrics:
-            self.log.log(position.step, metrics)
-            dashboard_metrics.publish(metrics, self.config.run.name, self.task.name)
+        if metrics:
+            self._record(position.step, metrics)
         if epoch_done:
             position.epoch, position.micro_in_epoch = position.epoch + 1, 0
         if stage.checkpoint_every and position.step % stage.checkpoint_every == 0 or done:
@@ -257,10 +258,14 @@ class WorkerJob:
         """Eval before the first step, logged at step 0, so the curves start from the untrained value."""
         metrics = self._evaluate()
         self.eval_sums = {}  # the export's statistics come from the final eval, never from this one
-        if self.log is not None:
-            self.log.log(0, metrics)
-            dashboard_metrics.publish(metrics, self.config.run.name, self.task.name)
+        self._record(0, metrics)
         self.since = time.perf_counter()
+
+    def _record(self, step: int, metrics: dict) -> None:
+        """Rank 0 writes the metrics line and publishes the dashboard gauges."""
+        if self.log is not None:
+            self.log.log(step, metrics)
+            dashboard_metrics.publish(metrics, self.config.run.name, self.task.name)
 
     def finish(self) -> None:
         if not self.eval_sums and self.eval_rows:
