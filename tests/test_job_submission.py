@@ -51,9 +51,13 @@ def head_node(tmp_path_factory):
     dashboard, metrics = free_port(), free_port()
     temp_dir = f"/tmp/rlhf-ray-head-{dashboard}"  # short (Ray's socket paths) and its own: no address file shared
     log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")
+    # Every port Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, job agent 52365,
+    # client server 10001) is a free one: the suite's own local Ray may already hold the defaults.
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp_dir}"],
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", f"--metrics-export-port={metrics}", "--num-cpus=2",
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     info = {"env": env, "address": f"http://127.0.0.1:{dashboard}", "metrics_port": metrics, "bin": bin_dir,
             "temp_dir": temp_dir, "log": log.name}
