@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -29,6 +30,13 @@ class ModelConfig:
     dtype: Dtype = "float32"  # weights/compute dtype; bfloat16 on hardware that has it
     trust_remote_code: bool = False  # run code shipped with a model folder; off unless you trust it
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    # SFT/RM: train only the top N transformer layers (with the final norm and the head); the embeddings and
+    # the layers below stay frozen, so no gradient is computed under them. None = every layer.
+    trainable_layers: Optional[int] = None
+
+    def __post_init__(self):
+        _check(self.trainable_layers is None or self.trainable_layers > 0,
+               f"trainable_layers must be > 0 (or null for all), got {self.trainable_layers}")
 
 
 @dataclass
@@ -257,13 +265,18 @@ class SweepConfig:
     search: Literal["grid", "random"] = "grid"
     num_samples: int = 1  # grid repeats, or random draws
     scheduler: Literal["asha", "none"] = "asha"  # early stopping on reward
-    metric: str = "reward_mean"
+    metric: str = "reward_mean"  # the training metric ASHA stops trials on (and the ranking with rank_by: metric)
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: int = 1
+    rank_by: Literal["heldout", "metric"] = "heldout"  # pick the best trial by held-out reward gain, or by `metric`
+    kl_budget: float = 5.0  # heldout: trials whose held-out KL to the start exceeds this (nats) rank below the rest
+    eval_prompts: int = 32  # heldout: prompts of the eval split each finished trial is evaluated on
 
     def __post_init__(self):
         _check(len(self.kl_coefs) > 0 and len(self.lrs) > 0, "kl_coefs and lrs must not be empty")
         _check(self.num_samples > 0 and self.max_concurrent_trials > 0, "num_samples and max_concurrent_trials must be > 0")
+        _check(math.isfinite(self.kl_budget) and self.kl_budget > 0, f"kl_budget must be a finite number > 0, got {self.kl_budget}")
+        _check(self.eval_prompts > 0, f"eval_prompts must be > 0, got {self.eval_prompts}")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Each trial is a function trainable that runs PPO with its own four actors inside the trial's
 placement group, reports every iteration to Tune, and hands Tune its checkpoints so a trial
-(or the whole sweep, via `Tuner.restore`) resumes where it stopped.
+(or the whole sweep, via `Tuner.restore`) resumes where it stopped. With `sweep.rank_by: heldout`
+a finished trial then evaluates its policy against the start on the eval split of the prompts
+(prompts PPO never trained on) and reports the held-out gain, KL and win-rate as its last result;
+the best trial is the one with the largest held-out gain within `sweep.kl_budget`.
 """
 
 from __future__ import annotations
@@ -55,10 +58,55 @@ def run_trial(params: dict) -> None:
 
     if checkpoint is None:
         shutil.rmtree(config.run.path.resolve() / "ppo", ignore_errors=True)  # a restart before any checkpoint
-        run_ppo(config, on_iteration=report)
-        return
-    with checkpoint.as_directory() as folder:
-        run_ppo(config, checkpoint=Path(folder), on_iteration=report)
+        result = run_ppo(config, on_iteration=report)
+    else:
+        with checkpoint.as_directory() as folder:
+            result = run_ppo(config, checkpoint=Path(folder), on_iteration=report)
+    if config.sweep.rank_by == "heldout":
+        last = result.final_metrics or last_metrics(result.output_dir / "metrics.jsonl")
+        tune.report({**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **heldout_metrics(config)})
+
+
+HELDOUT_KEYS = ("heldout_gain", "heldout_kl", "heldout_win_rate")
+
+
+def heldout_metrics(config: Config) -> dict:
+    """The trial's PPO policy against its start on `sweep.eval_prompts` prompts of the eval split, by the run's RM."""
+    from rlhf_ray.evaluation.launch import PolicyEvalRequest, default_eval_dir, run_eval_policy, run_models
+
+    found = run_models(config)
+    if len(found.policies) < 2:
+        raise RuntimeError(f"the trial exported no PPO model under {config.run.path / 'ppo'} to evaluate")
+    request = PolicyEvalRequest(
+        policies=[str(p) for p in found.policies], reward_models=[str(found.reward)], data=config.data.prompts.path,
+        format=config.data.prompts.format, split="eval", limit=config.sweep.eval_prompts, names=["start", "ppo"])
+    return heldout_row(run_eval_policy(config, request, default_eval_dir(config, "heldout")))
+
+
+def heldout_row(results: dict) -> dict:
+    """heldout_gain (reward gain in the start's reward std), heldout_kl (nats), heldout_win_rate, from `eval policy`."""
+    ppo = results["policies"]["ppo"]
+    (reward,) = ppo["reward"].values()
+    return dict(zip(HELDOUT_KEYS, (reward["gain_in_first_std"], ppo["kl_to_first"], reward["win_rate_vs_first"]["rate"])))
+
+
+def last_metrics(path: Path) -> dict:
+    """The last row of a metrics.jsonl ({} when there is none)."""
+    import json
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def best_trial(rows: list[dict], kl_budget: float) -> dict | None:
+    """The trial with the largest held-out gain among those within the KL budget; when none is within it,
+    the one with the smallest held-out KL. Trials without a held-out result (failed, or stopped early
+    by the scheduler) are never picked. None when no trial has one."""
+    evaluated = [row for row in rows if not row["error"] and row.get("heldout_gain") is not None]
+    within = [row for row in evaluated if row["heldout_kl"] <= kl_budget]
+    if within:
+        return max(within, key=lambda row: row["heldout_gain"])
+    return min(evaluated, key=lambda row: row["heldout_kl"], default=None)
 
 
 def trial_resources(config: Config):
@@ -90,7 +138,9 @@ def build_tuner(config: Config, resume: bool):
     if experiment.exists():
         raise FileExistsError(f"{experiment} already holds a sweep; pass --resume to continue it or use another run.name")
     pick = tune.grid_search if sweep.search == "grid" else tune.choice
-    scheduler = ASHAScheduler(max_t=config.ppo.iterations, grace_period=min(2, config.ppo.iterations)) \
+    # The held-out result comes one report after the last iteration: ASHA must not stop a trial before it.
+    last_report = config.ppo.iterations + (sweep.rank_by == "heldout")
+    scheduler = ASHAScheduler(max_t=last_report, grace_period=min(2, config.ppo.iterations)) \
         if sweep.scheduler == "asha" else None
     return tune.Tuner(
         trainable,
@@ -108,33 +158,56 @@ def write_results(config: Config, results) -> tuple[Path, Path, Path]:
     for result in results:
         metrics = result.metrics or {}
         rows.append({"trial": result.path.rsplit("/", 1)[-1], "kl_coef": result.config["kl_coef"], "lr": result.config["lr"],
-                     "iterations": metrics.get("training_iteration", 0), "reward_mean": metrics.get("reward_mean"),
-                     "kl": metrics.get("kl"), "error": str(result.error).strip().splitlines()[-1] if result.error else ""})
+                     # the held-out result is one report past the last iteration
+                     "iterations": min(metrics.get("training_iteration", 0), config.ppo.iterations),
+                     "reward_mean": metrics.get("reward_mean"), "kl": metrics.get("kl"),
+                     **{key: metrics.get(key) for key in HELDOUT_KEYS},
+                     "error": str(result.error).strip().splitlines()[-1] if result.error else ""})
     table = out / "sweep_results.csv"
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    best = results.get_best_result(metric=config.sweep.metric, mode=config.sweep.mode)
-    best_config = trial_config(to_dict(config), best.config["kl_coef"], best.config["lr"], f"{config.run.name}-best")
+    if config.sweep.rank_by == "heldout":
+        best = best_trial(rows, config.sweep.kl_budget)
+        if best is None:
+            raise RuntimeError(f"no trial finished with a held-out result; see {table}")
+        if best["heldout_kl"] > config.sweep.kl_budget:
+            print(f"[sweep] no trial stayed within sweep.kl_budget {config.sweep.kl_budget:g} nats; "
+                  f"picked the one closest to it (held-out KL {best['heldout_kl']:.3g})", flush=True)
+        kl_coef, lr = best["kl_coef"], best["lr"]
+        print(f"[sweep] best by held-out gain: kl_coef {kl_coef:g}, lr {lr:g}: gain {best['heldout_gain']:+.3f} std, "
+              f"KL {best['heldout_kl']:.3g}, win-rate {best['heldout_win_rate']:.3f}", flush=True)
+    else:
+        chosen = results.get_best_result(metric=config.sweep.metric, mode=config.sweep.mode)
+        kl_coef, lr = chosen.config["kl_coef"], chosen.config["lr"]
+    best_config = trial_config(to_dict(config), kl_coef, lr, f"{config.run.name}-best")
     best_path = save_config(best_config, out, "best_config.yaml")
     return table, best_path, _plot(rows, out / "sweep.png")
 
 
 def _plot(rows: list[dict], png: Path) -> Path:
+    """Reward against KL per trial: held-out gain and KL where trials have them, else the last iteration's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    heldout = any(row["heldout_gain"] is not None for row in rows)
+    x_key, y_key = ("heldout_kl", "heldout_gain") if heldout else ("kl", "reward_mean")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row in rows:
-        if row["reward_mean"] is not None and row["kl"] is not None:
-            ax.scatter(row["kl"], row["reward_mean"])
-            ax.annotate(f"kl_coef={row['kl_coef']:g}, lr={row['lr']:g}", (row["kl"], row["reward_mean"]), fontsize=7)
-    ax.set_xlabel("KL to reference (final iteration)")
-    ax.set_ylabel("reward mean (final iteration)")
-    ax.set_title("sweep: reward vs KL per trial")
+        if row[x_key] is not None and row[y_key] is not None:
+            ax.scatter(row[x_key], row[y_key])
+            ax.annotate(f"kl_coef={row['kl_coef']:g}, lr={row['lr']:g}", (row[x_key], row[y_key]), fontsize=7)
+    if heldout:
+        ax.set_xlabel("KL to the start policy on held-out prompts (nats)")
+        ax.set_ylabel("held-out reward gain (start policy's reward std)")
+        ax.set_title("sweep: held-out gain vs KL per trial")
+    else:
+        ax.set_xlabel("KL to reference (final iteration)")
+        ax.set_ylabel("reward mean (final iteration)")
+        ax.set_title("sweep: reward vs KL per trial")
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)

@@ -355,3 +355,35 @@ def test_real_model_answers_paris(real_model_dir):
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     print(f"\n[e2e] answer: {answer!r}")
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_trainable_layers_freezes_the_embeddings_and_the_layers_below(tiny_model_dir, lora):
+    import torch
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train.model_setup import build_causal_lm, build_reward_model
+
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=1",
+                                               f"lora.enabled={str(lora).lower()}"])
+    reward = build_reward_model(config, tiny_model_dir, pad_token_id=0)
+    trainable = {name for name, p in reward.named_parameters() if p.requires_grad}
+    assert trainable and all("layers.1." in name or "norm.weight" == name.split("model.")[-1] or "score" in name
+                             for name in trainable), trainable
+    assert any("score" in name for name in trainable) and any("layers.1." in name for name in trainable)
+    assert not any("layers.0." in name or "embed_tokens" in name for name in trainable)
+    # the frozen layers get no gradient at all (autograd stops above them)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    reward(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is None for name, p in reward.named_parameters() if "layers.0." in name)
+    assert all(not p.requires_grad for name, p in build_causal_lm(config, tiny_model_dir).named_parameters()
+               if "embed_tokens" in name or "layers.0." in name)
+
+
+def test_trainable_layers_more_than_the_model_has_is_refused(tiny_model_dir):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train.model_setup import build_reward_model
+
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=3"])
+    with pytest.raises(ValueError, match="trainable_layers 3 is more than the model's 2 layers"):
+        build_reward_model(config, tiny_model_dir, pad_token_id=0)

@@ -101,9 +101,10 @@ def test_the_update_reuses_the_old_log_prob_forward_with_the_same_result(learner
     """The first micro-batch's forward, run with the old log-probs, gives the same update as running it again."""
     again = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), learner.ppo, seed=0, reuse_first_forward=False)
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
-    experiences = [make_experience(one, batch) for one in (learner, again)]
-    assert torch.equal(experiences[0].old_logprobs, experiences[1].old_logprobs)
-    reused, rerun = (one.train_step(exp) for one, exp in zip((learner, again), experiences))
+    experiences = [make_experience(one, batch) for one in (learner, again)]  # each draws the same row order
+    # the held rows ran with gradients, the others without: equal up to the kernels' rounding
+    torch.testing.assert_close(experiences[0].old_logprobs, experiences[1].old_logprobs, rtol=1e-5, atol=1e-5)
+    reused, rerun = (one.train_step(experiences[0]) for one in (learner, again))  # the same experience for both
     assert reused.pop("reused_first_forward") == 1.0 and rerun.pop("reused_first_forward") == 0.0
     assert reused == pytest.approx(rerun, rel=1e-6, abs=1e-9)
     for (name, a), b in zip(learner.module.named_parameters(), again.module.parameters()):

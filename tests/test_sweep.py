@@ -11,16 +11,17 @@ import time
 import pytest
 
 from rlhf_ray.config import load_config
+from rlhf_ray.sweep import best_trial
 
 pytestmark = pytest.mark.e2e
 
 
 def finished_trials(experiment) -> list:
-    """Trial folders whose result.json holds the final (2nd) iteration."""
+    """Trial folders whose result.json holds the held-out result reported after the final (2nd) iteration."""
     done = []
     for result in experiment.glob("run_trial_*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if rows and rows[-1].get("training_iteration") == 2:
+        if rows and "heldout_gain" in rows[-1]:
             done.append(result.parent)
     return done
 
@@ -53,9 +54,18 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
         rows = list(csv.DictReader(handle))
     assert sorted((float(r["kl_coef"]), float(r["lr"])) for r in rows) == [(0.01, 1e-4), (0.01, 1e-3), (0.1, 1e-4), (0.1, 1e-3)]
     assert all(r["iterations"] == "2" and r["error"] == "" and r["reward_mean"] for r in rows), rows
-    for trial in first:  # a trial finished before the interruption was not run again
+    for trial in first:  # a trial finished before the interruption was not run again: 2 iterations + held-out
         lines = (trial / "result.json").read_text().splitlines()
-        assert len([line for line in lines if line.strip()]) == 2
+        assert len([line for line in lines if line.strip()]) == 3
+    # every trial was evaluated on the eval split; the best config is the best held-out gain within the KL budget
+    assert all(r["heldout_gain"] and r["heldout_kl"] and r["heldout_win_rate"] for r in rows), rows
+    reports = sorted(tmp_path.glob("sw-*/eval/heldout/eval.json"))
+    assert len(reports) == 4
+    assert all("in the 'eval' split" in json.loads(p.read_text())["prompts"] for p in reports), reports[0].read_text()[:500]
+    numeric = [{**r, **{k: float(r[k]) for k in ("kl_coef", "lr", "heldout_gain", "heldout_kl", "heldout_win_rate")}}
+               for r in rows]
+    expected = best_trial(numeric, kl_budget=5.0)
     best = load_config(tmp_path / "sw" / "best_config.yaml")
-    assert (best.ppo.kl_coef, best.ppo.lr) in [(0.01, 1e-4), (0.01, 1e-3), (0.1, 1e-4), (0.1, 1e-3)]
+    assert (best.ppo.kl_coef, best.ppo.lr) == (expected["kl_coef"], expected["lr"])
+    assert "[sweep] best by held-out gain" in restored.stdout
     assert (tmp_path / "sw" / "sweep.png").is_file()

@@ -28,7 +28,27 @@ def build_causal_lm(config: Config, model_path: str | Path):
                                                  use_safetensors=True, trust_remote_code=config.model.trust_remote_code)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return _apply_lora(model, config.lora, "CAUSAL_LM") if config.lora.enabled else model
+    model = _apply_lora(model, config.lora, "CAUSAL_LM") if config.lora.enabled else model
+    freeze_below_top_layers(model, config.model.trainable_layers)
+    return model
+
+
+def freeze_below_top_layers(model, trainable_layers: int | None) -> None:
+    """Keep gradients only in the top `trainable_layers` decoder layers and what sits above them (final norm,
+    heads); the embeddings and lower layers are frozen. A tied LM head is frozen with the embeddings."""
+    if trainable_layers is None:
+        return
+    inner = transformers_model(model)
+    backbone = getattr(inner, inner.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ValueError(f"model.trainable_layers: {type(inner).__name__} has no decoder layer list to freeze below")
+    if trainable_layers > len(layers):
+        raise ValueError(f"model.trainable_layers {trainable_layers} is more than the model's {len(layers)} layers")
+    frozen = [backbone.get_input_embeddings(), *layers[: len(layers) - trainable_layers]]
+    for module in frozen:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
 
 
 def transformers_model(model):
@@ -63,7 +83,9 @@ def build_reward_model(config: Config, model_path: str | Path, pad_token_id: int
     model.config.pad_token_id = pad_token_id
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return _apply_lora(model, config.lora, "SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else model
+    model = _apply_lora(model, config.lora, "SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else model
+    freeze_below_top_layers(model, config.model.trainable_layers)
+    return model
 
 
 def reward_backbone_and_head(model):
