@@ -6,7 +6,7 @@ STAMP := $(VENV)/.rlhf-ray-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup test demo demo-tiny bench clean-venv
+.PHONY: setup test demo demo-tiny quality bench clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,15 @@ demo: setup
 demo-tiny: setup
 	test -f runs/tiny-model/config.json || $(VENV)/bin/rlhf-ray models tiny runs/tiny-model
 	$(VENV)/bin/rlhf-ray pipeline configs/tiny.yaml
+
+# The real-data recipe (configs/hh-rlhf.yaml; the files in ../shared/data): a judge reward model on half b
+# of the hh-rlhf training split, then SFT -> RM -> PPO on half a and the eval on the test prompts, judged
+# by both reward models. Finished stages are skipped on a rerun. Figures: bench/QUALITY.md.
+QUALITY_JUDGE := runs/hh-rlhf-judge/rm/model
+quality: setup
+	@test -d ../shared/data/hh-rlhf -a -d ../shared/data/self-instruct || { echo "make quality reads ../shared/data/hh-rlhf and ../shared/data/self-instruct (see configs/hh-rlhf.yaml); not found"; exit 1; }
+	test -f $(QUALITY_JUDGE)/export.json || $(VENV)/bin/rlhf-ray rm configs/hh-rlhf.yaml run.name=hh-rlhf-judge data.train_part=b rm.max_steps=120
+	$(VENV)/bin/rlhf-ray pipeline configs/hh-rlhf.yaml "eval.extra_reward_models=[$(QUALITY_JUDGE)]"
 
 # Benchmarks vs TRL and this machine's matmul ceiling (not tests; see bench/README.md). About 85 minutes
 # on 2 quiet cores; `make bench BENCH_ARGS=--quick` is a smoke run of a few minutes.

@@ -387,3 +387,21 @@ def test_trainable_layers_more_than_the_model_has_is_refused(tiny_model_dir):
     config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=3"])
     with pytest.raises(ValueError, match="trainable_layers 3 is more than the model's 2 layers"):
         build_reward_model(config, tiny_model_dir, pad_token_id=0)
+
+
+def test_cpu_bf16_is_chosen_from_model_precision_and_the_cpu_flags():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train.model_setup import cpu_autocast_bf16, cpu_bf16_features
+
+    cpuinfo = "processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n"
+    assert cpu_bf16_features(cpuinfo) == ["avx512_bf16"]
+    assert cpu_bf16_features("flags : fpu amx_bf16 avx512_bf16\n") == ["amx_bf16", "avx512_bf16"]
+    assert cpu_bf16_features("flags : fpu avx2\n") == []
+
+    def choice(precision, features):
+        return cpu_autocast_bf16(load_config("configs/tiny.yaml", [f"model.precision={precision}"]), features)
+
+    assert choice("fp32", ["amx_bf16"])[0] is False
+    assert choice("auto", ["amx_bf16"]) == (True, "bf16-mixed (model.precision auto: CPU has amx_bf16)")
+    assert choice("auto", []) == (False, "fp32 (model.precision auto: CPU has neither AMX nor AVX512-BF16)")
+    assert choice("bf16-mixed", [])[0] is True and "no native bf16" in choice("bf16-mixed", [])[1]

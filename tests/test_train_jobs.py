@@ -110,6 +110,31 @@ def test_rm_job(ray_local, tmp_path, tiny_model_dir, zero, lora):
     assert alone[0].item() == pytest.approx(chosen[0].item(), abs=1e-5)
 
 
+def test_rm_job_in_bf16_mixed_precision_training_only_the_top_layer(ray_local, tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, "rm-bf16", *ONE_WORKER.split(), "model.precision=bf16-mixed",
+                         "model.trainable_layers=1", "rm.lr=1e-3")
+    result = run_stage(config, "rm")
+    untrained, *rows = metrics(result.output_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    base, after = weights(tiny_model_dir), weights(result.model_dir)
+    assert all(t.dtype == torch.float32 for t in after.values())  # fp32 master weights are what is exported
+    changed = changed_keys(base, after)
+    assert changed and all(k.startswith("model.layers.1.") or k == "model.norm.weight" for k in changed), changed
+    assert "score.weight" in after
+    # the exported model, run under the same autocast, scores the held-out pairs as training's eval did
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_ray.models.loading import load_tokenizer
+    from rlhf_ray.train.batches import collate_pairs
+
+    tokenizer = load_tokenizer(result.model_dir)
+    _, eval_rows, _ = prepare_rows(config, "rm", tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(str(result.model_dir))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = model(**collate_pairs(eval_rows, tokenizer.pad_token_id)).logits.squeeze(-1).float()
+    assert rewards.mean().item() == pytest.approx(rows[-1]["eval_reward_mean"], abs=0.05)
+
+
 def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, tiny_model_dir, capfd):
     """4 steps straight == 4 steps with a worker dying at step 3 (Ray Train restarts it from the
     step-2 checkpoint) == 4 steps stopped at step 3 and rerun under the same name == the straight run

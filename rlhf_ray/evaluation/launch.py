@@ -70,7 +70,8 @@ def _batches(n: int) -> list[range]:
 
 
 def display_names(paths: list[str], given: list[str]) -> list[str]:
-    """Short names for report columns: the given ones, else `<parent>/<folder>` (run stage folders are all 'model')."""
+    """Short names for report columns: the given ones, else the folder name; a run's stage folders (all
+    named 'model') as `<run>/<stage>`."""
     if given:
         if len(given) != len(paths):
             raise ValueError(f"{len(given)} names given for {len(paths)} models")
@@ -78,7 +79,7 @@ def display_names(paths: list[str], given: list[str]) -> list[str]:
     names = []
     for path in paths:
         p = Path(path)
-        name = f"{p.parent.name}/{p.name}" if p.name == "model" else p.name
+        name = f"{p.parent.parent.name}/{p.parent.name}" if p.name == "model" else p.name
         names.append(name if name not in names else f"{name}#{len(names)}")
     return names
 

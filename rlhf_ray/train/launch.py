@@ -13,7 +13,7 @@ from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
-from rlhf_ray.train.model_setup import deepspeed_config
+from rlhf_ray.train.model_setup import cpu_autocast_bf16, deepspeed_config
 
 
 @dataclass
@@ -76,7 +76,7 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rlhf_ray.ray_session import connect
-    from rlhf_ray.run_log import plot_curves
+    from rlhf_ray.run_log import plot_curves, read_metrics
     from rlhf_ray.train.worker import train_fn_per_worker
 
     stage_config = getattr(config, stage)
@@ -87,6 +87,9 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
     train, held_out, summary = prepare_rows(config, stage, tokenizer)
     print(f"[{stage}] data: {summary}", flush=True)
     ds = deepspeed_config(config, stage_config, config.resources.num_workers)
+    if not config.resources.use_gpu:
+        print(f"[{stage}] precision on this node's CPU: {cpu_autocast_bf16(config)[1]} (each worker prints its own)",
+              flush=True)
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
     print(f"[{stage}] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
@@ -112,6 +115,12 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
     result = trainer.fit()
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: {stage}")
     print(f"[{stage}] done: model {out / 'model'}" + (f", curves {png}" if png else ""), flush=True)
+    evals = [row for row in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval_") for k in row)]
+    if evals:
+        print(f"[{stage}] held-out eval at step {evals[-1]['step']}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in evals[-1].items() if k.startswith("eval_")) + (
+            f" (step 0: {evals[0]['eval_accuracy']:.4g})" if "eval_accuracy" in evals[0] and len(evals) > 1 else ""),
+            flush=True)
     return StageResult(out, out / "model", dict(result.metrics or {}))
 
 
