@@ -56,14 +56,10 @@ def run_pipeline(config: Config) -> dict[str, Path]:
 def run_eval_stage(config: Config) -> dict:
     """`eval policy` of the starting policy and the PPO policy on the test split of `data.prompts`
     (prompts no stage trained on), judged by the run's reward model and `eval.extra_reward_models`."""
-    from rlhf_ray.evaluation.launch import PolicyEvalRequest, default_eval_dir, run_eval_policy, run_models
+    from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
 
-    found = run_models(config)
-    request = PolicyEvalRequest(
-        policies=[str(p) for p in found.policies], reward_models=[str(found.reward), *config.eval.extra_reward_models],
-        data=config.data.prompts.path, format=config.data.prompts.format, split="test",
-        limit=config.eval.prompts_limit, samples_per_prompt=config.eval.samples_per_prompt,
-        names=["start", "ppo"][: len(found.policies)])
+    request = run_start_vs_ppo(config, "test", config.eval.prompts_limit, config.eval.extra_reward_models,
+                               config.eval.samples_per_prompt)
     return run_eval_policy(config, request, default_eval_dir(config, "policy"))
 
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from rlhf_ray.config import Config, config_from_dict, save_config
+from rlhf_ray.run_log import read_metrics
 from rlhf_ray.typed_yaml import to_dict
 
 
@@ -63,7 +64,7 @@ def run_trial(params: dict) -> None:
         with checkpoint.as_directory() as folder:
             result = run_ppo(config, checkpoint=Path(folder), on_iteration=report)
     if config.sweep.rank_by == "heldout":
-        last = result.final_metrics or last_metrics(result.output_dir / "metrics.jsonl")
+        last = result.final_metrics or (read_metrics(result.output_dir / "metrics.jsonl") or [{}])[-1]
         tune.report({**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **heldout_metrics(config)})
 
 
@@ -72,14 +73,11 @@ HELDOUT_KEYS = ("heldout_gain", "heldout_kl", "heldout_win_rate")
 
 def heldout_metrics(config: Config) -> dict:
     """The trial's PPO policy against its start on `sweep.eval_prompts` prompts of the eval split, by the run's RM."""
-    from rlhf_ray.evaluation.launch import PolicyEvalRequest, default_eval_dir, run_eval_policy, run_models
+    from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
 
-    found = run_models(config)
-    if len(found.policies) < 2:
+    request = run_start_vs_ppo(config, "eval", config.sweep.eval_prompts)
+    if len(request.policies) < 2:
         raise RuntimeError(f"the trial exported no PPO model under {config.run.path / 'ppo'} to evaluate")
-    request = PolicyEvalRequest(
-        policies=[str(p) for p in found.policies], reward_models=[str(found.reward)], data=config.data.prompts.path,
-        format=config.data.prompts.format, split="eval", limit=config.sweep.eval_prompts, names=["start", "ppo"])
     return heldout_row(run_eval_policy(config, request, default_eval_dir(config, "heldout")))
 
 
@@ -88,14 +86,6 @@ def heldout_row(results: dict) -> dict:
     ppo = results["policies"]["ppo"]
     (reward,) = ppo["reward"].values()
     return dict(zip(HELDOUT_KEYS, (reward["gain_in_first_std"], ppo["kl_to_first"], reward["win_rate_vs_first"]["rate"])))
-
-
-def last_metrics(path: Path) -> dict:
-    """The last row of a metrics.jsonl ({} when there is none)."""
-    import json
-
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
 
 
 def best_trial(rows: list[dict], kl_budget: float) -> dict | None:

@@ -48,6 +48,17 @@ def run_models(config: Config) -> RunModels:
     return RunModels([paths.policy] + ([ppo_model] if is_exported(ppo_model) else []), paths.reward)
 
 
+def run_start_vs_ppo(config: Config, split: str, limit: int | None, extra_reward_models: list[str] = (),
+                     samples_per_prompt: int = 1) -> PolicyEvalRequest:
+    """The request that compares a run's starting policy with its PPO model (named start / ppo) on a split
+    of `data.prompts`, judged by the run's reward model and `extra_reward_models`."""
+    found = run_models(config)
+    return PolicyEvalRequest(
+        policies=[str(p) for p in found.policies], reward_models=[str(found.reward), *extra_reward_models],
+        data=config.data.prompts.path, format=config.data.prompts.format, split=split, limit=limit,
+        samples_per_prompt=samples_per_prompt, names=["start", "ppo"][: len(found.policies)])
+
+
 def default_eval_dir(config: Config, kind: str) -> Path:
     return (config.run.path / "eval" / kind).resolve()
 
