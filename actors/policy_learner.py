@@ -24,6 +24,7 @@ from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
 from rlhf_ray.models.loading import default_device, load_causal_lm
+from rlhf_ray.models.precision import Precision, autocast, resolve_precision
 from rlhf_ray.ppo.experience import Experience
 from rlhf_ray.ppo.forward import ResponseOutputs, response_forward
 from rlhf_ray.ppo.sequences import PackedBatch
@@ -120,7 +121,7 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
 
 class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
-                 seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None,
+                 precision: str = "fp32", seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None,
                  update_threads: int | None = None, reuse_first_forward: bool = True):
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -136,6 +137,11 @@ class PolicyLearner:
         self.ppo = ppo
         self.module = PolicyWithValueHead(self.model, self.value_head, ppo.temperature)
         self.engine = start_deepspeed(self.module, self.trainable_parameters(), deepspeed_config) if deepspeed_config else None
+        if deepspeed_config and deepspeed_config.get("bf16", {}).get("enabled"):
+            self.precision = Precision(False, "bf16 (deepspeed.bf16)")  # the engine casts the model itself
+        else:
+            self.precision = resolve_precision(precision, self.device.type)
+        print(f"[learner] device {self.device}, precision {self.precision.why}", flush=True)
         self.optimizer = None if self.engine is not None else torch.optim.AdamW(self.trainable_parameters(), lr=ppo.lr, **LEARNER_ADAMW)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order
         self.version = 0  # bumped by every update
@@ -149,7 +155,9 @@ class PolicyLearner:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     def _forward(self, batch: PackedBatch, entropy: bool = False):
-        return (self.engine if self.engine is not None else self.module)(batch, entropy=entropy)
+        """Log-probs, entropy and values (fp32, from bf16 logits under bf16-mixed precision)."""
+        with autocast(self.precision, self.device.type):
+            return (self.engine if self.engine is not None else self.module)(batch, entropy=entropy)
 
     def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) old log-probs and values, with the same code path the update uses.

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.models.loading import default_device, torch_dtype
+from rlhf_ray.models.precision import autocast, resolve_precision
 
 
 class RewardModel:
@@ -18,12 +19,14 @@ class RewardModel:
     """
 
     def __init__(self, model_path: str, *, dtype: str = "float32", normalize: bool = True, clip: float = 10.0,
-                 eos_token_id: int, end_of_turn_suffix: list[int], trust_remote_code: bool = False):
+                 eos_token_id: int, end_of_turn_suffix: list[int], trust_remote_code: bool = False,
+                 precision: str = "fp32"):
         from transformers import AutoModelForSequenceClassification
 
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code).to(default_device()).eval()
         self.model.requires_grad_(False)
+        self.precision = resolve_precision(precision, self.model.device.type)  # scores are taken in fp32
         self.pad_id = self.model.config.pad_token_id
         self.eos_token_id, self.suffix = eos_token_id, list(end_of_turn_suffix)
         self.mean, self.std = 0.0, 1.0
@@ -43,7 +46,9 @@ class RewardModel:
         input_ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in sequences])
         attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
         device = self.model.device
-        raw = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.squeeze(-1).float().cpu()
+        with autocast(self.precision, device.type):
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        raw = logits.squeeze(-1).float().cpu()
         return ((raw - self.mean) / self.std).clamp(-self.clip, self.clip)
 
     def ready(self) -> bool:

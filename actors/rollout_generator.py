@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Optional
 
 
+def narrowing_load_warnings(record: logging.LogRecord) -> bool:
+    """A logging filter: False for vLLM's "Attempted to load weight ... with dtype" warnings."""
+    return not str(record.msg).startswith("Attempted to load weight %s with dtype")
+
+
 @dataclass
 class SamplingSpec:
     max_new_tokens: int
@@ -45,8 +50,17 @@ class RolloutGenerator:
     def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
                  enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
                  seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True, threads: int | None = None,
-                 threads_shared_by: int = 1):
+                 threads_shared_by: int = 1, precision: str = "fp32"):
         import torch
+
+        from rlhf_ray.models.precision import resolve_precision
+
+        # bf16 where the learner computes in bf16 (same device kind, same model.precision), so the two agree
+        chosen = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = chosen.vllm_dtype or dtype
+        print(f"[generator] vLLM dtype {dtype} (precision {chosen.why})", flush=True)
+        if chosen.vllm_dtype:  # fp32 checkpoints load into bf16 parameters as asked: one warning per tensor otherwise
+            logging.getLogger("vllm.model_executor.models.utils").addFilter(narrowing_load_warnings)
 
         # The engine core runs in this process, so `load_merged_weights` hands its (name, tensor)
         # pairs straight to the worker (across vLLM's process boundary they would arrive as lists).

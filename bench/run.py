@@ -1,4 +1,4 @@
-"""`python -m bench.run [--suite all|ceiling|rm|sft|ppo|rollout|rollout-bf16|scaling] [--repeats N] [--quick]`
+"""`python -m bench.run [--suite all|ceiling|rm|rm-quality|sft|ppo|rollout|rollout-bf16|scaling] [--repeats N] [--quick]`
 
 Runs the suites, prints a table per suite, writes bench/RESULTS.md and the raw per-run JSON
 (bench/results/ for full runs, bench/out/results/ for --quick smoke runs).
@@ -23,9 +23,9 @@ from bench.common import BENCH, OUT, Progress, fmt_duration, rel
 from bench.context import Context
 from bench.settings import PRECISION
 
-SUITES = ("ceiling", "rm", "sft", "ppo", "rollout", "rollout-bf16", "scaling")
-NEEDS_TRL = {"rm", "sft", "ppo"}
-SYSTEMS = {"rm": ["rlhf-ray", "trl"], "sft": ["rlhf-ray", "trl"], "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
+SUITES = ("ceiling", "rm", "rm-quality", "sft", "ppo", "rollout", "rollout-bf16", "scaling")
+NEEDS_TRL = {"rm", "rm-quality", "sft", "ppo"}
+SYSTEMS = {"rm": ["rlhf-ray", "trl"], "rm-quality": ["rlhf-ray", "trl"], "sft": ["rlhf-ray", "trl"], "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
            "rollout": ["rlhf-ray", "transformers", "rlhf-ray-adapter"], "rollout-bf16": ["rlhf-ray", "transformers"]}
 
 
@@ -76,6 +76,7 @@ def run_suite(ctx: Context, suite: str) -> dict:
     from bench import suites_ppo, suites_rollout, suites_train
 
     runners = {"ceiling": suites_train.ceiling, "rm": lambda c: suites_train.training_suite(c, "rm"),
+               "rm-quality": suites_train.rm_quality,
                "sft": lambda c: suites_train.training_suite(c, "sft"), "ppo": suites_ppo.ppo,
                "rollout": suites_rollout.rollout, "rollout-bf16": lambda c: suites_rollout.rollout(c, "bfloat16"),
                "scaling": suites_ppo.scaling}

@@ -17,6 +17,8 @@ FULL: dict[str, dict] = {
     "rm": {"data": "hh-rlhf/helpful-online/test.jsonl.gz", "format": "hh-rlhf", "limit": 400, "max_length": 192,
            "eval_fraction": 0.06, "batch_per_worker": 8, "workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
            "chunk_size": 4, "steps": 6, "lr": 1e-5},
+    # the real-data recipe's reward model (one pass over half a of the training split) vs TRL's RewardTrainer
+    "rm-quality": {"config": "configs/hh-rlhf.yaml", "steps": 180, "batch": 8, "lr": 1e-4, "extra_overrides": []},
     "sft": {"data": "self-instruct/seed_tasks.jsonl", "format": "self-instruct", "limit": None, "max_length": 256,
             "eval_fraction": 0.1, "batch_per_worker": 8, "workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
             "chunk_size": 4, "steps": 8, "lr": 2e-5},
@@ -31,16 +33,18 @@ FULL: dict[str, dict] = {
 QUICK_CHANGES: dict[str, dict] = {
     "ceiling": {"sizes": [256, 512, 1024], "seconds": 0.25, "windows": 3},
     "rm": {"limit": 60, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
+    "rm-quality": {"steps": 2, "batch": 2, "extra_overrides": ["data.preference.limit=300"]},
     "sft": {"limit": 40, "max_length": 160, "eval_fraction": 0.1, "batch_per_worker": 1, "steps": 3},
     "ppo": {"iterations": 2, "rollout_batch": 4, "minibatch": 2, "epochs": 2, "max_new_tokens": 8},
     "rollout": {"batches": [4, 8], "max_new_tokens": 8, "kv_cache_gib": 1},
     "scaling": {"batches": [4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
 }
 
-DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "sft": 3, "ppo": 3, "rollout": 3, "rollout-bf16": 3, "scaling": 1}
+DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "rm-quality": 1, "sft": 3, "ppo": 3, "rollout": 3, "rollout-bf16": 3, "scaling": 1}
 
 # Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
-ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "sft:rlhf-ray": 130, "sft:trl": 100,
+ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "rm-quality:rlhf-ray": 900,
+              "rm-quality:trl": 1800, "sft:rlhf-ray": 130, "sft:trl": 100,
               "ppo:rlhf-ray": 245, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 200,
               "rollout:transformers": 110, "rollout:rlhf-ray-adapter": 290,
               "rollout-bf16:rlhf-ray": 120, "rollout-bf16:transformers": 70,

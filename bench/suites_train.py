@@ -1,4 +1,5 @@
-"""The ceiling suite, and the rm and sft suites (rlhf-ray's Ray Train + DeepSpeed job vs TRL's trainer)."""
+"""The ceiling suite, the rm and sft suites (rlhf-ray's Ray Train + DeepSpeed job vs TRL's trainer: speed) and the
+rm-quality suite (the real-data recipe's reward model vs TRL's RewardTrainer at its defaults: held-out accuracy)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,52 @@ def training_suite(ctx: Context, suite: str) -> dict:
                       row(rows, "mfu")["values"]["rlhf-ray"]["median"], 40.0, "%")]
     return {"suite": suite, "settings": settings, "systems": ["rlhf-ray", "trl"], "runs": [r.to_dict() for r in runs],
             "rows": rows, "targets": targets}
+
+
+def rm_quality(ctx: Context) -> dict:
+    """The recipe's reward model (configs/hh-rlhf.yaml) and TRL's RewardTrainer at TRL's defaults, trained on the
+    same pairs in the same order, both scored on the recipe's held-out split by the same code (rm_score)."""
+    s = sizes("rm-quality", ctx.quick)
+    data_file = ctx.work / "rm-quality-rows.json"
+
+    def overrides(name: str) -> list[str]:
+        return [f"run.output_dir={ctx.work}/runs", f"run.name={name}", f"rm.max_steps={s['steps']}",
+                f"rm.batch_size={s['batch']}", f"rm.lr={s['lr']}", "rm.eval_every=0", "rm.checkpoint_every=0",
+                *s["extra_overrides"]]
+
+    shared = ctx.prep("rm-quality", {"kind": "rm", "config": s["config"], "data_out": str(data_file),
+                                     "overrides": overrides("bench-rm-quality-prep")})
+    settings = {"model": shared["model_path"], "rows": shared["summary"], "pairs trained": s["steps"] * s["batch"],
+                "rlhf-ray": f"{s['config']} as committed (its model.precision, model.trainable_layers, data lengths), "
+                            f"{s['steps']} steps of {s['batch']} pairs, lr {s['lr']}",
+                "TRL": f"RewardTrainer at TRL's defaults (bf16 autocast with fp32 weights, gradient checkpointing, every "
+                       f"layer trained), the same pairs in the same order, lr {s['lr']}, cosine schedule",
+                "held-out": f"{shared['n_eval']} pairs of the recipe's eval split, each side's exported model scored in fp32 "
+                            "by bench/workers/rm_score.py",
+                "rlhf-ray run (CLI equivalent)": "`" + " ".join(["rlhf-ray", "rm", s["config"],
+                                                                 *overrides("bench-rm-quality-0")]) + "`"}
+    print_settings("rm-quality", settings)
+    rlhf = System("rlhf-ray", "bench.workers.train_rlhf", lambda i: {
+        "stage": "rm", "config": s["config"], "data": str(data_file), "score_heldout": True,
+        "overrides": overrides(f"bench-rm-quality-{i}")})
+    trl = System("trl", "bench.workers.train_trl", lambda i: {
+        "stage": "rm", "data": str(data_file), "model_path": shared["model_path"], "steps": s["steps"],
+        "global_batch": s["batch"], "lr": s["lr"], "max_length": None, "bf16": True, "gradient_checkpointing": True},
+        trl_env())
+    runs = ctx.alternate("rm-quality", [rlhf, trl])
+    rows = table(runs, ["rlhf-ray", "trl"], [
+        Metric("accuracy", "held-out pairwise accuracy (same scorer)", "", True,
+               safe(lambda r: r.result["heldout_accuracy"])),
+        Metric("job_accuracy", "held-out accuracy from rlhf-ray's own end-of-job eval", "", True,
+               safe(lambda r: r.result.get("job_eval_accuracy")), compare=False),
+        Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False,
+               safe(lambda r: r.result["call_s"])),
+        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s))])
+    accuracy = row(rows, "accuracy")
+    targets = [target("RM held-out accuracy >= TRL RewardTrainer's at the same pairs", accuracy["advantage"]["trl"], 1.0),
+               target("RM held-out accuracy >= 0.62", accuracy["values"]["rlhf-ray"]["median"], 0.62, "")]
+    return {"suite": "rm-quality", "settings": settings, "systems": ["rlhf-ray", "trl"],
+            "runs": [r.to_dict() for r in runs], "rows": rows, "targets": targets}
 
 
 def cli(command: str, overrides: list[str]) -> str:

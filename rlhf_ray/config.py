@@ -30,9 +30,11 @@ class ModelConfig:
     dtype: Dtype = "float32"  # weights/compute dtype; bfloat16 on hardware that has it
     trust_remote_code: bool = False  # run code shipped with a model folder; off unless you trust it
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    # SFT/RM jobs on CPU: fp32, or bf16-mixed (fp32 weights and optimizer state, bf16 matmuls through
-    # torch.autocast; losses in fp32). auto = bf16-mixed where the CPU has AMX or AVX512-BF16, else fp32.
-    # On GPUs the DeepSpeed jobs follow deepspeed.bf16 (default: bf16 where the GPU supports it).
+    # Every stage: fp32, or bf16-mixed (fp32 weights and optimizer state, bf16 matmuls through torch.autocast;
+    # losses, log-probs, KL and rewards in fp32; the vLLM generator in bf16). auto = bf16-mixed where the
+    # device has native bf16 matmuls (a CPU with AMX or AVX512-BF16, a GPU with bf16), else fp32; each
+    # process decides for its own device and prints its choice. The SFT/RM DeepSpeed jobs on GPUs follow
+    # deepspeed.bf16 (default: bf16 where the GPU supports it).
     precision: Literal["fp32", "bf16-mixed", "auto"] = "fp32"
     # SFT/RM: train only the top N transformer layers (with the final norm and the head); the embeddings and
     # the layers below stay frozen, so no gradient is computed under them. None = every layer.

@@ -204,3 +204,30 @@ def test_a_model_that_ignores_position_ids_is_refused_at_start(tiny_model_dir, t
     monkeypatch.setattr(tasks, "build_reward_model", lambda *a: model)
     with pytest.raises(ValueError, match="rm.shared_prompt=false"):
         TASKS["rm"].build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_bf16_mixed_loss_is_fp32_and_within_bf16_tolerance_of_the_fp32_loss(stage, tiny_model_dir, tiny_tokenizer):
+    """The jobs' bf16-mixed context (autocast over fp32 weights): the loss is an fp32 tensor near the fp32 loss,
+    and fp32 gradients reach the fp32 weights, near the fp32 run's but not equal to them (bf16 matmuls ran)."""
+    from rlhf_ray.models.precision import Precision, autocast
+
+    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    task = TASKS[stage]
+    torch.manual_seed(0)
+    model = task.build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
+    chunks = task.collate(rows_of_many_lengths(stage, tiny_tokenizer), tiny_tokenizer.pad_token_id, 0, config)
+    exact, _, exact_grads = loss_sums_and_grads(task, model, chunks, config)
+    with autocast(Precision(True, "bf16-mixed (test)")):
+        model.zero_grad()
+        mixed, _ = task.loss_and_sums(model, chunks, config)
+    mixed.backward()
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(exact, rel=2e-2)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == exact_grads.keys()
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    assert any(not torch.equal(grads[name], exact_grads[name]) for name in grads)
+    for name in grads:
+        scale = float(exact_grads[name].abs().max())
+        torch.testing.assert_close(grads[name], exact_grads[name], rtol=0, atol=max(0.1 * scale, 1e-6), msg=name)

@@ -389,19 +389,24 @@ def test_trainable_layers_more_than_the_model_has_is_refused(tiny_model_dir):
         build_reward_model(config, tiny_model_dir, pad_token_id=0)
 
 
-def test_cpu_bf16_is_chosen_from_model_precision_and_the_cpu_flags():
-    from rlhf_ray.config import load_config
-    from rlhf_ray.train.model_setup import cpu_autocast_bf16, cpu_bf16_features
+def test_precision_is_chosen_from_model_precision_and_the_device():
+    from rlhf_ray.models.precision import cpu_bf16_features, resolve_precision
 
     cpuinfo = "processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n"
     assert cpu_bf16_features(cpuinfo) == ["avx512_bf16"]
     assert cpu_bf16_features("flags : fpu amx_bf16 avx512_bf16\n") == ["amx_bf16", "avx512_bf16"]
     assert cpu_bf16_features("flags : fpu avx2\n") == []
 
-    def choice(precision, features):
-        return cpu_autocast_bf16(load_config("configs/tiny.yaml", [f"model.precision={precision}"]), features)
-
-    assert choice("fp32", ["amx_bf16"])[0] is False
-    assert choice("auto", ["amx_bf16"]) == (True, "bf16-mixed (model.precision auto: CPU has amx_bf16)")
-    assert choice("auto", []) == (False, "fp32 (model.precision auto: CPU has neither AMX nor AVX512-BF16)")
-    assert choice("bf16-mixed", [])[0] is True and "no native bf16" in choice("bf16-mixed", [])[1]
+    assert resolve_precision("fp32", cpu_features=["amx_bf16"]).bf16 is False
+    auto_amx = resolve_precision("auto", cpu_features=["amx_bf16"])
+    assert (auto_amx.bf16, auto_amx.why) == (True, "bf16-mixed (model.precision auto: CPU has amx_bf16)")
+    assert auto_amx.vllm_dtype == "bfloat16"
+    plain = resolve_precision("auto", cpu_features=[])
+    assert (plain.bf16, plain.why) == (False, "fp32 (model.precision auto: CPU has neither AMX nor AVX512-BF16)")
+    assert plain.vllm_dtype is None
+    forced = resolve_precision("bf16-mixed", cpu_features=[])
+    assert forced.bf16 is True and "no native bf16" in forced.why
+    assert resolve_precision("auto", "cuda", cuda_bf16=True).why == "bf16-mixed (model.precision auto: GPU has bf16)"
+    assert resolve_precision("auto", "cuda", cuda_bf16=False).bf16 is False
+    with pytest.raises(ValueError, match="model.precision must be one of fp32, bf16-mixed, auto, got 'bf16'"):
+        resolve_precision("bf16")

@@ -52,6 +52,27 @@ def test_learner_logprobs_match_a_fresh_forward_pass(learner, tiny_model_dir):
     assert torch.allclose(reference, logprobs, atol=1e-5)
 
 
+def test_bf16_mixed_learner_and_reference_give_fp32_logprobs_close_to_fp32(learner, tiny_model_dir):
+    """bf16-mixed: fp32 weights, bf16 matmuls; log-probs and values come out in fp32, near the fp32 ones,
+    the reference agrees with the learner at version 0, and an update trains the fp32 adapter."""
+    ppo = PPOConfig(rollout_batch_size=2, minibatch_size=2, micro_batch_size=1, ppo_epochs=2, lr=1e-2)
+    mixed = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=0, precision="bf16-mixed")
+    assert mixed.precision.bf16 and next(mixed.model.parameters()).dtype == torch.float32
+    batch = pack(PROMPTS, RESPONSES, pad_id=0)
+    exact, _ = learner.logprobs_and_values(batch)
+    logprobs, values = mixed.logprobs_and_values(batch)
+    assert logprobs.dtype == values.dtype == torch.float32
+    assert not torch.equal(logprobs, exact)  # the matmuls did run in bf16
+    torch.testing.assert_close(logprobs, exact, atol=0.05, rtol=0)
+    reference = ReferenceModel(str(tiny_model_dir), precision="bf16-mixed").logprobs(batch)
+    torch.testing.assert_close(reference, logprobs, atol=1e-5, rtol=0)
+    lora_before = {n: p.detach().clone() for n, p in mixed.model.named_parameters() if "lora_B" in n}
+    stats = mixed.train_step(make_experience(mixed, batch))
+    assert stats["skipped_steps"] == 0 and mixed.version == 1
+    assert all(not torch.equal(p, lora_before[n]) for n, p in mixed.model.named_parameters() if "lora_B" in n)
+    assert all(p.dtype == torch.float32 for n, p in mixed.model.named_parameters() if "lora_" in n)
+
+
 def test_response_only_projection_matches_the_whole_forward(learner, monkeypatch):
     """Log-probs, entropy, values and their gradients are the same as with the model's own forward, which
     projects every position to the vocabulary."""

@@ -46,7 +46,8 @@ def brevity_reward_dir(tmp_path_factory, smollm2_dir):
     return folder
 
 
-def test_ppo_learns_to_answer_briefly(ray_local, tmp_path, smollm2_dir, brevity_reward_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_ppo_learns_to_answer_briefly(ray_local, tmp_path, smollm2_dir, brevity_reward_dir, precision):
     from rlhf_ray.ppo.run import run_ppo
 
     prompts = tmp_path / "prompts.jsonl"
@@ -54,7 +55,7 @@ def test_ppo_learns_to_answer_briefly(ray_local, tmp_path, smollm2_dir, brevity_
         for line in source:
             target.write(json.dumps({"prompt": json.loads(line)["prompt"] + PROMPT_SUFFIX}) + "\n")
     config = load_config("configs/demo.yaml", [f"data.prompts.path={prompts}",
-        f"run.output_dir={tmp_path}", "run.name=learn", f"ppo.policy_model={smollm2_dir}",
+        f"run.output_dir={tmp_path}", f"run.name=learn-{precision}", f"model.precision={precision}", f"ppo.policy_model={smollm2_dir}",
         f"ppo.reward_model={brevity_reward_dir}", f"ppo.iterations={ITERATIONS}", "ppo.rollout_batch_size=8",
         "ppo.responses_per_prompt=2", "ppo.minibatch_size=8", "ppo.ppo_epochs=2", "ppo.lr=1e-4",
         f"ppo.max_new_tokens={MAX_NEW_TOKENS}", "ppo.normalize_reward=false", "ppo.checkpoint_every=0",
@@ -65,9 +66,10 @@ def test_ppo_learns_to_answer_briefly(ray_local, tmp_path, smollm2_dir, brevity_
     rewards = [r["reward_mean"] for r in rows]
     before, after = sum(finished[:3]) / 3, sum(finished[-3:]) / 3
     max_kl = max(r["kl"] for r in rows)
-    print(f"\nPPO learning check (SmolLM2-135M-Instruct, {ITERATIONS} iterations): finished share {before:.2f} -> "
+    gap = max(r["generator_logprob_gap"] for r in rows)
+    print(f"\nPPO learning check (SmolLM2-135M-Instruct, {precision}, {ITERATIONS} iterations): finished share {before:.2f} -> "
           f"{after:.2f} (needed +{MARGIN}); reward {sum(rewards[:3]) / 3:.3f} -> {sum(rewards[-3:]) / 3:.3f}; "
-          f"max KL {max_kl:.3f} (bound {KL_BOUND})")
+          f"max KL {max_kl:.3f} (bound {KL_BOUND}); largest generator log-prob gap {gap:.2g}")
     assert after - before >= MARGIN, finished
     assert sum(rewards[-3:]) > sum(rewards[:3]), rewards
     assert max_kl < KL_BOUND

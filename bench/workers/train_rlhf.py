@@ -42,6 +42,15 @@ def per_step_seconds(metrics: list[dict], rows_in_order: list[dict], rows_per_st
     return steps
 
 
+def score_exported(folder: Path, data: dict, batch: int) -> float:
+    from transformers import AutoModelForSequenceClassification
+
+    from bench.workers.rm_score import heldout_accuracy
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype="float32", use_safetensors=True)
+    return heldout_accuracy(model, data["eval"], data["pad_id"], batch)
+
+
 def run(spec: dict) -> dict:
     import ray
 
@@ -71,6 +80,9 @@ def run(spec: dict) -> dict:
            "final_metrics": final}
     if stage == "rm":
         out["heldout_accuracy"] = final.get("eval_accuracy")
+        if spec.get("score_heldout"):  # the exported model scored as the peer's is (rm_score), beside the job's own eval
+            out["job_eval_accuracy"] = out["heldout_accuracy"]
+            out["heldout_accuracy"] = score_exported(result.output_dir / "model", data, stage_config.batch_size)
     else:
         out["eval_loss"] = final.get("eval_loss")
     if not spec.get("keep_outputs"):

@@ -3,7 +3,8 @@
 The rows come pre-tokenized from prep (chat template applied by rlhf-ray's code, same truncation),
 in rlhf-ray's consumption order, read by a sequential sampler: step k sees the same pairs or
 examples on both sides. fp32, no gradient checkpointing (TRL's default turns it on; off is faster
-here and matches rlhf-ray), same lr, batch, steps, clipping and weight decay.
+here and matches rlhf-ray), same lr, batch, steps, clipping and weight decay; the rm-quality suite
+asks for TRL's own defaults instead (`bf16` autocast, gradient checkpointing).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.workers._io import main, steady  # noqa: E402
+from bench.workers.rm_score import heldout_accuracy  # noqa: E402
 
 
 def step_clock():
@@ -40,29 +42,11 @@ def step_clock():
 def common_args(spec: dict, output_dir: str) -> dict:
     return dict(output_dir=output_dir, per_device_train_batch_size=spec["global_batch"],
                 per_device_eval_batch_size=spec["global_batch"], max_steps=spec["steps"], learning_rate=spec["lr"],
-                lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, bf16=False,
-                gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+                lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
+                bf16=spec.get("bf16", False), gradient_checkpointing=spec.get("gradient_checkpointing", False),
+                logging_steps=1, save_strategy="no", report_to="none",
                 train_sampling_strategy="sequential", include_num_input_tokens_seen="non_padding",
                 dataloader_num_workers=0, seed=0, disable_tqdm=True, model_init_kwargs={"dtype": "float32"})
-
-
-def heldout_accuracy(model, rows: list[dict], pad_id: int, batch: int) -> float:
-    """Share of held-out pairs with reward(chosen) > reward(rejected), scored like rlhf-ray's eval (right padding)."""
-    import torch
-
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            seqs = [r["chosen_ids"] for r in chunk] + [r["rejected_ids"] for r in chunk]
-            width = max(map(len, seqs))
-            ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-            rewards = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
-            chosen, rejected = rewards.chunk(2)
-            correct += int((chosen > rejected).sum())
-    return correct / max(len(rows), 1)
 
 
 def run(spec: dict) -> dict:

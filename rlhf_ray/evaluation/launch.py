@@ -111,7 +111,8 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
         scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
             str(folder), dtype=config.model.dtype, normalize=False, clip=float("inf"),
-            eos_token_id=tokenizer.eos_token_id, end_of_turn_suffix=[], trust_remote_code=config.model.trust_remote_code)
+            eos_token_id=tokenizer.eos_token_id, end_of_turn_suffix=[], trust_remote_code=config.model.trust_remote_code,
+            precision=config.model.precision)
         try:
             margins = rm_eval.score_pairs(lambda p, r: ray.get(scorer.score.remote(p, r)).tolist(), pair_set.pairs,
                                           FORWARD_BATCH, progress=f"eval rm {name}")
@@ -187,7 +188,8 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
         str(folder), max_lora_rank=config.lora.r, max_model_len=config.data.max_prompt_length + ppo.max_new_tokens,
         dtype=model.dtype, enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
         gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed,
-        trust_remote_code=model.trust_remote_code, enable_lora=False, threads=config.resources.generator_threads)
+        trust_remote_code=model.trust_remote_code, enable_lora=False, threads=config.resources.generator_threads,
+        precision=model.precision)
     samples = policy_eval.PolicySamples(name, str(folder), [], [], [])
     try:
         for start in tqdm(range(0, len(prompt_ids), GENERATE_CHUNK), desc=f"eval sample {name}", mininterval=2.0):
@@ -210,7 +212,8 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
     from rlhf_ray.ppo.sequences import pack
 
     model = _actor(ReferenceModel, config, num_gpus=config.resources.reference_num_gpus).remote(
-        str(folder), config.model.dtype, config.ppo.temperature, config.model.trust_remote_code)
+        str(folder), config.model.dtype, config.ppo.temperature, config.model.trust_remote_code,
+        precision=config.model.precision)
     rows = []
     try:
         for index in _batches(len(policy.responses)):
@@ -244,7 +247,7 @@ def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, 
 
     scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
         str(folder), dtype=config.model.dtype, normalize=False, clip=float("inf"), eos_token_id=tokenizer.eos_token_id,
-        end_of_turn_suffix=suffix, trust_remote_code=config.model.trust_remote_code)
+        end_of_turn_suffix=suffix, trust_remote_code=config.model.trust_remote_code, precision=config.model.precision)
     try:
         for policy in policies:
             scores = []

@@ -44,19 +44,21 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
             enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
             gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,
             trust_remote_code=model.trust_remote_code, enable_lora=ppo.weight_sync == "adapter",
-            threads=res.generator_threads, threads_shared_by=res.generator_replicas),
+            threads=res.generator_threads, threads_shared_by=res.generator_replicas, precision=model.precision),
             options(res.generator_num_gpus))
         for i in range(res.generator_replicas)]
     learner_ds = learner_deepspeed_config(config) if ppo.learner_backend == "deepspeed" else None
     learner = RoleSpec(LEARNER, PolicyLearner, (str(paths.policy), config.lora, ppo), dict(
-        dtype=model.dtype, seed=config.run.seed, trust_remote_code=model.trust_remote_code,
+        dtype=model.dtype, precision=model.precision, seed=config.run.seed, trust_remote_code=model.trust_remote_code,
         deepspeed_config=learner_ds, update_threads=res.learner_update_threads), options(res.learner_num_gpus))
     reward = RoleSpec(REWARD, RewardModel, (str(paths.reward),), dict(
         dtype=model.dtype, normalize=ppo.normalize_reward, clip=ppo.reward_clip, eos_token_id=tokenizer.eos_token_id,
-        end_of_turn_suffix=end_of_turn_suffix(tokenizer), trust_remote_code=model.trust_remote_code),
+        end_of_turn_suffix=end_of_turn_suffix(tokenizer), trust_remote_code=model.trust_remote_code,
+        precision=model.precision),
         options(res.reward_num_gpus))
     reference = RoleSpec(REFERENCE, ReferenceModel, (str(paths.policy), model.dtype, ppo.temperature,
-                                                     model.trust_remote_code), {}, options(res.reference_num_gpus))
+                                                     model.trust_remote_code), dict(precision=model.precision),
+                         options(res.reference_num_gpus))
     specs = [*generators, learner, reward, reference]
     for spec in specs:
         spec.options["name"] = spec.name

@@ -13,7 +13,8 @@ from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
-from rlhf_ray.train.model_setup import cpu_autocast_bf16, deepspeed_config
+from rlhf_ray.models.precision import resolve_precision
+from rlhf_ray.train.model_setup import deepspeed_config
 
 
 @dataclass
@@ -88,7 +89,7 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
     print(f"[{stage}] data: {summary}", flush=True)
     ds = deepspeed_config(config, stage_config, config.resources.num_workers)
     if not config.resources.use_gpu:
-        print(f"[{stage}] precision on this node's CPU: {cpu_autocast_bf16(config)[1]} (each worker prints its own)",
+        print(f"[{stage}] precision on this node's CPU: {resolve_precision(config.model.precision).why} (each worker prints its own)",
               flush=True)
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")

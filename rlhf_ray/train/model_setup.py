@@ -95,33 +95,6 @@ def reward_backbone_and_head(model):
     return (backbone, head) if backbone is not None and head is not None else None
 
 
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU features with native bf16 matmuls
-
-
-def cpu_bf16_features(cpuinfo: str | None = None) -> list[str]:
-    """Which of BF16_CPU_FLAGS this CPU has (from /proc/cpuinfo; [] where it cannot be read)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return []
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
-    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
-
-
-def cpu_autocast_bf16(config: Config, features: list[str] | None = None) -> tuple[bool, str]:
-    """(autocast to bf16?, why) for a CPU SFT/RM worker, from `model.precision` and the CPU's features."""
-    precision = config.model.precision
-    if precision == "fp32":
-        return False, "fp32 (model.precision)"
-    found = cpu_bf16_features() if features is None else features
-    if precision == "bf16-mixed":
-        return True, "bf16-mixed (model.precision)" + ("" if found else "; this CPU has no native bf16 matmuls")
-    if found:
-        return True, f"bf16-mixed (model.precision auto: CPU has {', '.join(found)})"
-    return False, "fp32 (model.precision auto: CPU has neither AMX nor AVX512-BF16)"
-
-
 def use_bf16(config: Config) -> bool:
     """bf16 where asked, else only on GPUs that support it."""
     if config.deepspeed.bf16 is not None:

@@ -23,7 +23,8 @@ from rlhf_ray.checkpoints import CheckpointError, problem_with, write_manifest
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
-from rlhf_ray.train.model_setup import cpu_autocast_bf16, warmup_cosine
+from rlhf_ray.models.precision import Precision, autocast, resolve_precision
+from rlhf_ray.train.model_setup import warmup_cosine
 from rlhf_ray.train.tasks import TASKS
 
 DS_TAG = "deepspeed"
@@ -56,12 +57,8 @@ def on_device(chunks: list[dict[str, torch.Tensor]], engine) -> list[dict[str, t
     return [{key: value.to(engine.device) for key, value in chunk.items()} for chunk in chunks]
 
 
-def cpu_bf16(enabled: bool):
-    """The forward passes' precision context: bf16 matmuls on CPU (torch.autocast) when enabled, else a no-op."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config, bf16: bool = False) -> dict[str, float]:
+def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config,
+             precision: Precision = Precision(False, "fp32")) -> dict[str, float]:
     """Eval sums over this worker's share of the held-out rows, all-reduced across workers.
 
     Every worker runs the same number of forward passes: under ZeRO-3 each one gathers parameters from
@@ -77,7 +74,7 @@ def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config, bf16: 
         for start in range(0, passes * batch_size, batch_size):
             batch = mine[start:start + batch_size]
             chunks = on_device(task.collate(batch or rows[:1], pad_id, 0, config), engine)
-            with cpu_bf16(bf16):
+            with autocast(precision, engine.device.type):
                 _, batch_sums = task.loss_and_sums(engine, chunks, config)
             add_sums(sums, batch_sums if batch else {k: 0.0 for k in batch_sums})
     engine.train()
@@ -188,8 +185,9 @@ class WorkerJob:
         self.position = restore_checkpoint(self.engine, self.rank, self.world)
         self.log = None
         on_cpu = self.engine.device.type == "cpu"
-        self.bf16, precision = cpu_autocast_bf16(self.config) if on_cpu else (False, "as deepspeed.bf16 sets it")
-        print(f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, precision {precision}, "
+        # on GPUs DeepSpeed's own bf16 setting (deepspeed.bf16) casts the model; no autocast on top
+        self.precision = resolve_precision(self.config.model.precision) if on_cpu else Precision(False, "as deepspeed.bf16 sets it")
+        print(f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, precision {self.precision.why}, "
               f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})", flush=True)
         if self.rank == 0:
             from rlhf_ray.run_log import MetricsLog
@@ -208,7 +206,7 @@ class WorkerJob:
 
     def _evaluate(self) -> dict[str, float]:
         self.eval_sums = evaluate(self.engine, self.task, self.eval_rows, self.rank, self.world,
-                                  self.stage.batch_size, self.pad_id, self.config, self.bf16)
+                                  self.stage.batch_size, self.pad_id, self.config, self.precision)
         return self.task.eval_metrics(self.eval_sums)
 
     def _end_of_step(self, epoch_done: bool) -> dict:
@@ -245,7 +243,7 @@ class WorkerJob:
             for indices in micro[position.micro_in_epoch:]:
                 rows = [self.train_rows[i] for i in indices]
                 chunks = on_device(task.collate(rows, self.pad_id, self.stage.chunk_size, self.config), self.engine)
-                with cpu_bf16(self.bf16):
+                with autocast(self.precision, self.engine.device.type):
                     loss, sums = task.loss_and_sums(self.engine, chunks, self.config)
                 self.engine.backward(loss)
                 self.engine.step()
