@@ -121,8 +121,8 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
 
 class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
-                 precision: str = "fp32", seed: int = 0, trust_remote_code: bool = False, deepspeed_config: dict | None = None,
-                 update_threads: int | None = None, reuse_first_forward: bool = True):
+                 precision: str = "fp32", seed: int = 0, trust_remote_code: bool = False,
+                 deepspeed_config: dict | None = None, update_threads: int | None = None, reuse_first_forward: bool = True):
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         torch.manual_seed(seed)
