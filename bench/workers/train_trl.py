@@ -43,7 +43,8 @@ def common_args(spec: dict, output_dir: str) -> dict:
     return dict(output_dir=output_dir, per_device_train_batch_size=spec["global_batch"],
                 per_device_eval_batch_size=spec["global_batch"], max_steps=spec["steps"], learning_rate=spec["lr"],
                 lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
-                bf16=spec.get("bf16", False), gradient_checkpointing=spec.get("gradient_checkpointing", False),
+                bf16=spec.get("bf16", False), use_cpu=spec.get("bf16", False),  # (transformers' bf16 on CPU needs use_cpu)
+                gradient_checkpointing=spec.get("gradient_checkpointing", False),
                 logging_steps=1, save_strategy="no", report_to="none",
                 train_sampling_strategy="sequential", include_num_input_tokens_seen="non_padding",
                 dataloader_num_workers=0, seed=0, disable_tqdm=True, model_init_kwargs={"dtype": "float32"})
