@@ -129,6 +129,28 @@ def test_a_compiled_engine_generates_with_the_weights_reloaded_into_it(generator
     assert [r.token_ids for r in compiled.generate(PROMPTS, spec)] == [r.token_ids for r in base]
 
 
+def test_a_bf16_mixed_generator_runs_vllm_in_bf16_and_takes_the_learners_fp32_weights(generator, tiny_model_dir):
+    """model.precision bf16-mixed: the engine computes in bf16, fp32 merged weights from the learner reload
+    into it (without vLLM's per-tensor narrowing warning) and change what it samples."""
+    import logging
+
+    from actors.rollout_generator import RolloutGenerator, SamplingSpec, narrowing_load_warnings
+
+    bf16 = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enable_lora=False,
+                            precision="bf16-mixed")
+    assert bf16.llm.llm_engine.model_config.dtype == torch.bfloat16
+    assert narrowing_load_warnings in logging.getLogger("vllm.model_executor.models.utils").filters
+    narrowing = logging.LogRecord("vllm", logging.WARNING, __file__, 1,
+                                  "Attempted to load weight %s with dtype %s into parameter with dtype %s", (), None)
+    other = logging.LogRecord("vllm", logging.WARNING, __file__, 1, "Attempted to load nested weight %r", (), None)
+    assert not narrowing_load_warnings(narrowing) and narrowing_load_warnings(other)
+    spec = SamplingSpec(max_new_tokens=8, seed=7)
+    base = bf16.generate(PROMPTS, spec)
+    bf16.load_merged_weights(8, learner_at(tiny_model_dir, 8, scramble=True).export_merged_weights())
+    assert [r.token_ids for r in bf16.generate(PROMPTS, spec)] != [r.token_ids for r in base]
+    assert generator.llm.llm_engine.model_config.dtype == torch.float32  # the default stays fp32
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_generator_actor_on_half_a_cpu_computes_with_its_share_of_the_cores(tiny_model_dir, ray_local, replicas):
     """Ray gives an actor with under 2 CPUs one OpenMP thread; vLLM would keep it for the engine's life

@@ -24,7 +24,6 @@ import torch
 from rlhf_ray.algo.ppo import whiten
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
-GROUPED = ("grpo", "dr_grpo", "rloo")  # compare the responses of one prompt: need responses_per_prompt >= 2
 GRPO_EPS = 1e-6
 
 
@@ -74,7 +73,7 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, response_mask: torch.Te
     for t in reversed(range(rewards.size(1))):
         running = rewards[:, t] + gamma * running * mask[:, t]
         returns[:, t] = running
-    return whiten(returns * mask, mask)
+    return whiten(returns, mask)  # (padding's returns are already 0)
 
 
 def per_token(sequence_advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,8 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
     print(f"[{stage}] data: {summary}", flush=True)
     ds = deepspeed_config(config, stage_config, config.resources.num_workers)
     if not config.resources.use_gpu:
-        print(f"[{stage}] precision on this node's CPU: {resolve_precision(config.model.precision).why} (each worker prints its own)",
-              flush=True)
+        chosen = resolve_precision(config.model.precision).why
+        print(f"[{stage}] precision on this node's CPU: {chosen} (each worker prints its own)", flush=True)
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
     print(f"[{stage}] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
