@@ -25,38 +25,9 @@ from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
 from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
-from rlhf_ray.ppo.experience import Experience
 from rlhf_ray.ppo.forward import ResponseOutputs, response_forward
-from rlhf_ray.ppo.sequences import PackedBatch
 from rlhf_ray.train.model_setup import LEARNER_ADAMW
-
-
-@dataclass
-class AdapterPayload:
-    """A LoRA adapter as bytes, so it can travel through the object store to any node."""
-
-    version: int
-    files: dict[str, bytes]  # adapter_config.json, adapter_model.safetensors
-
-    def write(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in self.files.items():
-            (folder / name).write_bytes(data)
-        return folder
-
-
-@dataclass
-class MergedWeights:
-    """The policy's weights with the LoRA update folded in (W + scale * B @ A), by checkpoint name.
-
-    Only the modules around the adapted layers travel, but each of those whole (all of `self_attn`
-    for an adapter on `q_proj` alone): vLLM fuses q/k/v and gate/up into one layer and reloads a
-    fused layer only in full.
-    """
-
-    version: int
-    tensors: dict[str, torch.Tensor]
+from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch
 
 
 def checkpoint_name(peft_name: str) -> str:

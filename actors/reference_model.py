@@ -7,7 +7,7 @@ import torch
 from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.models.precision import autocast, resolve_precision
 from rlhf_ray.ppo.forward import response_forward
-from rlhf_ray.ppo.sequences import PackedBatch
+from rlhf_ray.wire import PackedBatch
 
 
 class ReferenceModel:

@@ -12,31 +12,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+
+from rlhf_ray.wire import AdapterPayload, MergedWeights, Rollout, SamplingSpec
 
 
 def narrowing_load_warnings(record: logging.LogRecord) -> bool:
     """A logging filter: False for vLLM's "Attempted to load weight ... with dtype" warnings."""
     return not str(record.msg).startswith("Attempted to load weight %s with dtype")
-
-
-@dataclass
-class SamplingSpec:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1  # responses per prompt
-    seed: Optional[int] = None  # per-call seed; the generator derives one per prompt from it
-
-
-@dataclass
-class Rollout:
-    prompt_index: int  # which prompt of the call this answers
-    token_ids: list[int]  # sampled response tokens (EOS included when the model stopped)
-    logprobs: list[float]  # vLLM's log-prob of each sampled token (diagnostics only)
-    finished: bool  # stopped at EOS rather than at max_new_tokens
 
 
 class RolloutGenerator:
@@ -98,8 +81,8 @@ class RolloutGenerator:
         self._lora = None
         self._loads = 0
 
-    def load_adapter(self, version: int, adapter) -> int:
-        """Use `adapter` (an AdapterPayload, or a folder path) for every later generate call."""
+    def load_adapter(self, version: int, adapter: AdapterPayload | str | Path) -> int:
+        """Use `adapter` (its files, or a folder holding them) for every later generate call."""
         from vllm.lora.request import LoRARequest
 
         if not self.enable_lora:
@@ -119,8 +102,8 @@ class RolloutGenerator:
         self.version = version
         return self.version
 
-    def load_merged_weights(self, version: int, weights) -> int:
-        """Overwrite the engine's copies of the tensors in `weights` (a MergedWeights) in place.
+    def load_merged_weights(self, version: int, weights: MergedWeights) -> int:
+        """Overwrite the engine's copies of the tensors in `weights` in place.
 
         Cached prompt prefixes were computed with the old weights, so the prefix cache is emptied.
         """

@@ -88,7 +88,7 @@ def test_eval_policy_against_itself_ties_and_against_another_measures_kl(ray_loc
     from actors.reference_model import ReferenceModel
     from rlhf_ray.evaluation.launch import PolicyEvalRequest, run_eval_policy
     from rlhf_ray.ppo.prompts import load_prompt_set
-    from rlhf_ray.ppo.sequences import pack
+    from rlhf_ray.wire import pack
 
     other = perturbed_copy(tiny_model_dir, tmp_path / "other")
     config = tiny_config(tmp_path, tiny_model_dir, "ppo.max_new_tokens=6")

@@ -8,8 +8,7 @@ import torch
 from actors.policy_learner import PolicyLearner
 from actors.reference_model import ReferenceModel
 from rlhf_ray.config import LoraConfig, PPOConfig
-from rlhf_ray.ppo.experience import Experience
-from rlhf_ray.ppo.sequences import pack
+from rlhf_ray.wire import Experience, pack
 
 pytestmark = pytest.mark.component
 PROMPTS = [[5, 6, 7, 8], [9, 10]]

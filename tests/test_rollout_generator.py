@@ -37,7 +37,7 @@ def adapter(tiny_model_dir, version, scramble):
 
 
 def test_seeded_generation_is_reproducible_and_reports_logprobs(generator):
-    from actors.rollout_generator import SamplingSpec
+    from rlhf_ray.wire import SamplingSpec
 
     spec = SamplingSpec(max_new_tokens=8, seed=1, n=2)
     first, again = generator.generate(PROMPTS, spec), generator.generate(PROMPTS, spec)
@@ -49,7 +49,7 @@ def test_seeded_generation_is_reproducible_and_reports_logprobs(generator):
 def test_a_seeded_batch_larger_than_one_prefill_step_works_and_repeats(generator):
     """More prompt tokens than one engine step takes: vLLM would prefill some prompt in chunks and
     then fail to rewind its CPU seeded generator, unless the generator turns chunked prefill off."""
-    from actors.rollout_generator import SamplingSpec
+    from rlhf_ray.wire import SamplingSpec
 
     prompts = [[(7 * i + j) % 500 + 10 for j in range(100)] for i in range(100)]  # 10,000 prompt tokens
     spec = SamplingSpec(max_new_tokens=4, seed=3)
@@ -58,7 +58,7 @@ def test_a_seeded_batch_larger_than_one_prefill_step_works_and_repeats(generator
 
 
 def test_new_adapter_changes_outputs_and_old_version_restores_them(generator, tiny_model_dir):
-    from actors.rollout_generator import SamplingSpec
+    from rlhf_ray.wire import SamplingSpec
 
     spec = SamplingSpec(max_new_tokens=8, seed=3)
     base = [r.token_ids for r in generator.generate(PROMPTS, spec)]
@@ -76,7 +76,7 @@ def test_merged_weights_generate_what_the_adapter_does_and_replace_cached_prefix
     and gate_proj must travel too. Prompts longer than a KV block (128 tokens on CPU) are generated
     first with the base weights, so a prefix cache kept across the reload would give the old policy's
     answers."""
-    from actors.rollout_generator import SamplingSpec
+    from rlhf_ray.wire import SamplingSpec
 
     prompts = PROMPTS + [[(3 * i) % 400 + 20 for i in range(200)], [(5 * i) % 400 + 30 for i in range(300)]]
     assert generator.llm.llm_engine.vllm_config.cache_config.block_size < 200
@@ -110,7 +110,8 @@ def test_a_compiled_engine_generates_with_the_weights_reloaded_into_it(generator
     sample what the eager engine samples with the same weights."""
     from vllm.config import CompilationMode
 
-    from actors.rollout_generator import RolloutGenerator, SamplingSpec
+    from actors.rollout_generator import RolloutGenerator
+    from rlhf_ray.wire import SamplingSpec
 
     compiled = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enforce_eager=False,
                                 enable_lora=False)
@@ -134,7 +135,8 @@ def test_a_bf16_mixed_generator_runs_vllm_in_bf16_and_takes_the_learners_fp32_we
     into it (without vLLM's per-tensor narrowing warning) and change what it samples."""
     import logging
 
-    from actors.rollout_generator import RolloutGenerator, SamplingSpec, narrowing_load_warnings
+    from actors.rollout_generator import RolloutGenerator, narrowing_load_warnings
+    from rlhf_ray.wire import SamplingSpec
 
     bf16 = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enable_lora=False,
                             precision="bf16-mixed")

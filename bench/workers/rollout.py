@@ -41,7 +41,8 @@ def zero_lora_adapter(spec: dict, folder: Path) -> Path:
 def vllm_engine(spec: dict):
     """generate(prompts, max_new_tokens) on a RolloutGenerator; generate.use_lora() loads a zero adapter for later calls."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process, as the component tests do
-    from actors.rollout_generator import RolloutGenerator, SamplingSpec
+    from actors.rollout_generator import RolloutGenerator
+    from rlhf_ray.wire import SamplingSpec
 
     generator = RolloutGenerator(spec["model_path"], max_lora_rank=spec["lora_r"], max_model_len=spec["max_model_len"],
                                  dtype=spec["dtype"], enforce_eager=spec["enforce_eager"], kv_cache_gib=spec["kv_cache_gib"],

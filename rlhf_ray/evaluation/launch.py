@@ -179,7 +179,8 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
     import ray
     from tqdm import tqdm
 
-    from actors.rollout_generator import RolloutGenerator, SamplingSpec
+    from actors.rollout_generator import RolloutGenerator
+    from rlhf_ray.wire import SamplingSpec
 
     ppo, model = config.ppo, config.model
     spec = SamplingSpec(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p, n=n,
@@ -209,7 +210,7 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
     import ray
 
     from actors.reference_model import ReferenceModel
-    from rlhf_ray.ppo.sequences import pack
+    from rlhf_ray.wire import pack
 
     model = _actor(ReferenceModel, config, num_gpus=config.resources.reference_num_gpus).remote(
         str(folder), config.model.dtype, config.ppo.temperature, config.model.trust_remote_code,

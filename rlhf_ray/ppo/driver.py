@@ -10,8 +10,7 @@ from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import gae_advantages, nonfinite_names, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, Call
-from rlhf_ray.ppo.experience import Experience
-from rlhf_ray.ppo.sequences import pack
+from rlhf_ray.wire import Experience, pack
 
 
 # ppo.weight_sync -> (the learner's export method, the generators' load method)

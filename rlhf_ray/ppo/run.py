@@ -221,7 +221,7 @@ class PPOLoop:
         self.log = MetricsLog(self.out, resume_step=self.state["iteration"])
 
     def _iterate(self) -> None:
-        from actors.rollout_generator import SamplingSpec
+        from rlhf_ray.wire import SamplingSpec
         from rlhf_ray import dashboard_metrics
         from rlhf_ray.algo.ppo import explained_variance
         from rlhf_ray.ppo.driver import finite_only, ppo_step

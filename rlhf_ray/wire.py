@@ -1,11 +1,14 @@
-"""Pack prompts and sampled responses into padded tensors, and read per-response-token outputs back.
+"""The types that travel between the PPO driver and its actors, and the packing of sequences.
 
 Shapes: (B, T) full sequence (prompt + response, right-padded); (B, A) response tokens.
+Every type here is plain data (tensors, lists, bytes), so it pickles through Ray's object store.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -59,3 +62,69 @@ def at_response_positions(per_position: torch.Tensor, positions: torch.Tensor) -
         index = index.unsqueeze(-1)
     index = index.expand(*positions.shape, *per_position.shape[2:])
     return per_position.gather(1, index)
+
+
+@dataclass
+class Experience:
+    batch: PackedBatch  # token ids and masks; (B, T) sequences, (B, A) responses
+    old_logprobs: torch.Tensor  # (B, A) policy log-probs when the responses were collected
+    ref_logprobs: torch.Tensor  # (B, A) reference-policy log-probs
+    values: torch.Tensor  # (B, A) value estimates when collected
+    scores: torch.Tensor  # (B,) reward-model scores (normalised, clipped)
+    rewards: torch.Tensor  # (B, A) KL-shaped per-token rewards
+    advantages: torch.Tensor  # (B, A)
+    returns: torch.Tensor  # (B, A)
+
+    def select(self, rows: torch.Tensor) -> "Experience":
+        return Experience(**{name: value.select(rows) if name == "batch" else value[rows] for name, value in self._parts().items()})
+
+    def to(self, device: torch.device | str) -> "Experience":
+        return Experience(**{name: value.to(device) for name, value in self._parts().items()})
+
+    def _parts(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SamplingSpec:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1  # responses per prompt
+    seed: Optional[int] = None  # per-call seed; the generator derives one per prompt from it
+
+
+@dataclass
+class Rollout:
+    prompt_index: int  # which prompt of the call this answers
+    token_ids: list[int]  # sampled response tokens (EOS included when the model stopped)
+    logprobs: list[float]  # vLLM's log-prob of each sampled token (diagnostics only)
+    finished: bool  # stopped at EOS rather than at max_new_tokens
+
+
+@dataclass
+class AdapterPayload:
+    """A LoRA adapter as bytes, so it can travel through the object store to any node."""
+
+    version: int
+    files: dict[str, bytes]  # adapter_config.json, adapter_model.safetensors
+
+    def write(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (folder / name).write_bytes(data)
+        return folder
+
+
+@dataclass
+class MergedWeights:
+    """The policy's weights with the LoRA update folded in (W + scale * B @ A), by checkpoint name.
+
+    Only the modules around the adapted layers travel, but each of those whole (all of `self_attn`
+    for an adapter on `q_proj` alone): vLLM fuses q/k/v and gate/up into one layer and reloads a
+    fused layer only in full.
+    """
+
+    version: int
+    tensors: dict[str, torch.Tensor]
