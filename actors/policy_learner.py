@@ -23,30 +23,12 @@ import torch
 from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
-from rlhf_ray.models.loading import default_device, load_causal_lm
+from rlhf_ray.models.forward import ResponseOutputs
+from rlhf_ray.models.loading import default_device
+from rlhf_ray.models.optim import LEARNER_ADAMW
+from rlhf_ray.models.policy import build_policy_with_value_head, has_dropout, merged_lora_weights
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
-from rlhf_ray.ppo.forward import ResponseOutputs, response_forward
-from rlhf_ray.train.model_setup import LEARNER_ADAMW
 from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch
-
-
-def checkpoint_name(peft_name: str) -> str:
-    """`base_model.model.model.layers.0.q_proj.base_layer.weight` -> `model.layers.0.q_proj.weight`."""
-    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
-class PolicyWithValueHead(torch.nn.Module):
-    """The LoRA policy and its value head as one module, so one optimizer (or DeepSpeed engine) owns both."""
-
-    def __init__(self, policy, value_head: torch.nn.Linear, temperature: float):
-        super().__init__()
-        self.policy, self.value_head, self.temperature = policy, value_head, temperature
-
-    def forward(self, batch: PackedBatch, entropy: bool = False):
-        """Response log-probs (and entropy) plus values; `batch` must already be on the module's device."""
-        out = response_forward(self.policy, batch, entropy=entropy, hidden=True, temperature=self.temperature)
-        values = self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
-        return out, values
 
 
 @dataclass
@@ -65,14 +47,6 @@ class HeldForward:
     def matches(self, batch: PackedBatch, version: int) -> bool:
         return version == self.version and all(torch.equal(a, b.to(a.device)) for a, b in zip(
             self.batch.to_dict().values(), batch.to_dict().values()))
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """True when a forward in training mode is random (so two forwards over the same rows differ)."""
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    config = getattr(model, "config", None)
-    return any(getattr(config, name, 0) or 0 for name in ("attention_dropout", "hidden_dropout", "dropout"))
 
 
 def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
@@ -94,19 +68,12 @@ class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
                  precision: str = "fp32", seed: int = 0, trust_remote_code: bool = False,
                  deepspeed_config: dict | None = None, update_threads: int | None = None, reuse_first_forward: bool = True):
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the value head's initial weights
         self.device = default_device()
-        base = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device)
-        peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-        self.model = get_peft_model(base, peft_config)
-        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=base.dtype, device=self.device)
-        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (base.config.hidden_size + 1))
-        torch.nn.init.zeros_(self.value_head.bias)
         self.ppo = ppo
-        self.module = PolicyWithValueHead(self.model, self.value_head, ppo.temperature)
+        self.module = build_policy_with_value_head(model_path, lora, ppo.temperature, dtype=dtype,
+                                                   trust_remote_code=trust_remote_code, device=self.device)
+        self.model, self.value_head = self.module.policy, self.module.value_head
         self.engine = start_deepspeed(self.module, self.trainable_parameters(), deepspeed_config) if deepspeed_config else None
         if deepspeed_config and deepspeed_config.get("bf16", {}).get("enabled"):
             self.precision = Precision(False, "bf16 (deepspeed.bf16)")  # the engine casts the model itself
@@ -251,24 +218,9 @@ class PolicyLearner:
             files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")}
         return AdapterPayload(self.version, files)
 
-    @torch.no_grad()
     def export_merged_weights(self) -> MergedWeights:
         """The adapted modules' weights with the LoRA update folded in, on the CPU, for the generators."""
-        from peft.tuners.lora import LoraLayer
-
-        deltas, parents = {}, set()
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                deltas[checkpoint_name(name) + ".weight"] = sum(
-                    module.get_delta_weight(adapter) for adapter in module.active_adapters)
-                parents.add(checkpoint_name(name).rpartition(".")[0] + ".")
-        tensors = {}
-        for name, param in self.model.named_parameters():
-            name = checkpoint_name(name)
-            if "lora_" not in name and name.startswith(tuple(parents)):
-                merged = param + deltas[name] if name in deltas else param
-                tensors[name] = merged.detach().to("cpu", copy=True).contiguous()
-        return MergedWeights(self.version, tensors)
+        return MergedWeights(self.version, merged_lora_weights(self.model))
 
     def save(self, folder: str | Path) -> None:
         """Adapter, value head, optimizer and minibatch RNG into `folder` (the caller makes it atomic)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.models.forward import response_forward
 from rlhf_ray.models.loading import default_device, load_causal_lm
 from rlhf_ray.models.precision import autocast, resolve_precision
-from rlhf_ray.ppo.forward import response_forward
 from rlhf_ray.wire import PackedBatch
 
 

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from rlhf_ray.config import Config
+from rlhf_ray.models.export import is_exported
 from rlhf_ray.run_log import read_metrics
-from rlhf_ray.train.export import is_exported
 
 STAGES = ("sft", "rm", "ppo")
 EVAL_RESULTS = Path("eval") / "policy" / "eval.json"  # the eval stage's output, under the run folder
@@ -71,10 +71,10 @@ def check_inputs(config: Config, stages: list[str]) -> None:
     The SFT, RM and PPO stages all tokenize with the base model's tokenizer (the SFT model keeps it).
     """
     from rlhf_ray.models.loading import load_tokenizer, require_safetensors
+    from rlhf_ray.models.optim import deepspeed_config
     from rlhf_ray.models.provision import resolve_model
     from rlhf_ray.ppo.prompts import load_prompt_set
     from rlhf_ray.train.launch import prepare_rows, stage_model_paths
-    from rlhf_ray.train.model_setup import deepspeed_config
 
     for judge in config.eval.extra_reward_models if config.eval.enabled else []:
         try:

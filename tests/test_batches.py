@@ -4,8 +4,8 @@ import torch
 from rlhf_ray.algo.losses import IGNORE_INDEX
 from rlhf_ray.formats.parsers import PreferencePair, SFTExample
 from rlhf_ray.formats.rows import RowRef
+from rlhf_ray.models.optim import warmup_cosine
 from rlhf_ray.train.batches import collate_pairs, collate_sft, epoch_batches, tokenize_pairs, tokenize_sft
-from rlhf_ray.train.model_setup import warmup_cosine
 
 pytestmark = pytest.mark.unit
 

@@ -101,7 +101,7 @@ def test_commit_replaces_and_prune_keeps_the_newest_complete_ones(tmp_path):
 
 
 def test_an_export_with_a_truncated_file_is_not_finished(tmp_path):
-    from rlhf_ray.train.export import is_exported, mark_exported
+    from rlhf_ray.models.export import is_exported, mark_exported
 
     model = tmp_path / "model"
     model.mkdir()

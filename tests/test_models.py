@@ -362,7 +362,7 @@ def test_trainable_layers_freezes_the_embeddings_and_the_layers_below(tiny_model
     import torch
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.train.model_setup import build_causal_lm, build_reward_model
+    from rlhf_ray.models.build import build_causal_lm, build_reward_model
 
     config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=1",
                                                f"lora.enabled={str(lora).lower()}"])
@@ -382,7 +382,7 @@ def test_trainable_layers_freezes_the_embeddings_and_the_layers_below(tiny_model
 
 def test_trainable_layers_more_than_the_model_has_is_refused(tiny_model_dir):
     from rlhf_ray.config import load_config
-    from rlhf_ray.train.model_setup import build_reward_model
+    from rlhf_ray.models.build import build_reward_model
 
     config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=3"])
     with pytest.raises(ValueError, match="trainable_layers 3 is more than the model's 2 layers"):

@@ -75,7 +75,7 @@ def test_bf16_mixed_learner_and_reference_give_fp32_logprobs_close_to_fp32(learn
 def test_response_only_projection_matches_the_whole_forward(learner, monkeypatch):
     """Log-probs, entropy, values and their gradients are the same as with the model's own forward, which
     projects every position to the vocabulary."""
-    from rlhf_ray.ppo import forward
+    from rlhf_ray.models import forward
 
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_merged_weights_give_the_trained_policy_in_a_plain_transformers_model(le
 
 def deepspeed_learner(tiny_model_dir, ppo, seed=0, zero_stage=2):
     from rlhf_ray.config import load_config
-    from rlhf_ray.train.model_setup import learner_deepspeed_config
+    from rlhf_ray.models.optim import learner_deepspeed_config
 
     config = load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed", f"deepspeed.zero_stage={zero_stage}",
                                                f"ppo.minibatch_size={ppo.minibatch_size}",
@@ -243,7 +243,7 @@ def test_deepspeed_learner_matches_the_torch_learner(learner, tiny_model_dir, tm
 
 def test_deepspeed_learner_needs_zero_stage_1_or_2():
     from rlhf_ray.config import load_config
-    from rlhf_ray.train.model_setup import learner_deepspeed_config
+    from rlhf_ray.models.optim import learner_deepspeed_config
 
     for stage in (0, 3):
         config = load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed", f"deepspeed.zero_stage={stage}"])

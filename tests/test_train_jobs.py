@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_ray.config import load_config
-from rlhf_ray.train.export import is_exported
+from rlhf_ray.models.export import is_exported
 from rlhf_ray.train.launch import prepare_rows, run_stage
 
 pytestmark = pytest.mark.ray

@@ -40,8 +40,8 @@ class RunModels:
 
 def run_models(config: Config) -> RunModels:
     """The models a run's stages made (or its config names), as `eval` uses them by default."""
+    from rlhf_ray.models.export import is_exported
     from rlhf_ray.ppo.run import resolve_model_paths
-    from rlhf_ray.train.export import is_exported
 
     paths = resolve_model_paths(config)
     ppo_model = (config.run.path / "ppo" / "model").resolve()

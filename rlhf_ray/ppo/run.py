@@ -25,9 +25,9 @@ class PPOResult:
 
 
 def resolve_model_paths(config: Config) -> ModelPaths:
+    from rlhf_ray.models.export import is_exported
     from rlhf_ray.models.loading import require_safetensors
     from rlhf_ray.models.provision import resolve_model
-    from rlhf_ray.train.export import is_exported
 
     run = config.run.path.resolve()
     if config.ppo.policy_model:
@@ -221,10 +221,10 @@ class PPOLoop:
         self.log = MetricsLog(self.out, resume_step=self.state["iteration"])
 
     def _iterate(self) -> None:
-        from rlhf_ray.wire import SamplingSpec
         from rlhf_ray import dashboard_metrics
         from rlhf_ray.algo.ppo import explained_variance
         from rlhf_ray.ppo.driver import finite_only, ppo_step
+        from rlhf_ray.wire import SamplingSpec
 
         ppo, seed, state = self.config.ppo, self.config.run.seed, self.state
         iteration = state["iteration"]
@@ -295,8 +295,8 @@ class PPOLoop:
 
     def export_final(self, paths: ModelPaths) -> None:
         """The merged model and the adapter, each renamed into place; `export.json` in the model last."""
+        from rlhf_ray.models.export import mark_exported
         from rlhf_ray.ppo.crew import LEARNER, RoleLost
-        from rlhf_ray.train.export import mark_exported
 
         staging = self.out / ".export-tmp"
         while True:

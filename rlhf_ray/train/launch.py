@@ -10,11 +10,11 @@ from rlhf_ray.config import Config, save_config
 from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
+from rlhf_ray.models.optim import deepspeed_config
 from rlhf_ray.models.precision import resolve_precision
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
-from rlhf_ray.train.model_setup import deepspeed_config
 
 
 @dataclass

@@ -18,14 +18,14 @@ from rlhf_ray.algo.losses import (
     response_token_loss,
 )
 from rlhf_ray.config import Config
-from rlhf_ray.train import batches
-from rlhf_ray.train.model_setup import (
+from rlhf_ray.models.build import (
     backbone_and_head,
     build_causal_lm,
     build_reward_model,
     reward_backbone_and_head,
     transformers_model,
 )
+from rlhf_ray.train import batches
 
 
 class Task(Protocol):

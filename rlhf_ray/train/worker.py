@@ -21,10 +21,10 @@ import torch.distributed as dist
 from rlhf_ray import dashboard_metrics
 from rlhf_ray.checkpoints import CheckpointError, problem_with, write_manifest
 from rlhf_ray.config import config_from_dict
+from rlhf_ray.models.optim import warmup_cosine
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
 from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
-from rlhf_ray.train.model_setup import warmup_cosine
 from rlhf_ray.train.tasks import TASKS
 
 DS_TAG = "deepspeed"

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from rlhf_ray.algo.ppo import entropy_from_logits, logprobs_from_logits
-from rlhf_ray.train.model_setup import backbone_and_head
+from rlhf_ray.models.build import backbone_and_head
 from rlhf_ray.wire import PackedBatch, at_response_positions
 
 
