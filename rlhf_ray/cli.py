@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from rlhf_ray.checkpoints import CheckpointError
-from rlhf_ray.formats.load import FORMATS
+from rlhf_ray.formats.names import FORMATS
 from rlhf_ray.formats.rows import DataError
 from rlhf_ray.typed_yaml import ConfigError
 
@@ -26,7 +26,7 @@ def _config_show(args) -> None:
 
 
 def _data_inspect(args) -> None:
-    from rlhf_ray.formats.inspect import inspect_source
+    from rlhf_ray.data_inspect import inspect_source
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.models.provision import resolve_model
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from rlhf_ray import typed_yaml
-from rlhf_ray.formats.load import FORMATS_OF_KIND
+from rlhf_ray.formats.names import FORMATS_OF_KIND, Format
 from rlhf_ray.typed_yaml import ConfigError
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -73,7 +73,7 @@ class DeepSpeedConfig:
 @dataclass
 class DatasetConfig:
     path: str = ""  # .jsonl / .jsonl.gz file, folder of them, or a Hugging Face hub dataset name
-    format: Literal["auto", "hh-rlhf", "pairs", "self-instruct", "prompt-completion", "prompts"] = "auto"
+    format: Literal["auto", Format] = "auto"
     split: str = "train"  # split name when `path` is a hub dataset
     limit: Optional[int] = None  # use only the first N valid rows
 

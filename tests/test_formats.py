@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from rlhf_ray.formats.load import load_preference_pairs, load_prompts, load_sft_examples
-from rlhf_ray.formats.rows import DataError
+from rlhf_ray.formats.load import detect_format, load_examples, load_preference_pairs, load_prompts, load_sft_examples
+from rlhf_ray.formats.names import FORMATS, FORMATS_OF_KIND, KIND_OF_FORMAT
+from rlhf_ray.formats.rows import DataError, RowRef
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.unit
@@ -155,6 +156,24 @@ def test_bad_sources(tmp_path, make, pattern):
 def test_wrong_format_for_kind(tmp_path):
     with pytest.raises(DataError, match=r"preference data cannot be read from format 'prompts'"):
         load_preference_pairs(str(write_jsonl(tmp_path / "p.jsonl", [GOOD_PAIR])), "prompts")
+
+
+ONE_ROW_OF = {"hh-rlhf": GOOD_HH, "pairs": {"prompt": "Hi", "chosen": "Hello", "rejected": "Go."},
+              "self-instruct": {"instruction": "Greet.", "instances": [{"input": "", "output": "Hello"}]},
+              "prompt-completion": {"prompt": "Hi", "completion": "Hello"}, "prompts": {"prompt": "Hi"}}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_is_read_as_exactly_the_kinds_it_is_listed_for(tmp_path, fmt):
+    path = str(write_jsonl(tmp_path / "one.jsonl", [ONE_ROW_OF[fmt]]))
+    assert KIND_OF_FORMAT[fmt] in {kind for kind, formats in FORMATS_OF_KIND.items() if fmt in formats}
+    assert detect_format(ONE_ROW_OF[fmt], RowRef(path, 1)) == fmt
+    for kind, formats in FORMATS_OF_KIND.items():
+        if fmt in formats:
+            assert len(load_examples(kind, path, fmt).examples) == 1
+        else:
+            with pytest.raises(DataError, match=f"{kind} data cannot be read from format '{fmt}'"):
+                load_examples(kind, path, fmt)
 
 
 def test_hub_dataset_path(monkeypatch):

@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from tests import import_graph
+
 pytestmark = pytest.mark.unit
 
 LIGHT_MODULES = ["rlhf_ray", "rlhf_ray.algo.losses", "rlhf_ray.algo.ppo", "rlhf_ray.config", "rlhf_ray.formats.load",
@@ -36,12 +38,8 @@ LAYER_OF = {node: level for level, nodes in enumerate(LAYERS) for node in nodes}
 ACTORS_MAY_IMPORT = {"rlhf_ray.wire", "rlhf_ray.models", "rlhf_ray.algo", "rlhf_ray.config"}
 NEVER = {("rlhf_ray.ppo", "rlhf_ray.train")}  # PPO builds its models through rlhf_ray.models, not the SFT/RM jobs
 
-# Edges that break the rules today, each to be removed by the change that fixes it.
-KNOWN_VIOLATIONS = {("rlhf_ray.formats", "rlhf_ray.tokenization")}
-
 
 def _violations():
-    import import_graph
     found = {}
     for (source, target), edges in import_graph.package_edges(import_graph.edges()).items():
         why = ([f"{source} (layer {LAYER_OF[source]}) imports {target} (layer {LAYER_OF[target]})"]
@@ -55,14 +53,10 @@ def _violations():
 
 
 def test_every_package_has_a_layer():
-    import import_graph
     nodes = {import_graph.node_of(module) for module in import_graph.own_modules()}
     assert nodes - set(LAYER_OF) == set(), "add the new package to LAYERS"
 
 
 def test_packages_import_one_way():
     found = _violations()
-    new = {pair: why for pair, why in found.items() if pair not in KNOWN_VIOLATIONS}
-    assert not new, "\n".join(new.values())
-    fixed = KNOWN_VIOLATIONS - set(found)
-    assert not fixed, f"no longer violated, remove from KNOWN_VIOLATIONS: {sorted(fixed)}"
+    assert not found, "\n".join(found.values())

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
 from rlhf_ray.formats import parsers
+from rlhf_ray.formats.names import FORMATS, FORMATS_OF_KIND
 from rlhf_ray.formats.rows import BadRowPolicy, DataError, RowProblems, RowRef
 from rlhf_ray.formats.sources import iter_rows
 
-FORMATS = ("hh-rlhf", "pairs", "self-instruct", "prompt-completion", "prompts")
 T = TypeVar("T")
 
 
@@ -60,18 +60,12 @@ def _as_sft(fmt: str) -> Parser:
 def _as_prompts(fmt: str) -> Parser:
     if fmt == "prompts":
         return lambda row, ref: [parsers.prompt_only(row, ref)]
-    parse = _as_pairs(fmt) if fmt in ("hh-rlhf", "pairs") else _as_sft(fmt)
+    parse = _as_pairs(fmt) if fmt in FORMATS_OF_KIND["preference"] else _as_sft(fmt)
     return lambda row, ref: [parsers.PromptExample(ex.prompt, ex.ref) for ex in parse(row, ref)]
 
 
-# Which formats each kind of example can be read from, and how.
-_KINDS: dict[str, tuple[tuple[str, ...], Callable[[str], Parser]]] = {
-    "preference": (("hh-rlhf", "pairs"), _as_pairs),
-    "sft": (FORMATS[:4], _as_sft),
-    "prompts": (FORMATS, _as_prompts),
-}
-
-FORMATS_OF_KIND = {kind: allowed for kind, (allowed, _) in _KINDS.items()}
+# How each kind of example is read from a format (which formats it can be read from: formats/names.py).
+PARSER_OF_KIND: dict[str, Callable[[str], Parser]] = {"preference": _as_pairs, "sft": _as_sft, "prompts": _as_prompts}
 
 
 @dataclass
@@ -85,7 +79,7 @@ class Loaded(Generic[T]):
 def load_examples(kind: str, source: str, fmt: str = "auto", *, on_bad_row: BadRowPolicy = "error",
                   split: str = "train", limit: int | None = None) -> Loaded:
     """Read `source` as `kind` examples ("preference", "sft" or "prompts")."""
-    allowed, parser_for = _KINDS[kind]
+    allowed, parser_for = FORMATS_OF_KIND[kind], PARSER_OF_KIND[kind]
     if fmt != "auto" and fmt not in allowed:
         raise DataError(source, "format", f"{kind} data cannot be read from format {fmt!r}; use one of {list(allowed)}")
     problems = RowProblems(on_bad_row)

@@ -12,7 +12,6 @@ from rlhf_ray.config import PPOConfig
 from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, Call
 from rlhf_ray.wire import Experience, pack
 
-
 # ppo.weight_sync -> (the learner's export method, the generators' load method)
 WEIGHT_SYNC_METHODS = {"merged": ("export_merged_weights", "load_merged_weights"),
                        "adapter": ("export_adapter", "load_adapter")}

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from rlhf_ray.formats.load import FORMATS, Loaded, detect_format, load_examples
+from rlhf_ray.formats.load import Loaded, detect_format, load_examples
+from rlhf_ray.formats.names import KIND_OF_FORMAT
 from rlhf_ray.formats.rows import RowProblems
 from rlhf_ray.formats.sources import iter_rows
 from rlhf_ray.tokenization import prompt_ids, response_ids
 
-KIND_OF_FORMAT = {"hh-rlhf": "preference", "pairs": "preference", "self-instruct": "sft",
-                  "prompt-completion": "sft", "prompts": "prompts"}
 PERCENTILES = (50, 90, 99, 100)
 
 
@@ -63,4 +62,3 @@ def inspect_source(source: str, fmt: str, tokenizer, max_length: int | None = No
     return "\n".join(lines)
 
 
-__all__ = ["inspect_source", "percentile", "FORMATS"]
