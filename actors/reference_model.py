@@ -24,6 +24,3 @@ class ReferenceModel:
         """(B, A) log-probs of the response tokens under the reference policy."""
         with autocast(self.precision, self.device.type):
             return response_forward(self.model, batch.to(self.device), temperature=self.temperature).logprobs.cpu()
-
-    def ready(self) -> bool:
-        return True

@@ -50,6 +50,3 @@ class RewardModel:
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         raw = logits.squeeze(-1).float().cpu()
         return ((raw - self.mean) / self.std).clamp(-self.clip, self.clip)
-
-    def ready(self) -> bool:
-        return True

@@ -167,10 +167,10 @@ class InfRewardModel(RewardModel):
 def test_nonfinite_rewards_skip_the_update_and_k_in_a_row_stop_the_run(ray_local, tmp_path, tiny_model_dir,
                                                                        tiny_reward_dir):
     from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.ppo.crew import LEARNER, REWARD
     from rlhf_ray.ppo.launch import actor_specs, launch_actors
     from rlhf_ray.ppo.prompts import load_prompt_set
     from rlhf_ray.ppo.run import NonFiniteError, PPOLoop, model_identity, resolve_model_paths
+    from rlhf_ray.roles import LEARNER, REWARD
 
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "nan", "ppo.iterations=6",
                         "ppo.checkpoint_every=0", "ppo.max_nonfinite_in_a_row=2")

@@ -15,6 +15,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.evaluation import policy_eval, rm_eval
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.roles import GeneratorRole, ReferenceRole, RewardRole, remote_call
 
 GENERATE_CHUNK = 32  # prompts per generate call (a progress step)
 FORWARD_BATCH = 16  # sequences per reward / log-prob call
@@ -69,6 +70,13 @@ def _actor(cls, config: Config, **options):
     return ray.remote(cls).options(num_cpus=config.resources.actor_num_cpus, **options)
 
 
+def _scores_from(scorer):
+    """score(prompts, responses) -> list of floats, on a RewardModel actor."""
+    import ray
+
+    return lambda prompts, responses: ray.get(remote_call(scorer, RewardRole.score, prompts, responses)).tolist()
+
+
 def _stop(actor) -> None:
     import ray
 
@@ -114,8 +122,8 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
             eos_token_id=tokenizer.eos_token_id, end_of_turn_suffix=[], trust_remote_code=config.model.trust_remote_code,
             precision=config.model.precision)
         try:
-            margins = rm_eval.score_pairs(lambda p, r: ray.get(scorer.score.remote(p, r)).tolist(), pair_set.pairs,
-                                          FORWARD_BATCH, progress=f"eval rm {name}")
+            margins = rm_eval.score_pairs(_scores_from(scorer), pair_set.pairs, FORWARD_BATCH,
+                                          progress=f"eval rm {name}")
         finally:
             _stop(scorer)
         results["models"][name] = {"path": str(folder), **rm_eval.summarise(pair_set.pairs, margins)}
@@ -195,7 +203,7 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
     try:
         for start in tqdm(range(0, len(prompt_ids), GENERATE_CHUNK), desc=f"eval sample {name}", mininterval=2.0):
             chunk = prompt_ids[start:start + GENERATE_CHUNK]
-            for rollout in ray.get(generator.generate.remote(chunk, spec, start)):
+            for rollout in ray.get(remote_call(generator, GeneratorRole.generate, chunk, spec, start)):
                 samples.prompt_index.append(start + rollout.prompt_index)
                 samples.responses.append(rollout.token_ids)
                 samples.finished.append(rollout.finished)
@@ -220,7 +228,7 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
         for index in _batches(len(policy.responses)):
             batch = pack([prompt_ids[policy.prompt_index[i]] for i in index], [policy.responses[i] for i in index],
                          tokenizer.pad_token_id)
-            logprobs = ray.get(model.logprobs.remote(batch))
+            logprobs = ray.get(remote_call(model, ReferenceRole.logprobs, batch))
             rows += [(logprobs[k], batch.response_mask[k]) for k in range(len(index))]
     finally:
         _stop(model)
@@ -253,8 +261,9 @@ def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, 
         for policy in policies:
             scores = []
             for index in _batches(len(policy.responses)):
-                scores += ray.get(scorer.score.remote([prompt_ids[policy.prompt_index[i]] for i in index],
-                                                      [policy.responses[i] for i in index])).tolist()
+                prompts = [prompt_ids[policy.prompt_index[i]] for i in index]
+                responses = [policy.responses[i] for i in index]
+                scores += ray.get(remote_call(scorer, RewardRole.score, prompts, responses)).tolist()
             policy.rewards[name] = scores
     finally:
         _stop(scorer)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Concatenate, ParamSpec
 
-GENERATOR_PREFIX = "rollout-generator-"
-LEARNER = "policy-learner"
-REWARD = "reward-model"
-REFERENCE = "reference-model"
+from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, check_arguments
+
+P = ParamSpec("P")
 
 
 def wait_until_names_free(names: list[str], namespace: str | None, still_alive: str, timeout_s: float = 60.0) -> None:
@@ -51,9 +50,18 @@ class RoleSpec:
 
 @dataclass
 class Call:
+    """One remote method call on the actor of `role`; build it with `Call.to` from a roles.py Protocol method."""
+
     role: str
-    method: str
+    method: str  # the method's name (tests also build calls on their own actors with a plain name)
     args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def to(cls, role: str, method: Callable[Concatenate[Any, P], Any], *args: P.args, **kwargs: P.kwargs) -> Call:
+        """TypeError here, in the driver, when the arguments do not fit the method."""
+        check_arguments(method, args, kwargs)
+        return cls(role, method.__name__, args, kwargs)
 
 
 class RoleLost(RuntimeError):
@@ -183,11 +191,13 @@ class ActorCrew:
                 deadline = time.monotonic() + self.timeout_s
         return results
 
-    def call(self, phase: str, role: str, method: str, *args):
-        return self.run(phase, [Call(role, method, args)])[0]
+    def call(self, phase: str, role: str, method: Callable[..., Any] | str, *args):
+        """One call's result; `method` is a roles.py Protocol method (or a plain name, for tests' own actors)."""
+        call = Call(role, method, args) if isinstance(method, str) else Call.to(role, method, *args)
+        return self.run(phase, [call])[0]
 
     def _submit(self, call: Call):
-        return getattr(self.handles[call.role], call.method).remote(*call.args)
+        return getattr(self.handles[call.role], call.method).remote(*call.args, **call.kwargs)
 
     def stop(self) -> None:
         import ray

@@ -9,12 +9,23 @@ from contextlib import contextmanager
 from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import gae_advantages, nonfinite_names, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
-from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, Call
+from rlhf_ray.ppo.crew import ActorCrew, Call
+from rlhf_ray.roles import (
+    GENERATOR_PREFIX,
+    LEARNER,
+    REFERENCE,
+    REWARD,
+    GeneratorRole,
+    LearnerRole,
+    ReferenceRole,
+    RewardRole,
+    remote_call,
+)
 from rlhf_ray.wire import Experience, pack
 
 # ppo.weight_sync -> (the learner's export method, the generators' load method)
-WEIGHT_SYNC_METHODS = {"merged": ("export_merged_weights", "load_merged_weights"),
-                       "adapter": ("export_adapter", "load_adapter")}
+WEIGHT_SYNC_METHODS = {"merged": (LearnerRole.export_merged_weights, GeneratorRole.load_merged_weights),
+                       "adapter": (LearnerRole.export_adapter, GeneratorRole.load_adapter)}
 
 
 class GeneratorWeights:
@@ -36,15 +47,15 @@ class GeneratorWeights:
 
         self.payload = self.crew.call("export_weights", LEARNER, self.export_method)
         ref = ray.put(self.payload)
-        return self.crew.run("push_weights", [Call(name, self.load_method, (self.payload.version, ref))
+        return self.crew.run("push_weights", [Call.to(name, self.load_method, self.payload.version, ref)
                                               for name in self.crew.generator_names])
 
     def _restore(self, role: str, handle) -> None:
         import ray
 
         if role.startswith(GENERATOR_PREFIX) and self.payload is not None:
-            load = getattr(handle, self.load_method)
-            ray.get(load.remote(self.payload.version, self.payload), timeout=self.crew.timeout_s)
+            ray.get(remote_call(handle, self.load_method, self.payload.version, self.payload),
+                    timeout=self.crew.timeout_s)
 
 
 class PhaseTimer:
@@ -83,7 +94,7 @@ def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
 def generate_calls(crew: ActorCrew, prompts: list[list[int]], sampling) -> tuple[list[list[int]], list[Call]]:
     """The prompt batch split across the generator replicas: (prompt indices per shard, one call per shard)."""
     shards = [s for s in split_evenly(list(range(len(prompts))), len(crew.generator_names)) if s]
-    calls = [Call(name, "generate", ([prompts[i] for i in shard], sampling, shard[0]))
+    calls = [Call.to(name, GeneratorRole.generate, [prompts[i] for i in shard], sampling, shard[0])
              for name, shard in zip(crew.generator_names, shards)]
     return shards, calls
 
@@ -127,8 +138,9 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
     with timer("score_reference_values"):
         batch_ref = ray.put(batch)
         scores, ref_logprobs, (old_logprobs, values) = crew.run("score_reference_values", [
-            Call(REWARD, "score", (prompt_ids, responses)), Call(REFERENCE, "logprobs", (batch_ref,)),
-            Call(LEARNER, "logprobs_and_values", (batch_ref,))])
+            Call.to(REWARD, RewardRole.score, prompt_ids, responses),
+            Call.to(REFERENCE, ReferenceRole.logprobs, batch_ref),
+            Call.to(LEARNER, LearnerRole.logprobs_and_values, batch_ref)])
 
     # 4. advantages: KL-shaped per-token rewards, then GAE
     with timer("advantages"):
@@ -148,7 +160,7 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
         # 5. update (the learner itself skips any optimizer step whose loss or gradients are not finite),
         # with the next batch sampled meanwhile by the current weights when generation overlaps
         with timer("update" if next_batch is None else "update_and_generate_next"):
-            stats, *next_results = crew.run("update", [Call(LEARNER, "train_step", (experience,)), *next_calls])
+            stats, *next_results = crew.run("update", [Call.to(LEARNER, LearnerRole.train_step, experience), *next_calls])
         # 6. push weights
         if not stats.get("update_skipped"):
             with timer("push_weights"):

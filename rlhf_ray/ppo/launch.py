@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rlhf_ray.config import Config
 from rlhf_ray.models.optim import learner_deepspeed_config
-from rlhf_ray.ppo.crew import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, ActorCrew, RoleSpec, wait_until_names_free
+from rlhf_ray.ppo.crew import ActorCrew, RoleSpec, wait_until_names_free
+from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD
 
 
 @dataclass

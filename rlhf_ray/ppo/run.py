@@ -196,13 +196,14 @@ class PPOLoop:
 
     def _start_from(self, checkpoint: Path | None) -> None:
         """Learner, driver state and logs as of `checkpoint` (None: the beginning); generators get its weights."""
-        from rlhf_ray.ppo.crew import LEARNER, RoleLost
+        from rlhf_ray.ppo.crew import RoleLost
+        from rlhf_ray.roles import LEARNER, LearnerRole
         from rlhf_ray.run_log import MetricsLog, trim_jsonl
 
         while True:
             try:
                 if checkpoint is not None:  # (from the start, the learner is fresh: just created or re-created)
-                    self.crew.call("restore", LEARNER, "load", str(checkpoint))
+                    self.crew.call("restore", LEARNER, LearnerRole.load, str(checkpoint))
                 self.weights.push_from_learner()
                 break
             except RoleLost as lost:
@@ -278,14 +279,14 @@ class PPOLoop:
     def _save_checkpoint(self) -> Path:
         """Learner state and driver state into a staging folder, manifest last, renamed into place."""
         from rlhf_ray.checkpoints import commit, prune, write_manifest
-        from rlhf_ray.ppo.crew import LEARNER
+        from rlhf_ray.roles import LEARNER, LearnerRole
 
         folder = self.out / "checkpoints"
         target = folder / f"iter_{self.state['iteration']:06d}"
         staging = folder / f".tmp-{target.name}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        self.crew.call("checkpoint", LEARNER, "save", str(staging))
+        self.crew.call("checkpoint", LEARNER, LearnerRole.save, str(staging))
         (staging / DRIVER_STATE).write_text(json.dumps(self.state, indent=2) + "\n")
         write_manifest(staging, {"iteration": self.state["iteration"], **self.identity})
         commit(staging, target)
@@ -296,17 +297,18 @@ class PPOLoop:
     def export_final(self, paths: ModelPaths) -> None:
         """The merged model and the adapter, each renamed into place; `export.json` in the model last."""
         from rlhf_ray.models.export import mark_exported
-        from rlhf_ray.ppo.crew import LEARNER, RoleLost
+        from rlhf_ray.ppo.crew import RoleLost
+        from rlhf_ray.roles import LEARNER, LearnerRole
 
         staging = self.out / ".export-tmp"
         while True:
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                self.crew.call("export", LEARNER, "export_merged", str(staging), str(paths.policy))
+                self.crew.call("export", LEARNER, LearnerRole.export_merged, str(staging), str(paths.policy))
                 break
             except RoleLost as lost:  # the last iteration always checkpoints, so restoring loses nothing
                 print(f"[ppo] {lost}; restoring {self.last_checkpoint} to export", flush=True)
-                self.crew.call("restore", LEARNER, "load", str(self.last_checkpoint))
+                self.crew.call("restore", LEARNER, LearnerRole.load, str(self.last_checkpoint))
         for name in ("model", "adapter"):
             shutil.rmtree(self.out / name, ignore_errors=True)
             os.replace(staging / name, self.out / name)

@@ -1,0 +1,68 @@
+"""The four PPO roles: their actor names, and the methods the driver and `rlhf-ray eval` call on them.
+
+Callers name a method by its Protocol attribute (`RewardRole.score`), never by a string, so a
+renamed or mis-called method fails where the call is built (and in a type checker), not inside a
+remote actor. tests/test_roles.py checks that each actor class matches its Protocol.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch, Rollout, SamplingSpec
+
+GENERATOR_PREFIX = "rollout-generator-"
+LEARNER = "policy-learner"
+REWARD = "reward-model"
+REFERENCE = "reference-model"
+
+
+class GeneratorRole(Protocol):
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec,
+                 index_offset: int = 0) -> list[Rollout]: ...
+
+    def load_adapter(self, version: int, adapter: AdapterPayload | str | Path) -> int: ...
+
+    def load_merged_weights(self, version: int, weights: MergedWeights) -> int: ...
+
+
+class LearnerRole(Protocol):
+    def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def train_step(self, experience: Experience) -> dict[str, float]: ...
+
+    def export_adapter(self) -> AdapterPayload: ...
+
+    def export_merged_weights(self) -> MergedWeights: ...
+
+    def save(self, folder: str | Path) -> None: ...
+
+    def load(self, folder: str | Path) -> None: ...
+
+    def export_merged(self, folder: str | Path, tokenizer_path: str) -> None: ...
+
+
+class RewardRole(Protocol):
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor: ...
+
+
+class ReferenceRole(Protocol):
+    def logprobs(self, batch: PackedBatch) -> torch.Tensor: ...
+
+
+def check_arguments(method: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> None:
+    """TypeError, naming the method, unless `method(self, *args, **kwargs)` would bind."""
+    try:
+        inspect.signature(method).bind(None, *args, **(kwargs or {}))
+    except TypeError as err:
+        raise TypeError(f"{method.__qualname__}: {err}") from None
+
+
+def remote_call(handle, method: Callable[..., Any], *args):
+    """`handle.<method>.remote(*args)` for a Protocol method, with its arguments checked here first."""
+    check_arguments(method, args)
+    return getattr(handle, method.__name__).remote(*args)
