@@ -1,10 +1,7 @@
 """PolicyLearner: the SFT model with a LoRA adapter and a value head; PPO updates.
 
-Two optimizer backends with the same algorithm (same AdamW settings, clipping and step skipping):
-plain torch AdamW (`ppo.learner_backend: torch`, the CPU default: with one learner process ZeRO has
-nothing to shard, and DeepSpeed's CPU path gave no speed-up), or a DeepSpeed engine
-(`deepspeed`: ZeRO stage 1/2, bf16 where the GPU has it), which skips a step whose gradients are
-not finite by itself.
+The optimizer is one of two backends with the same algorithm (models/learner_backend.py): plain
+torch AdamW (`ppo.learner_backend: torch`) or a one-process DeepSpeed engine (`deepspeed`).
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ import io
 import json
 import math
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +20,15 @@ from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
 from rlhf_ray.models.forward import ResponseOutputs
+from rlhf_ray.models.learner_backend import all_finite, make_backend
 from rlhf_ray.models.loading import default_device
-from rlhf_ray.models.optim import LEARNER_ADAMW
-from rlhf_ray.models.policy import build_policy_with_value_head, has_dropout, merged_lora_weights
+from rlhf_ray.models.policy import (
+    build_policy_with_value_head,
+    has_dropout,
+    merged_lora_weights,
+)
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
-from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch
+from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch, UpdateStats
 
 
 @dataclass
@@ -49,21 +49,6 @@ class HeldForward:
             self.batch.to_dict().values(), batch.to_dict().values()))
 
 
-def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
-    """A one-process DeepSpeed engine inside this actor (gloo on CPU, nccl on a GPU)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as probe:  # a free local port for the one-member process group
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=parameters, config=ds_config)
-    return engine
-
-
 class PolicyLearner:
     def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
                  precision: str = "fp32", seed: int = 0, trust_remote_code: bool = False,
@@ -74,13 +59,13 @@ class PolicyLearner:
         self.module = build_policy_with_value_head(model_path, lora, ppo.temperature, dtype=dtype,
                                                    trust_remote_code=trust_remote_code, device=self.device)
         self.model, self.value_head = self.module.policy, self.module.value_head
-        self.engine = start_deepspeed(self.module, self.trainable_parameters(), deepspeed_config) if deepspeed_config else None
-        if deepspeed_config and deepspeed_config.get("bf16", {}).get("enabled"):
+        self.backend = make_backend(self.module, self.trainable_parameters(), ppo.lr, ppo.max_grad_norm,
+                                    deepspeed_config)
+        if self.backend.casts_to_bf16:
             self.precision = Precision(False, "bf16 (deepspeed.bf16)")  # the engine casts the model itself
         else:
             self.precision = resolve_precision(precision, self.device.type)
         print(f"[learner] device {self.device}, precision {self.precision.why}", flush=True)
-        self.optimizer = None if self.engine is not None else torch.optim.AdamW(self.trainable_parameters(), lr=ppo.lr, **LEARNER_ADAMW)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order
         self.version = 0  # bumped by every update
         self.update_threads = update_threads or len(os.sched_getaffinity(0))
@@ -95,7 +80,7 @@ class PolicyLearner:
     def _forward(self, batch: PackedBatch, entropy: bool = False):
         """Log-probs, entropy and values (fp32, from bf16 logits under bf16-mixed precision)."""
         with autocast(self.precision, self.device.type):
-            return (self.engine if self.engine is not None else self.module)(batch, entropy=entropy)
+            return self.backend.forward(batch, entropy=entropy)
 
     def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) old log-probs and values, with the same code path the update uses.
@@ -125,7 +110,7 @@ class PolicyLearner:
             logprobs[rest], values[rest] = out.logprobs.cpu(), rest_values.cpu()
         return logprobs, values
 
-    def train_step(self, experience: Experience) -> dict[str, float]:
+    def train_step(self, experience: Experience) -> UpdateStats:
         """PPO epochs over shuffled minibatches, with gradient accumulation over micro-batches.
 
         An optimizer step whose loss or gradient norm is NaN/inf is skipped (weights and optimizer
@@ -139,7 +124,7 @@ class PolicyLearner:
             torch.set_num_threads(threads)
             self.first_order, self.held = None, None
 
-    def _train_epochs(self, experience: Experience) -> dict[str, float]:
+    def _train_epochs(self, experience: Experience) -> UpdateStats:
         self.module.train()
         n = experience.batch.input_ids.size(0)
         mb, micro = self.ppo.minibatch_size, self.ppo.micro_batch_size or self.ppo.minibatch_size
@@ -154,8 +139,7 @@ class PolicyLearner:
                 order = torch.randperm(n, generator=self.generator)
             for start in range(0, n - mb + 1, mb):
                 rows = order[start:start + mb]
-                if self.optimizer is not None:
-                    self.optimizer.zero_grad(set_to_none=True)
+                self.backend.zero_grad()
                 step: dict[str, float] = {}
                 for micro_start in range(0, mb, micro):
                     micro_rows = rows[micro_start:micro_start + micro]
@@ -165,7 +149,7 @@ class PolicyLearner:
                         outputs, reused = (held.outputs, held.values), True
                     for key, value in self._micro_step(experience.select(micro_rows), mb, outputs).items():
                         step[key] = step.get(key, 0.0) + value * len(micro_rows) / mb
-                if not self._optimizer_step(step):
+                if not self.backend.step(step):
                     skipped += 1
                     continue
                 updates += 1
@@ -176,20 +160,6 @@ class PolicyLearner:
         return {key: value / updates for key, value in totals.items()} | {
             "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0),
             "reused_first_forward": float(reused)}
-
-    def _optimizer_step(self, step: dict[str, float]) -> bool:
-        """Clip and apply the minibatch's accumulated gradients unless the loss or gradient norm is NaN/inf.
-        Records `grad_norm` (before clipping) in `step`; False when the step was skipped."""
-        if self.engine is not None:  # the micro-steps already called engine.step(); the last one was the boundary
-            norm = self.engine.get_global_grad_norm()
-            step["grad_norm"] = float(norm) if norm is not None else math.nan
-            return self.engine.was_step_applied()
-        step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.ppo.max_grad_norm))
-        if not all(math.isfinite(value) for value in step.values()):
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
-        self.optimizer.step()
-        return True
 
     def _micro_step(self, exp: Experience, minibatch_rows: int,
                     outputs: tuple[ResponseOutputs, torch.Tensor] | None = None) -> dict[str, float]:
@@ -203,13 +173,9 @@ class PolicyLearner:
         share = loss * exp.batch.input_ids.size(0) / minibatch_rows  # of the minibatch's mean loss
         stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": masked_mean(out.entropy, mask).item(),
                  **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
-        if self.engine is not None:
-            if not all(math.isfinite(value) for value in stats.values()):
-                share = share * math.nan  # DeepSpeed then skips the step, as the torch backend does for any NaN stat
-            self.engine.backward(share, scale_wrt_gas=False)
-            self.engine.step()  # applies the update only at the minibatch's last micro-batch
-        else:
-            share.backward()
+        if not all_finite(stats):
+            share = share * math.nan  # NaN gradients: the backend skips the minibatch's step
+        self.backend.backward(share)
         return stats
 
     def export_adapter(self) -> AdapterPayload:
@@ -229,12 +195,7 @@ class PolicyLearner:
         folder = Path(folder)
         self.model.save_pretrained(folder / "adapter")
         save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
-        state = {"generator": self.generator.get_state()}
-        if self.engine is not None:  # optimizer state in DeepSpeed's own layout; the frozen base weights are not copied
-            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="learner", save_latest=False,
-                                        exclude_frozen_parameters=True)
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
+        state = {"generator": self.generator.get_state(), **self.backend.save(folder)}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         (folder / "learner_state.pt").write_bytes(buffer.getvalue())
@@ -248,14 +209,7 @@ class PolicyLearner:
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
         self.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
         state = torch.load(folder / "learner_state.pt", weights_only=True)
-        if self.engine is not None:
-            if not (folder / "deepspeed").is_dir():
-                raise ValueError(f"{folder} was written by the torch learner backend; it has no DeepSpeed state")
-            self.engine.load_checkpoint(str(folder / "deepspeed"), tag="learner", load_module_strict=False)
-        elif "optimizer" not in state:
-            raise ValueError(f"{folder} was written by the deepspeed learner backend; it has no torch optimizer state")
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.backend.load(folder, state)
         self.generator.set_state(state["generator"])
         self.version = json.loads((folder / "learner.json").read_text())["version"]
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch, Rollout, SamplingSpec
+from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch, Rollout, SamplingSpec, UpdateStats
 
 GENERATOR_PREFIX = "rollout-generator-"
 LEARNER = "policy-learner"
@@ -33,7 +33,7 @@ class GeneratorRole(Protocol):
 class LearnerRole(Protocol):
     def logprobs_and_values(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def train_step(self, experience: Experience) -> dict[str, float]: ...
+    def train_step(self, experience: Experience) -> UpdateStats: ...
 
     def export_adapter(self) -> AdapterPayload: ...
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Required, TypedDict
 
 import torch
 
@@ -83,6 +83,25 @@ class Experience:
 
     def _parts(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class UpdateStats(TypedDict, total=False):
+    """What the learner's `train_step` returns: means over the applied optimizer steps, and counters.
+
+    The means are absent when every step was skipped.
+    """
+
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    clip_fraction: float
+    approx_kl: float
+    value_clip_fraction: float
+    grad_norm: float
+    policy_version: Required[int]
+    skipped_steps: Required[int]
+    update_skipped: Required[float]  # 1.0 when no optimizer step was applied (logged as a metric)
+    reused_first_forward: Required[float]  # 1.0 when the first micro-step reused the old-log-prob forward
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from actors.policy_learner import PolicyLearner
 from actors.reference_model import ReferenceModel
 from rlhf_ray.config import LoraConfig, PPOConfig
-from rlhf_ray.wire import Experience, pack
+from rlhf_ray.wire import Experience, UpdateStats, pack
 
 pytestmark = pytest.mark.component
 PROMPTS = [[5, 6, 7, 8], [9, 10]]
@@ -110,6 +110,7 @@ def test_train_step_changes_only_adapter_and_value_head(learner, tiny_model_dir)
     assert not torch.equal(head_before, learner.value_head.weight)
     assert stats["policy_version"] == 1 and learner.version == 1
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert set(stats) == UpdateStats.__required_keys__ | UpdateStats.__optional_keys__  # every field, none other
     # the policy moved away from the frozen starting point
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     new_logprobs, _ = learner.logprobs_and_values(batch)
@@ -204,8 +205,8 @@ def test_deepspeed_learner_matches_the_torch_learner(learner, tiny_model_dir, tm
     """ppo.learner_backend=deepspeed (ZeRO-2, one gloo process on CPU) makes the same updates as plain torch AdamW,
     skips a NaN minibatch's step by itself, and resumes from its own checkpoint with the same next update."""
     ds = deepspeed_learner(tiny_model_dir, learner.ppo)
-    assert ds.engine is not None and ds.engine.zero_optimization_stage() == 2
-    assert learner.optimizer.defaults["fused"] and ds.engine.basic_optimizer.defaults["fused"]  # one AdamW kernel
+    assert ds.backend.engine.zero_optimization_stage() == 2
+    assert learner.backend.optimizer.defaults["fused"] and ds.backend.engine.basic_optimizer.defaults["fused"]  # one AdamW kernel
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     for _ in range(2):
         torch_stats = learner.train_step(make_experience(learner, batch))
