@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from rlhf_ray.config import load_config
 from rlhf_ray.models.export import is_exported
 from rlhf_ray.train.launch import prepare_rows, run_stage
+from tests.faults import FailOnce
 
 pytestmark = pytest.mark.ray
 ZERO2, ZERO3 = "deepspeed.config_file=configs/deepspeed/zero2.json", "deepspeed.config_file=configs/deepspeed/zero3.json"
@@ -143,12 +144,12 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     straight = run_stage(tiny_config(tmp_path, tiny_model_dir, "straight", *common), "sft")
 
     recovered = run_stage(tiny_config(tmp_path, tiny_model_dir, "recovered", *common, "sft.max_failures=1"), "sft",
-                          fail_once_at_step=3)
+                          after_step=FailOnce(3, str(tmp_path / "recovered" / "sft" / ".injected-failure")))
     assert (recovered.output_dir / ".injected-failure").is_file()
 
     stopped = tiny_config(tmp_path, tiny_model_dir, "stopped", *common, "sft.max_failures=0")
     with pytest.raises(Exception, match="injected failure at step 3"):
-        run_stage(stopped, "sft", fail_once_at_step=3)
+        run_stage(stopped, "sft", after_step=FailOnce(3, str(tmp_path / "stopped" / "sft" / ".injected-failure")))
     assert not is_exported(tmp_path / "stopped" / "sft" / "model")
     resumed = run_stage(stopped, "sft")
 

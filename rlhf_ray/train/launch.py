@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.formats import splits
@@ -70,8 +71,12 @@ def stage_model_paths(config: Config, base_model: str | None = None) -> tuple[Pa
     return model_path, tokenizer_path
 
 
-def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail_once_at_step: int | None = None) -> StageResult:
-    """Run the `sft` or `rm` job to completion (resuming a same-named run) and export its model."""
+def run_stage(config: Config, stage: str, *, base_model: str | None = None,
+              after_step: Callable[[int, int], None] | None = None) -> StageResult:
+    """Run the `sft` or `rm` job to completion (resuming a same-named run) and export its model.
+
+    `after_step(step, rank)`, when given, runs in every worker after each optimizer step.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -98,11 +103,8 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None, fail
     loop_config = {
         "config": _as_dict(config), "stage": stage, "deepspeed": ds, "output_dir": str(out),
         "model_path": str(model_path), "tokenizer_path": str(tokenizer_path), "pad_id": tokenizer.pad_token_id,
-        "data": ray.put({"train": train, "eval": held_out}),
+        "data": ray.put({"train": train, "eval": held_out}), "after_step": after_step,
     }
-    if fail_once_at_step is not None:
-        loop_config["fail_once_at_step"] = {"step": fail_once_at_step, "marker": str(out / ".injected-failure"),
-                                            "world": config.resources.num_workers}
     resources = config.resources
     trainer = TorchTrainer(
         _resolve_data_ref_then(train_fn_per_worker), train_loop_config=loop_config,

@@ -142,17 +142,6 @@ def skip_lone_allreduce(engine, world: int) -> None:
         engine.enable_backward_allreduce = False
 
 
-def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
-    """Test hook: raise once on rank 1 (or 0) at a given step; a marker file makes it happen only once."""
-    spec = loop_config.get("fail_once_at_step")
-    if not spec or step != spec["step"] or rank != min(1, spec.get("world", 2) - 1):
-        return
-    marker = Path(spec["marker"])
-    if not marker.exists():
-        marker.write_text(f"failed at step {step}\n")
-        raise RuntimeError(f"injected failure at step {step} on rank {rank}")
-
-
 class WorkerJob:
     """One worker's share of an SFT or RM run: set-up, the step loop, and export."""
 
@@ -252,7 +241,8 @@ class WorkerJob:
                 if position.micro_in_epoch % self.stage.grad_accum:
                     continue
                 position.step += 1
-                _maybe_inject_failure(self.loop_config, position.step, self.rank)
+                if self.loop_config.get("after_step") is not None:  # an observer (tests inject faults here)
+                    self.loop_config["after_step"](position.step, self.rank)
                 epoch_done = position.micro_in_epoch == len(micro)
                 metrics = self._end_of_step(epoch_done)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_KEYS}, refresh=False)

@@ -1,0 +1,24 @@
+"""Faults that tests inject into the SFT/RM jobs through `run_stage(after_step=...)`."""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.cloudpickle
+
+
+@dataclass
+class FailOnce:
+    """Raise once, on rank min(1, world - 1), after optimizer step `step`; the marker file makes it once only."""
+
+    step: int
+    marker: str
+    world: int = 2
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == min(1, self.world - 1) and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"failed at step {step}\n")
+            raise RuntimeError(f"injected failure at step {step} on rank {rank}")
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray Train workers cannot import tests/
