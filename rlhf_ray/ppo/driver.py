@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
 
 from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import gae_advantages, nonfinite_names, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.ppo.crew import ActorCrew, Call
+from rlhf_ray.ppo.rollouts import PhaseTimer, PromptBatch, RolloutSource
 from rlhf_ray.roles import (
     GENERATOR_PREFIX,
     LEARNER,
@@ -21,7 +23,7 @@ from rlhf_ray.roles import (
     RewardRole,
     remote_call,
 )
-from rlhf_ray.wire import Experience, pack
+from rlhf_ray.wire import Experience, Rollout, UpdateStats, pack
 
 # ppo.weight_sync -> (the learner's export method, the generators' load method)
 WEIGHT_SYNC_METHODS = {"merged": (LearnerRole.export_merged_weights, GeneratorRole.load_merged_weights),
@@ -58,27 +60,6 @@ class GeneratorWeights:
                     timeout=self.crew.timeout_s)
 
 
-class PhaseTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[f"seconds_{phase}"] = time.perf_counter() - start
-
-
-def split_evenly(items: list, parts: int) -> list[list]:
-    size, extra = divmod(len(items), parts)
-    chunks, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        chunks.append(items[start:end])
-        start = end
-    return chunks
-
-
 def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
     """Mean |vLLM's log-prob - the learner's| over the sampled tokens.
 
@@ -91,56 +72,72 @@ def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
     return sum(gaps) / len(gaps) if gaps else 0.0
 
 
-def generate_calls(crew: ActorCrew, prompts: list[list[int]], sampling) -> tuple[list[list[int]], list[Call]]:
-    """The prompt batch split across the generator replicas: (prompt indices per shard, one call per shard)."""
-    shards = [s for s in split_evenly(list(range(len(prompts))), len(crew.generator_names)) if s]
-    calls = [Call.to(name, GeneratorRole.generate, [prompts[i] for i in shard], sampling, shard[0])
-             for name, shard in zip(crew.generator_names, shards)]
-    return shards, calls
+@dataclass
+class StepResult:
+    """One iteration's experience and what happened to it."""
+
+    experience: Experience
+    rollouts: list[Rollout]
+    update: UpdateStats | None  # None when the update did not run
+    nonfinite_in: list[str]  # names of the experience tensors holding NaN/inf (then no update ran)
+    kl: torch.Tensor  # (B, A) per-token KL to the reference
+    kl_coef: float
+    generator_versions: list[int]
+    seconds: dict[str, float]  # seconds_<phase>
+
+    @property
+    def update_skipped(self) -> bool:
+        return self.update is None or bool(self.update["update_skipped"])
+
+    @property
+    def mean_kl(self) -> float:
+        return float(self.kl.sum(1).mean())
+
+    def metrics(self) -> dict:
+        exp, mask = self.experience, self.experience.batch.response_mask
+        lengths = mask.sum(1).float()
+        metrics = {
+            "reward_mean": float(exp.scores.mean()),
+            "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0,
+            "kl": self.mean_kl, "kl_coef": self.kl_coef, "response_length": float(lengths.mean()),
+            "finished_fraction": sum(r.finished for r in self.rollouts) / len(self.rollouts),
+            "advantage_mean": float(masked_mean(exp.advantages, mask)),
+            "return_mean": float(masked_mean(exp.returns, mask)),
+            "generator_logprob_gap": generator_logprob_gap(self.rollouts, exp.old_logprobs),
+            "generator_versions_min": min(self.generator_versions),
+            "generator_versions_max": max(self.generator_versions),
+            **(self.update or {}), "update_skipped": float(self.update_skipped), **self.seconds,
+        }
+        if "seconds_generate" in self.seconds:  # (an overlapped generation has no time of its own)
+            metrics["generated_tokens_per_s"] = float(lengths.sum()) / max(self.seconds["seconds_generate"], 1e-9)
+        metrics["seconds_iteration"] = sum(self.seconds.values())
+        return metrics
 
 
-def gather_rollouts(shards: list[list[int]], results: list[list]) -> list:
-    """The shards' rollouts in one list, each pointing at its prompt in the whole batch."""
-    rollouts = []
-    for shard, shard_rollouts in zip(shards, results):
-        for r in shard_rollouts:
-            r.prompt_index = shard[r.prompt_index]
-            rollouts.append(r)
-    return rollouts
-
-
-def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]], sampling, kl_coef: float,
-             ppo: PPOConfig, pad_id: int, *, rollouts: list | None = None,
-             next_batch: tuple | None = None) -> tuple[Experience, dict, list, list | None]:
+def ppo_step(crew: ActorCrew, weights: GeneratorWeights, source: RolloutSource, batch: PromptBatch, kl_coef: float,
+             ppo: PPOConfig, pad_id: int) -> StepResult:
     """Collect one batch of experience, update the policy, push the new weights to the generators.
 
-    With overlapped generation, `rollouts` for `prompts` were already sampled (during the previous
-    update, by the policy before it), and `next_batch` = (prompts, sampling) of the next iteration is
-    sampled while the learner updates; its rollouts are returned last (None without `next_batch`).
-
     If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
-    (weights unchanged) and `metrics["update_skipped"]` is 1.
+    (weights unchanged); the learner itself skips any optimizer step whose loss or gradients are not finite.
     """
     import ray
 
     timer = PhaseTimer()
-    # 1. generate: the prompt batch is split across generator replicas
-    if rollouts is None:
-        with timer("generate"):
-            shards, calls = generate_calls(crew, prompts, sampling)
-            rollouts = gather_rollouts(shards, crew.run("generate", calls))
-    prompt_ids = [prompts[r.prompt_index] for r in rollouts]
+    # 1. generate, split across the generator replicas (or take what the source sampled ahead)
+    rollouts = source.collect(batch, timer)
+    prompts = [batch.prompts[r.prompt_index] for r in rollouts]
     responses = [r.token_ids for r in rollouts]
-    batch = pack(prompt_ids, responses, pad_id)
-    mask = batch.response_mask
+    packed = pack(prompts, responses, pad_id)
+    mask = packed.response_mask
 
     # 2. score, 3. reference log-probs, and the learner's old log-probs/values, all at once
     with timer("score_reference_values"):
-        batch_ref = ray.put(batch)
+        packed_ref = ray.put(packed)  # (Ray resolves an object ref passed as a top-level argument)
         scores, ref_logprobs, (old_logprobs, values) = crew.run("score_reference_values", [
-            Call.to(REWARD, RewardRole.score, prompt_ids, responses),
-            Call.to(REFERENCE, ReferenceRole.logprobs, batch_ref),
-            Call.to(LEARNER, LearnerRole.logprobs_and_values, batch_ref)])
+            Call.to(REWARD, RewardRole.score, prompts, responses),
+            Call.to(REFERENCE, ReferenceRole.logprobs, packed_ref),
+            Call.to(LEARNER, LearnerRole.logprobs_and_values, packed_ref)])
 
     # 4. advantages: KL-shaped per-token rewards, then GAE
     with timer("advantages"):
@@ -148,43 +145,20 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, prompts: list[list[int]
         advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
-    experience = Experience(batch, old_logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
+    experience = Experience(packed, old_logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
     nonfinite = nonfinite_names({"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs,
                                  "values": values, "advantages": advantages, "returns": returns}, mask)
 
-    stats: dict = {"update_skipped": 1.0, "nonfinite_in": nonfinite} if nonfinite else {}
-    versions = [weights.version]
-    next_shards, next_calls = generate_calls(crew, *next_batch) if next_batch is not None else ([], [])
-    next_results: list = []
-    if not nonfinite:
-        # 5. update (the learner itself skips any optimizer step whose loss or gradients are not finite),
-        # with the next batch sampled meanwhile by the current weights when generation overlaps
-        with timer("update" if next_batch is None else "update_and_generate_next"):
-            stats, *next_results = crew.run("update", [Call.to(LEARNER, LearnerRole.train_step, experience), *next_calls])
-        # 6. push weights
-        if not stats.get("update_skipped"):
-            with timer("push_weights"):
-                versions = weights.push_from_learner()
-    elif next_calls:
-        with timer("generate_next"):
-            next_results = crew.run("generate", next_calls)
-    next_rollouts = gather_rollouts(next_shards, next_results) if next_batch is not None else None
+    # 5. update, unless the experience holds NaN/inf (an overlapping source samples the next batch meanwhile)
+    update_calls = [] if nonfinite else [Call.to(LEARNER, LearnerRole.train_step, experience)]
+    update = next(iter(source.alongside(update_calls, timer)), None)
 
-    lengths = mask.sum(1).float()
-    generated_tokens = float(lengths.sum())
-    metrics = {
-        "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef,
-        "response_length": float(lengths.mean()), "finished_fraction": sum(r.finished for r in rollouts) / len(rollouts),
-        "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
-        "generator_logprob_gap": generator_logprob_gap(rollouts, old_logprobs),
-        "generator_versions_min": min(versions), "generator_versions_max": max(versions),
-        **stats, **timer.seconds,
-    }
-    if "seconds_generate" in timer.seconds:  # (an overlapped generation has no time of its own)
-        metrics["generated_tokens_per_s"] = generated_tokens / max(timer.seconds["seconds_generate"], 1e-9)
-    metrics["seconds_iteration"] = sum(timer.seconds.values())
-    return experience, metrics, rollouts, next_rollouts
+    # 6. push weights
+    versions = [weights.version]
+    if update is not None and not update["update_skipped"]:
+        with timer("push_weights"):
+            versions = weights.push_from_learner()
+    return StepResult(experience, rollouts, update, nonfinite, kl, kl_coef, versions, dict(timer.seconds))
 
 
 def finite_only(metrics: dict) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.ppo.launch import ModelPaths
+from rlhf_ray.ppo.rollouts import PromptBatch
+from rlhf_ray.wire import SamplingSpec
 
 DRIVER_STATE = "driver_state.json"  # iteration, KL coefficient, samples seen, counters
 CHECKPOINTS_KEPT = 2
@@ -162,11 +164,13 @@ class PPOLoop:
 
     def __init__(self, config: Config, crew, prompts, tokenizer, out: Path, identity: dict, on_iteration=None):
         from rlhf_ray.ppo.driver import GeneratorWeights
+        from rlhf_ray.ppo.rollouts import OverlappedRollouts, SyncRollouts
 
         self.config, self.crew, self.prompts, self.tokenizer = config, crew, prompts, tokenizer
         self.out, self.identity, self.on_iteration = out, identity, on_iteration
         self.weights = GeneratorWeights(crew, config.ppo.weight_sync)
-        self.next_rollouts: tuple[int, list] | None = None  # (iteration, rollouts) sampled ahead (overlap)
+        self.source = (OverlappedRollouts(crew, self.batch_of, config.ppo.iterations) if config.ppo.overlap_generation
+                       else SyncRollouts(crew))
         self.last_checkpoint: Path | None = None
         self.log = None
         self.state: dict = {}
@@ -208,7 +212,7 @@ class PPOLoop:
                 break
             except RoleLost as lost:
                 print(f"[ppo] {lost}; trying again", flush=True)
-        self.next_rollouts = None  # sampled by weights that are gone; a resumed run samples its first batch again
+        self.source.reset()  # sampled by weights that are gone; a resumed run samples its first batch again
         self.state = {"iteration": 0, "kl_coef": self.config.ppo.kl_coef, "samples_seen": 0, "skipped_updates": 0,
                       "nonfinite_in_a_row": 0}
         if checkpoint is not None:
@@ -221,47 +225,42 @@ class PPOLoop:
             self.log.close()
         self.log = MetricsLog(self.out, resume_step=self.state["iteration"])
 
+    def batch_of(self, iteration: int) -> PromptBatch:
+        """Prompts and sampling of `iteration`: they depend on nothing else."""
+        ppo, seed = self.config.ppo, self.config.run.seed
+        ids = self.prompts.batch(iteration, ppo.rollout_batch_size, seed)
+        sampling = SamplingSpec(ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt,
+                                seed=seed * 1_000 + iteration)
+        return PromptBatch(iteration, ids, [self.prompts.token_ids[i] for i in ids], sampling)
+
     def _iterate(self) -> None:
         from rlhf_ray import dashboard_metrics
         from rlhf_ray.algo.ppo import explained_variance
         from rlhf_ray.ppo.driver import finite_only, ppo_step
-        from rlhf_ray.wire import SamplingSpec
 
-        ppo, seed, state = self.config.ppo, self.config.run.seed, self.state
+        ppo, state = self.config.ppo, self.state
         iteration = state["iteration"]
-
-        def batch_of(it: int) -> tuple[list[int], list[list[int]], SamplingSpec]:
-            """Prompt ids, prompts and sampling of iteration `it`: they depend on nothing else."""
-            ids = self.prompts.batch(it, ppo.rollout_batch_size, seed)
-            return ids, [self.prompts.token_ids[i] for i in ids], SamplingSpec(
-                ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt, seed=seed * 1_000 + it)
-
-        indices, batch_prompts, sampling = batch_of(iteration)
-        ready = self.next_rollouts if self.next_rollouts and self.next_rollouts[0] == iteration else None
-        self.next_rollouts = None
-        next_batch = batch_of(iteration + 1)[1:] if ppo.overlap_generation and iteration + 1 < ppo.iterations else None
-        experience, metrics, rollouts, next_rollouts = ppo_step(
-            self.crew, self.weights, batch_prompts, sampling, self.kl_controller.value, ppo,
-            self.tokenizer.pad_token_id, rollouts=ready[1] if ready else None, next_batch=next_batch)
-        if next_rollouts is not None:
-            self.next_rollouts = (iteration + 1, next_rollouts)
-        nonfinite = metrics.pop("nonfinite_in", [])
-        if metrics.get("update_skipped"):
+        batch = self.batch_of(iteration)
+        result = ppo_step(self.crew, self.weights, self.source, batch, self.kl_controller.value, ppo,
+                          self.tokenizer.pad_token_id)
+        experience, rollouts, metrics = result.experience, result.rollouts, result.metrics()
+        nonfinite = ", ".join(result.nonfinite_in) or "loss or gradients"
+        if result.update_skipped:
             state["skipped_updates"] += 1
             state["nonfinite_in_a_row"] += 1
-            print(f"[ppo] iteration {iteration + 1}: update skipped, NaN/inf in {', '.join(nonfinite) or 'loss or gradients'} "
+            print(f"[ppo] iteration {iteration + 1}: update skipped, NaN/inf in {nonfinite} "
                   f"({state['nonfinite_in_a_row']} in a row)", flush=True)
             if state["nonfinite_in_a_row"] >= ppo.max_nonfinite_in_a_row:
                 raise NonFiniteError(
                     f"stopping at iteration {iteration + 1}: {state['nonfinite_in_a_row']} updates in a row were skipped "
                     f"for NaN/inf (ppo.max_nonfinite_in_a_row={ppo.max_nonfinite_in_a_row}); last in "
-                    f"{', '.join(nonfinite) or 'loss or gradients'}; prompt ids of that batch: {indices}")
+                    f"{nonfinite}; prompt ids of that batch: {batch.prompt_ids}")
         else:
             state["nonfinite_in_a_row"] = 0
-            self.kl_controller.update(metrics["kl"], len(rollouts))
+            self.kl_controller.update(result.mean_kl, len(rollouts))
         metrics["explained_variance"] = float(explained_variance(experience.values, experience.returns,
                                                                  experience.batch.response_mask))
-        state.update({"iteration": iteration + 1, "kl_coef": self.kl_controller.value, "prompt_ids": indices,
+        state.update({"iteration": iteration + 1, "kl_coef": self.kl_controller.value, "prompt_ids": batch.prompt_ids,
                       "samples_seen": state["samples_seen"] + len(rollouts)})
         metrics.update(samples_seen=state["samples_seen"], skipped_updates=state["skipped_updates"],
                        actor_restarts=self.crew.total_restarts)  # restarts by this driver process
@@ -269,7 +268,7 @@ class PPOLoop:
         self.log.log(iteration + 1, metrics)
         dashboard_metrics.publish(metrics, self.config.run.name, "ppo")
         if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:
-            _write_samples(self.out / "samples.jsonl", iteration + 1, rollouts, experience, batch_prompts, self.tokenizer)
+            _write_samples(self.out / "samples.jsonl", iteration + 1, rollouts, experience, batch.prompts, self.tokenizer)
         saved = None
         if ppo.checkpoint_every and (iteration + 1) % ppo.checkpoint_every == 0 or iteration + 1 == ppo.iterations:
             saved = self._save_checkpoint()
