@@ -6,7 +6,7 @@ STAMP := $(VENV)/.rlhf-ray-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup test demo demo-tiny quality bench clean-venv
+.PHONY: setup lint test demo demo-tiny quality bench clean-venv
 
 setup: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, transformers, vllm, ray, deepspeed, peft; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
-test: setup
+# Lint and formatting (ruff, settings in pyproject.toml); `ruff format .` and `ruff check --fix .` repair most.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

@@ -45,22 +45,36 @@ class HeldForward:
     values: torch.Tensor
 
     def matches(self, batch: PackedBatch, version: int) -> bool:
-        return version == self.version and all(torch.equal(a, b.to(a.device)) for a, b in zip(
-            self.batch.to_dict().values(), batch.to_dict().values()))
+        return version == self.version and all(
+            torch.equal(a, b.to(a.device)) for a, b in zip(self.batch.to_dict().values(), batch.to_dict().values())
+        )
 
 
 class PolicyLearner:
-    def __init__(self, model_path: str, lora: LoraConfig, ppo: PPOConfig, *, dtype: str = "float32",
-                 precision: str = "fp32", seed: int = 0, trust_remote_code: bool = False,
-                 deepspeed_config: dict | None = None, update_threads: int | None = None, reuse_first_forward: bool = True):
+    def __init__(
+        self,
+        model_path: str,
+        lora: LoraConfig,
+        ppo: PPOConfig,
+        *,
+        dtype: str = "float32",
+        precision: str = "fp32",
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        deepspeed_config: dict | None = None,
+        update_threads: int | None = None,
+        reuse_first_forward: bool = True,
+    ):
         torch.manual_seed(seed)  # the value head's initial weights
         self.device = default_device()
         self.ppo = ppo
-        self.module = build_policy_with_value_head(model_path, lora, ppo.temperature, dtype=dtype,
-                                                   trust_remote_code=trust_remote_code, device=self.device)
+        self.module = build_policy_with_value_head(
+            model_path, lora, ppo.temperature, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device
+        )
         self.model, self.value_head = self.module.policy, self.module.value_head
-        self.backend = make_backend(self.module, self.trainable_parameters(), ppo.lr, ppo.max_grad_norm,
-                                    deepspeed_config)
+        self.backend = make_backend(
+            self.module, self.trainable_parameters(), ppo.lr, ppo.max_grad_norm, deepspeed_config
+        )
         if self.backend.casts_to_bf16:
             self.precision = Precision(False, "bf16 (deepspeed.bf16)")  # the engine casts the model itself
         else:
@@ -94,7 +108,7 @@ class PolicyLearner:
         self.held = None
         held_rows = self.first_order[:0]
         if self.reuse_first_forward and n >= self.ppo.minibatch_size:  # (else the update runs no minibatch)
-            held_rows = self.first_order[:self.ppo.micro_batch_size or self.ppo.minibatch_size]
+            held_rows = self.first_order[: self.ppo.micro_batch_size or self.ppo.minibatch_size]
         logprobs = torch.zeros(batch.response_ids.shape)
         values = torch.zeros(batch.response_ids.shape)
         if len(held_rows):
@@ -102,7 +116,7 @@ class PolicyLearner:
             out, held_values = self._forward(batch.select(held_rows), entropy=True)
             self.held = HeldForward(batch, self.version, held_rows, out, held_values)
             logprobs[held_rows], values[held_rows] = out.logprobs.detach().cpu(), held_values.detach().cpu()
-        rest = self.first_order[len(held_rows):]
+        rest = self.first_order[len(held_rows) :]
         if len(rest):
             self.module.eval()
             with torch.no_grad():
@@ -138,11 +152,11 @@ class PolicyLearner:
             else:
                 order = torch.randperm(n, generator=self.generator)
             for start in range(0, n - mb + 1, mb):
-                rows = order[start:start + mb]
+                rows = order[start : start + mb]
                 self.backend.zero_grad()
                 step: dict[str, float] = {}
                 for micro_start in range(0, mb, micro):
-                    micro_rows = rows[micro_start:micro_start + micro]
+                    micro_rows = rows[micro_start : micro_start + micro]
                     outputs = None
                     first = epoch == start == micro_start == 0  # no optimizer step yet: the held forward's weights
                     if first and held is not None and torch.equal(micro_rows, held.rows):
@@ -158,11 +172,15 @@ class PolicyLearner:
         if updates:
             self.version += 1
         return {key: value / updates for key, value in totals.items()} | {
-            "policy_version": self.version, "skipped_steps": skipped, "update_skipped": float(updates == 0),
-            "reused_first_forward": float(reused)}
+            "policy_version": self.version,
+            "skipped_steps": skipped,
+            "update_skipped": float(updates == 0),
+            "reused_first_forward": float(reused),
+        }
 
-    def _micro_step(self, exp: Experience, minibatch_rows: int,
-                    outputs: tuple[ResponseOutputs, torch.Tensor] | None = None) -> dict[str, float]:
+    def _micro_step(
+        self, exp: Experience, minibatch_rows: int, outputs: tuple[ResponseOutputs, torch.Tensor] | None = None
+    ) -> dict[str, float]:
         """Loss and backward of one micro-batch; `outputs` are its forward's, when already run."""
         exp = exp.to(self.device)
         out, values = outputs if outputs is not None else self._forward(exp.batch, entropy=True)
@@ -171,8 +189,12 @@ class PolicyLearner:
         vf_loss, vf_stats = value_loss(values, exp.values, exp.returns, mask, self.ppo.clip_range_value)
         loss = pg_loss + self.ppo.vf_coef * vf_loss
         share = loss * exp.batch.input_ids.size(0) / minibatch_rows  # of the minibatch's mean loss
-        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": masked_mean(out.entropy, mask).item(),
-                 **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+        stats = {
+            "policy_loss": pg_loss.item(),
+            "value_loss": vf_loss.item(),
+            "entropy": masked_mean(out.entropy, mask).item(),
+            **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()},
+        }
         if not all_finite(stats):
             share = share * math.nan  # NaN gradients: the backend skips the minibatch's step
         self.backend.backward(share)
@@ -181,7 +203,11 @@ class PolicyLearner:
     def export_adapter(self) -> AdapterPayload:
         with tempfile.TemporaryDirectory() as folder:
             self.model.save_pretrained(folder)
-            files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")}
+            files = {
+                p.name: p.read_bytes()
+                for p in Path(folder).iterdir()
+                if p.is_file() and p.suffix in (".json", ".safetensors")
+            }
         return AdapterPayload(self.version, files)
 
     def export_merged_weights(self) -> MergedWeights:
@@ -194,7 +220,9 @@ class PolicyLearner:
 
         folder = Path(folder)
         self.model.save_pretrained(folder / "adapter")
-        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(folder / "value_head.safetensors")
+        )
         state = {"generator": self.generator.get_state(), **self.backend.save(folder)}
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -11,8 +11,14 @@ from rlhf_ray.wire import PackedBatch
 
 
 class ReferenceModel:
-    def __init__(self, model_path: str, dtype: str = "float32", temperature: float = 1.0, trust_remote_code: bool = False,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        temperature: float = 1.0,
+        trust_remote_code: bool = False,
+        precision: str = "fp32",
+    ):
         self.device = default_device()
         self.precision = resolve_precision(precision, self.device.type)  # as the learner's, so KL starts at 0
         self.model = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device).eval()

@@ -18,13 +18,27 @@ class RewardModel:
     appended to responses that ended with EOS, so the RM sees sequences shaped like its training data.
     """
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", normalize: bool = True, clip: float = 10.0,
-                 eos_token_id: int, end_of_turn_suffix: list[int], trust_remote_code: bool = False,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        normalize: bool = True,
+        clip: float = 10.0,
+        eos_token_id: int,
+        end_of_turn_suffix: list[int],
+        trust_remote_code: bool = False,
+        precision: str = "fp32",
+    ):
         from transformers import AutoModelForSequenceClassification
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code).to(default_device()).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                model_path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+            .to(default_device())
+            .eval()
+        )
         self.model.requires_grad_(False)
         self.precision = resolve_precision(precision, self.model.device.type)  # scores are taken in fp32
         self.pad_id = self.model.config.pad_token_id
@@ -41,7 +55,9 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         """(B,) rewards: (raw - mean) / std, clipped to [-clip, clip]."""
-        sequences = [p + r + (self.suffix if r and r[-1] == self.eos_token_id else []) for p, r in zip(prompts, responses)]
+        sequences = [
+            p + r + (self.suffix if r and r[-1] == self.eos_token_id else []) for p, r in zip(prompts, responses)
+        ]
         width = max(len(s) for s in sequences)
         input_ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in sequences])
         attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])

@@ -30,10 +30,23 @@ class RolloutGenerator:
     methods per engine: an adapter on top of merged weights would apply the update twice.
     """
 
-    def __init__(self, model_path: str, *, max_lora_rank: int, max_model_len: int, dtype: str = "float32",
-                 enforce_eager: bool = True, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, trust_remote_code: bool = False, enable_lora: bool = True, threads: int | None = None,
-                 threads_shared_by: int = 1, precision: str = "fp32"):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_lora_rank: int,
+        max_model_len: int,
+        dtype: str = "float32",
+        enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.3,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        enable_lora: bool = True,
+        threads: int | None = None,
+        threads_shared_by: int = 1,
+        precision: str = "fp32",
+    ):
         import torch
 
         from rlhf_ray.models.precision import resolve_precision
@@ -68,9 +81,17 @@ class RolloutGenerator:
         from vllm import LLM
 
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if enable_lora else {}
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       trust_remote_code=trust_remote_code, **lora, **cpu_only)
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            **lora,
+            **cpu_only,
+        )
         # vLLM warns about every layer a reload leaves alone (from `reload.inplace` and `reload.layerwise`);
         # `load_merged_weights` sends only the touched modules. (Set once the engine has started: set before
         # it, the warnings still appeared.)
@@ -86,8 +107,10 @@ class RolloutGenerator:
         from vllm.lora.request import LoRARequest
 
         if not self.enable_lora:
-            raise RuntimeError("this generator was started without LoRA (ppo.weight_sync=merged); "
-                               "use load_merged_weights, or start it with enable_lora=True")
+            raise RuntimeError(
+                "this generator was started without LoRA (ppo.weight_sync=merged); "
+                "use load_merged_weights, or start it with enable_lora=True"
+            )
         self._loads += 1
         folder = self.adapter_root / f"load{self._loads}-v{version}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -107,24 +130,34 @@ class RolloutGenerator:
 
         Cached prompt prefixes were computed with the old weights, so the prefix cache is emptied.
         """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.tensors.items()),
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(weights.tensors.items()), "is_checkpoint_format": True}
+        )
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not empty its prefix cache after a weight reload")
         self._lora = None
         self.version = version
         return self.version
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, index_offset: int = 0) -> list[Rollout]:
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, index_offset: int = 0
+    ) -> list[Rollout]:
         """Sample `sampling.n` responses per prompt. Prompt i is seeded from (sampling.seed, index_offset + i),
         so a batch split across replicas samples what one generator would."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, logprobs=0,
-                                 seed=None if sampling.seed is None else sampling.seed * 100_003 + index_offset + i)
-                  for i in range(len(prompt_token_ids))]
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                seed=None if sampling.seed is None else sampling.seed * 100_003 + index_offset + i,
+            )
+            for i in range(len(prompt_token_ids))
+        ]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
         rollouts = []

@@ -48,8 +48,16 @@ class RunRecord:
         return asdict(self)
 
 
-def run_worker(suite: str, system: str, repeat: int, module: str, spec: dict, work: Path,
-               env: dict | None = None, timeout_s: float = 3600.0) -> RunRecord:
+def run_worker(
+    suite: str,
+    system: str,
+    repeat: int,
+    module: str,
+    spec: dict,
+    work: Path,
+    env: dict | None = None,
+    timeout_s: float = 3600.0,
+) -> RunRecord:
     """Run `python -m module spec.json result.json` in a fresh process; its output goes to a log file."""
     tag = f"{suite}-{system}-{repeat}"
     spec_path, result_path = work / "specs" / f"{tag}.json", work / "specs" / f"{tag}.result.json"
@@ -59,12 +67,26 @@ def run_worker(suite: str, system: str, repeat: int, module: str, spec: dict, wo
     log = OUT / "logs" / f"{tag}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [PYTHON, "-m", module, str(spec_path), str(result_path)]
-    record = RunRecord(suite, system, repeat, " ".join([rel(PYTHON), "-m", module, "<spec>", "<result>"]), spec=spec,
-                       log=rel(log), load_before=os.getloadavg()[0])
+    record = RunRecord(
+        suite,
+        system,
+        repeat,
+        " ".join([rel(PYTHON), "-m", module, "<spec>", "<result>"]),
+        spec=spec,
+        log=rel(log),
+        load_before=os.getloadavg()[0],
+    )
     start = time.perf_counter()
     with open(log, "w") as handle:  # own session: on a timeout the worker and whatever it started (Ray) go together
-        proc = subprocess.Popen(argv, cwd=REPO, env=worker_env(env), stdout=handle, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=worker_env(env),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=timeout_s)
             record.ok = code == 0 and result_path.is_file()
@@ -127,8 +149,11 @@ class Progress:
     def begin(self, kind: str, label: str) -> None:
         remaining = sum(self._estimate(k, s) for k, s in self.planned)
         done = sum(len(v) for v in self.measured.values())
-        print(f"[bench] {label}: run {done + 1} of {done + len(self.planned)}; elapsed "
-              f"{fmt_duration(time.perf_counter() - self.start)}, about {fmt_duration(remaining)} to go", flush=True)
+        print(
+            f"[bench] {label}: run {done + 1} of {done + len(self.planned)}; elapsed "
+            f"{fmt_duration(time.perf_counter() - self.start)}, about {fmt_duration(remaining)} to go",
+            flush=True,
+        )
 
     def end(self, kind: str, seconds: float) -> None:
         for i, (k, _) in enumerate(self.planned):

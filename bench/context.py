@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from bench.common import Progress, RunRecord, fmt_duration, run_worker
 
@@ -32,8 +32,9 @@ class Context:
     def run(self, suite: str, system: System, repeat: int, timeout_s: float = 3600.0) -> RunRecord:
         kind = f"{suite}:{system.name}"
         self.progress.begin(kind, f"{suite} / {system.name} (repeat {repeat + 1})")
-        record = run_worker(suite, system.name, repeat, system.module, system.spec(repeat), self.work, system.env,
-                            timeout_s)
+        record = run_worker(
+            suite, system.name, repeat, system.module, system.spec(repeat), self.work, system.env, timeout_s
+        )
         self.progress.end(kind, record.process_s)
         status = "ok" if record.ok else "FAILED"
         print(f"[bench]   -> {status} in {fmt_duration(record.process_s)} (log {record.log})", flush=True)

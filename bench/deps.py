@@ -38,16 +38,35 @@ def ensure_trl() -> str:
     if not (target / "trl" / "__init__.py").is_file():
         print(f"[bench] installing trl=={TRL_VERSION} into {target} (no deps; its deps are in .venv)", flush=True)
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                        "--target", str(target), f"trl=={TRL_VERSION}"], check=True, cwd=REPO)
-    probe = (f"{HIDE_VLLM}\nimport trl\nfrom trl.experimental.ppo import PPOTrainer\n"
-             "from trl import RewardTrainer, SFTTrainer, RLOOTrainer, GRPOTrainer\nprint(trl.__version__)")
+        subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+                str(target),
+                f"trl=={TRL_VERSION}",
+            ],
+            check=True,
+            cwd=REPO,
+        )
+    probe = (
+        f"{HIDE_VLLM}\nimport trl\nfrom trl.experimental.ppo import PPOTrainer\n"
+        "from trl import RewardTrainer, SFTTrainer, RLOOTrainer, GRPOTrainer\nprint(trl.__version__)"
+    )
     done = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=worker_env(trl_env()), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"TRL in {target} does not import:\n{done.stderr[-3000:]}")
     version = done.stdout.strip().splitlines()[-1]
     if version != TRL_VERSION:
         raise RuntimeError(f"expected trl {TRL_VERSION} in {target}, found {version}; remove the folder to reinstall")
-    print(f"[bench] TRL {version} from {target}: trl.experimental.ppo.PPOTrainer, RewardTrainer, SFTTrainer, "
-          "RLOOTrainer import", flush=True)
+    print(
+        f"[bench] TRL {version} from {target}: trl.experimental.ppo.PPOTrainer, RewardTrainer, SFTTrainer, "
+        "RLOOTrainer import",
+        flush=True,
+    )
     return version

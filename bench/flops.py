@@ -55,8 +55,14 @@ def mfu(flops_per_s: float | None, peak_flops_per_s: float | None) -> float | No
     return flops_per_s / peak_flops_per_s
 
 
-def ppo_iteration_flops(params: dict[str, int], prompt_tokens: float, response_tokens: float, epochs: int,
-                        full_value_model: bool = False, value_forward: bool = True) -> float:
+def ppo_iteration_flops(
+    params: dict[str, int],
+    prompt_tokens: float,
+    response_tokens: float,
+    epochs: int,
+    full_value_model: bool = False,
+    value_forward: bool = True,
+) -> float:
     """FLOPs of one PPO-style iteration over a batch with these many real prompt and response tokens.
 
     generate; reward model forward; reference forward; old log-probs (+values) forward; `epochs`

@@ -15,7 +15,9 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU"
+    )
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return f"{model} ({', '.join(wide) or 'no avx2/avx512/amx'})"
@@ -25,7 +27,7 @@ def memory_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2 ** 20
+                return int(line.split()[1]) / 2**20
     except OSError:
         pass
     return None
@@ -34,8 +36,11 @@ def memory_gib() -> float | None:
 def describe() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem = memory_gib()
-    return f"{cpu_model()}; nproc {cores}; {mem:.1f} GiB memory; {platform.system()} {platform.release()}" if mem \
+    return (
+        f"{cpu_model()}; nproc {cores}; {mem:.1f} GiB memory; {platform.system()} {platform.release()}"
+        if mem
         else f"{cpu_model()}; nproc {cores}"
+    )
 
 
 def versions(trl_version: str = "") -> str:
@@ -56,4 +61,4 @@ def installed_trl() -> str:
     from bench.deps import deps_dir
 
     found = sorted(deps_dir().glob("trl-*.dist-info"))
-    return found[-1].name[len("trl-"):-len(".dist-info")] if found else ""
+    return found[-1].name[len("trl-") : -len(".dist-info")] if found else ""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from bench.scaling_model import scaling_section
 
-SMOKE_BANNER = ("> **SMOKE RUN (`--quick`)**: tiny workloads, one repeat, possibly on a machine busy with other work. "
-                "It only shows that every suite runs end to end; **its figures are not meaningful** and must not be "
-                "quoted. Run `make bench` on a quiet machine for real figures.")
+SMOKE_BANNER = (
+    "> **SMOKE RUN (`--quick`)**: tiny workloads, one repeat, possibly on a machine busy with other work. "
+    "It only shows that every suite runs end to end; **its figures are not meaningful** and must not be "
+    "quoted. Run `make bench` on a quiet machine for real figures."
+)
 
 
 def num(value: float | None) -> str:
@@ -39,21 +41,28 @@ def ab_table(result: dict) -> list[str]:
         label = row["label"] + better
         lines.append("| " + " | ".join([label, *[cell(row["values"][s]) for s in systems], *adv]) + " |")
     lines.append("")
-    lines.append(f"Cells: median [min-max] over repeats. `{ours} vs X` is how many times better {ours} is "
-                 "(X/ours for durations, ours/X for rates): above 1 means rlhf-ray is ahead.")
+    lines.append(
+        f"Cells: median [min-max] over repeats. `{ours} vs X` is how many times better {ours} is "
+        "(X/ours for durations, ours/X for rates): above 1 means rlhf-ray is ahead."
+    )
     return lines
 
 
 def ceiling_table(result: dict) -> list[str]:
-    lines = ["| dtype | " + " | ".join(f"{n}x{n}" for n in result["settings"]["sizes"]) + " | peak used for MFU |",
-             "|" + "---|" * (len(result["settings"]["sizes"]) + 2)]
+    lines = [
+        "| dtype | " + " | ".join(f"{n}x{n}" for n in result["settings"]["sizes"]) + " | peak used for MFU |",
+        "|" + "---|" * (len(result["settings"]["sizes"]) + 2),
+    ]
     for row in result["ceiling"]:
         rates = [f"{row['by_size'][str(n)] / 1e9:.1f}" for n in result["settings"]["sizes"]]
         lines.append(f"| {row['dtype']} | " + " | ".join(rates) + f" | **{row['peak'] / 1e9:.1f} GFLOP/s** |")
     s = result["settings"]
-    lines += ["", f"torch.matmul on square matrices, {s['threads']} threads: the best of {s.get('windows', 1)} windows of "
-              f"{s['seconds']} s of back-to-back products per size (GFLOP/s). An MFU above 100% elsewhere means this "
-              "was measured while other work held the cores."]
+    lines += [
+        "",
+        f"torch.matmul on square matrices, {s['threads']} threads: the best of {s.get('windows', 1)} windows of "
+        f"{s['seconds']} s of back-to-back products per size (GFLOP/s). An MFU above 100% elsewhere means this "
+        "was measured while other work held the cores.",
+    ]
     return lines
 
 
@@ -80,8 +89,14 @@ def failures(result: dict) -> list[str]:
 
 
 def suite_section(result: dict) -> list[str]:
-    title = {"ceiling": "Compute ceiling", "rm": "Reward-model training", "sft": "SFT training",
-             "ppo": "PPO iteration", "rollout": "Rollout generation", "scaling": "PPO scaling on this machine"}
+    title = {
+        "ceiling": "Compute ceiling",
+        "rm": "Reward-model training",
+        "sft": "SFT training",
+        "ppo": "PPO iteration",
+        "rollout": "Rollout generation",
+        "scaling": "PPO scaling on this machine",
+    }
     lines = [f"## {title.get(result['suite'], result['suite'])} (`--suite {result['suite']}`)", ""]
     if result.get("error"):
         return lines + [f"**The suite failed**: {result['error']}", ""]
@@ -108,12 +123,17 @@ def results_markdown(results: list[dict], meta: dict) -> str:
     lines = ["# rlhf-ray benchmark results", ""]
     if quick:
         lines += [SMOKE_BANNER, ""]
-    lines += [f"- date: {meta['date']}", f"- command: `{meta['command']}`",
-              f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
-              f"- repeats: {meta['repeats']} (each run a fresh process; A/B systems alternate)",
-              f"- 1-minute load average before the first run: {meta.get('load_at_start', 'n/a')} (near 0 on a quiet "
-              "machine; anything else running skews every figure)",
-              f"- raw per-run JSON: `{meta['results_dir']}/<suite>.json`; logs in `bench/out/logs/`", ""]
+    lines += [
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}",
+        f"- versions: {meta['versions']}",
+        f"- repeats: {meta['repeats']} (each run a fresh process; A/B systems alternate)",
+        f"- 1-minute load average before the first run: {meta.get('load_at_start', 'n/a')} (near 0 on a quiet "
+        "machine; anything else running skews every figure)",
+        f"- raw per-run JSON: `{meta['results_dir']}/<suite>.json`; logs in `bench/out/logs/`",
+        "",
+    ]
     all_targets = [t for r in results for t in r.get("targets", [])]
     if all_targets:
         met = sum(t["met"] for t in all_targets)
@@ -124,8 +144,13 @@ def results_markdown(results: list[dict], meta: dict) -> str:
             measured = f"{result['date']} by `{result.get('command', '?')}`"
             result = {**result, "settings": {"measured on": measured, **result.get("settings", {})}}
         lines += suite_section(result)
-    lines += ["## FLOP counting", "", "See `bench/README.md`: training 6N per real token (LoRA: 4N), forward 2N, "
-              "generation 2N per generated token; N = parameters in matrix multiplies (LM head included for "
-              "causal LMs, 1-output score head for reward/value models); attention score FLOPs and prefill of "
-              "generation not counted. MFU = achieved FLOP/s over the fp32 matmul peak of the ceiling suite.", ""]
+    lines += [
+        "## FLOP counting",
+        "",
+        "See `bench/README.md`: training 6N per real token (LoRA: 4N), forward 2N, "
+        "generation 2N per generated token; N = parameters in matrix multiplies (LM head included for "
+        "causal LMs, 1-output score head for reward/value models); attention score FLOPs and prefill of "
+        "generation not counted. MFU = achieved FLOP/s over the fp32 matmul peak of the ceiling suite.",
+        "",
+    ]
     return "\n".join(lines)

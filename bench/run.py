@@ -1,4 +1,6 @@
-"""`python -m bench.run [--suite all|ceiling|rm|rm-quality|sft|ppo|rollout|rollout-bf16|scaling] [--repeats N] [--quick]`
+"""`python -m bench.run [--suite NAME ...] [--repeats N] [--quick]`
+
+Suites: all, ceiling, rm, rm-quality, sft, ppo, rollout, rollout-bf16, scaling.
 
 Runs the suites, prints a table per suite, writes bench/RESULTS.md and the raw per-run JSON
 (bench/results/ for full runs, bench/out/results/ for --quick smoke runs).
@@ -25,18 +27,32 @@ from bench.settings import PRECISION
 
 SUITES = ("ceiling", "rm", "rm-quality", "sft", "ppo", "rollout", "rollout-bf16", "scaling")
 NEEDS_TRL = {"rm", "rm-quality", "sft", "ppo"}
-SYSTEMS = {"rm": ["rlhf-ray", "trl"], "rm-quality": ["rlhf-ray", "trl"], "sft": ["rlhf-ray", "trl"], "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
-           "rollout": ["rlhf-ray", "transformers", "rlhf-ray-adapter"], "rollout-bf16": ["rlhf-ray", "transformers"]}
+SYSTEMS = {
+    "rm": ["rlhf-ray", "trl"],
+    "rm-quality": ["rlhf-ray", "trl"],
+    "sft": ["rlhf-ray", "trl"],
+    "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
+    "rollout": ["rlhf-ray", "transformers", "rlhf-ray-adapter"],
+    "rollout-bf16": ["rlhf-ray", "transformers"],
+}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description="rlhf-ray next to TRL, and against this "
-                                     "machine's matmul ceiling. See bench/README.md.")
-    parser.add_argument("--suite", default="all", help="all, or one or more of " + ",".join(SUITES) + " (comma-separated)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per system (default 3; 1 with --quick; scaling 1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="rlhf-ray next to TRL, and against this machine's matmul ceiling. See bench/README.md.",
+    )
+    parser.add_argument(
+        "--suite", default="all", help="all, or one or more of " + ",".join(SUITES) + " (comma-separated)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs per system (default 3; 1 with --quick; scaling 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke-run sizes; figures are not meaningful")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (prepared data, run outputs)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from the saved JSON, run nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite RESULTS.md from the saved JSON, run nothing"
+    )
     args = parser.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = [s for s in args.suites if s not in SUITES]
@@ -63,23 +79,33 @@ def planned_runs(suites: list[str], repeats: dict[str, int], quick: bool) -> lis
         plan.append((f"{suite}:prep", settings.ESTIMATE_S["prep"]))
         if suite == "scaling":
             s = settings.sizes("scaling", quick)
-            shapes = [f"b{b}-r1" for b in s["batches"]] + [f"b{s['replica_batch']}-r{r}" for r in s["replicas"] if r != 1]
+            shapes = [f"b{b}-r1" for b in s["batches"]] + [
+                f"b{s['replica_batch']}-r{r}" for r in s["replicas"] if r != 1
+            ]
             each = settings.ESTIMATE_S["scaling:rlhf-ray"] * scale
             plan += [(f"scaling:{n}", each) for _ in range(repeats[suite]) for n in shapes]
         else:
-            plan += [(f"{suite}:{name}", settings.ESTIMATE_S.get(f"{suite}:{name}", 150) * scale)
-                     for _ in range(repeats[suite]) for name in SYSTEMS[suite]]
+            plan += [
+                (f"{suite}:{name}", settings.ESTIMATE_S.get(f"{suite}:{name}", 150) * scale)
+                for _ in range(repeats[suite])
+                for name in SYSTEMS[suite]
+            ]
     return plan
 
 
 def run_suite(ctx: Context, suite: str) -> dict:
     from bench import suites_ppo, suites_rollout, suites_train
 
-    runners = {"ceiling": suites_train.ceiling, "rm": lambda c: suites_train.training_suite(c, "rm"),
-               "rm-quality": suites_train.rm_quality,
-               "sft": lambda c: suites_train.training_suite(c, "sft"), "ppo": suites_ppo.ppo,
-               "rollout": suites_rollout.rollout, "rollout-bf16": lambda c: suites_rollout.rollout(c, "bfloat16"),
-               "scaling": suites_ppo.scaling}
+    runners = {
+        "ceiling": suites_train.ceiling,
+        "rm": lambda c: suites_train.training_suite(c, "rm"),
+        "rm-quality": suites_train.rm_quality,
+        "sft": lambda c: suites_train.training_suite(c, "sft"),
+        "ppo": suites_ppo.ppo,
+        "rollout": suites_rollout.rollout,
+        "rollout-bf16": lambda c: suites_rollout.rollout(c, "bfloat16"),
+        "scaling": suites_ppo.scaling,
+    }
     try:
         return runners[suite](ctx)
     except Exception as err:  # a broken suite is reported, the others still run
@@ -105,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     folder = results_dir(args.quick)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    meta = {"date": now, "command": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine.describe(), "versions": machine.versions(), "results_dir": rel(folder),
-            "repeats": "of the suites this command ran: " + ", ".join(
-                f"{k} {v}" for k, v in repeats_for(args).items() if k in args.suites or k == "ceiling")
-                       + " (each other section names the command that measured it)",
-            "load_at_start": f"{os.getloadavg()[0]:.2f}"}
+    meta = {
+        "date": now,
+        "command": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine.describe(),
+        "versions": machine.versions(),
+        "results_dir": rel(folder),
+        "repeats": "of the suites this command ran: "
+        + ", ".join(f"{k} {v}" for k, v in repeats_for(args).items() if k in args.suites or k == "ceiling")
+        + " (each other section names the command that measured it)",
+        "load_at_start": f"{os.getloadavg()[0]:.2f}",
+    }
     if args.report_only:
         print(f"[bench] wrote {write_results(folder, args.quick, meta)}")
         return 0
@@ -123,14 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     repeats = repeats_for(args)
     progress = Progress(planned_runs(args.suites, repeats, args.quick))
     work = Path(tempfile.mkdtemp(prefix="rlhf-ray-bench-"))
-    print(f"[bench] {'SMOKE RUN (--quick): figures are not meaningful. ' if args.quick else ''}suites {', '.join(args.suites)}; "
-          f"model {model_dir}; scratch {work}; machine {meta['machine']}", flush=True)
+    print(
+        f"[bench] {'SMOKE RUN (--quick): figures are not meaningful. ' if args.quick else ''}"
+        f"suites {', '.join(args.suites)}; "
+        f"model {model_dir}; scratch {work}; machine {meta['machine']}",
+        flush=True,
+    )
     if os.getloadavg()[0] > 0.5:
-        print(f"[bench] WARNING: load average {os.getloadavg()[0]:.2f}: other work is running; the figures will be "
-              "skewed (TRL's 2-thread processes suffer most). Run on a quiet machine for real figures.", flush=True)
+        print(
+            f"[bench] WARNING: load average {os.getloadavg()[0]:.2f}: other work is running; the figures will be "
+            "skewed (TRL's 2-thread processes suffer most). Run on a quiet machine for real figures.",
+            flush=True,
+        )
     print(f"[bench] estimated duration about {fmt_duration(sum(s for _, s in progress.planned))}", flush=True)
-    ctx = Context(work=work, quick=args.quick, repeats=repeats, progress=progress, model_dir=model_dir,
-                  trl_version=trl_version)
+    ctx = Context(
+        work=work, quick=args.quick, repeats=repeats, progress=progress, model_dir=model_dir, trl_version=trl_version
+    )
     start = time.perf_counter()
     try:
         ceiling = run_suite(ctx, "ceiling")  # MFU of every row needs it, so it is always measured first
@@ -140,21 +179,26 @@ def main(argv: list[str] | None = None) -> int:
             result = run_suite(ctx, suite)
             dtype = result.get("dtype", "float32")  # the precision the suite measured (its MFU peak)
             if "settings" in result and ctx.peak.get(dtype):
-                result["settings"][f"MFU peak ({PRECISION[dtype]})"] = (f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling "
-                                                             "measured at the start of this invocation")
+                result["settings"][f"MFU peak ({PRECISION[dtype]})"] = (
+                    f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling measured at the start of this invocation"
+                )
             save(folder, result, args.quick, meta)
             print("\n" + report.console(result), flush=True)
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
     path = write_results(folder, args.quick, meta)
-    print(f"\n[bench] done in {fmt_duration(time.perf_counter() - start)}; wrote {rel(path)} and {rel(folder)}/*.json",
-          flush=True)
+    print(
+        f"\n[bench] done in {fmt_duration(time.perf_counter() - start)}; wrote {rel(path)} and {rel(folder)}/*.json",
+        flush=True,
+    )
     return 0
 
 
 def save(folder: Path, result: dict, quick: bool, meta: dict) -> None:
-    result.update(quick=quick, date=meta["date"], command=meta["command"], machine=meta["machine"], versions=meta["versions"])
+    result.update(
+        quick=quick, date=meta["date"], command=meta["command"], machine=meta["machine"], versions=meta["versions"]
+    )
     (folder / f"{result['suite']}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 

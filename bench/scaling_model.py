@@ -10,13 +10,14 @@ def _n(value: float | None, digits: int = 1) -> str:
 
 
 def scaling_table(points: list[dict]) -> list[str]:
-    head = ["batch", "generator replicas", "s / iteration", "responses/s", "gen tokens/s",
-            *[f"{p} s" for p in PHASES]]
+    head = ["batch", "generator replicas", "s / iteration", "responses/s", "gen tokens/s", *[f"{p} s" for p in PHASES]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         phases = [_n(p["phases_s"][name], 2) for name in PHASES]
-        lines.append(f"| {p['batch']} | {p['replicas']} | {_n(p['s_per_iter'])} | {_n(p['responses_per_s'], 2)} | "
-                     f"{_n(p['gen_tokens_per_s'])} | " + " | ".join(phases) + " |")
+        lines.append(
+            f"| {p['batch']} | {p['replicas']} | {_n(p['s_per_iter'])} | {_n(p['responses_per_s'], 2)} | "
+            f"{_n(p['gen_tokens_per_s'])} | " + " | ".join(phases) + " |"
+        )
     lines += ["", "rlhf-ray only, median over the steady iterations (first dropped); phases from metrics.jsonl."]
     return lines
 
@@ -37,7 +38,9 @@ def gpu_model(points: list[dict]) -> list[str]:
     rest = total - gen
     share = {k: 100 * v / total for k, v in ph.items()}
     two = next((p for p in points if p["replicas"] == 2 and p["s_per_iter"]), None)
-    one = two and next((p for p in points if p["replicas"] == 1 and p["batch"] == two["batch"] and p["s_per_iter"]), None)
+    one = two and next(
+        (p for p in points if p["replicas"] == 1 and p["batch"] == two["batch"] and p["s_per_iter"]), None
+    )
     lines = [
         f"Measured here at batch {ref['batch']}, one generator: {total:.1f} s of phases per iteration, of which "
         f"generation {share['generate']:.0f}%, scoring + reference + old log-probs/values "
@@ -45,9 +48,13 @@ def gpu_model(points: list[dict]) -> list[str]:
         f"update {share['update']:.0f}%, weight push {share['push_weights']:.0f}%.",
         "",
         "On this machine every actor shares the same 2 cores: a second generator replica splits the batch but not "
-        "the hardware" + (
+        "the hardware"
+        + (
             f" (measured at batch {two['batch']}: {_n(two['s_per_iter'])} s per iteration with 2 replicas vs "
-            f"{_n(one['s_per_iter'])} s with 1, one run each)." if one else "."),
+            f"{_n(one['s_per_iter'])} s with 1, one run each)."
+            if one
+            else "."
+        ),
         "",
         "A model of the same iteration on N >= 4 GPUs (an estimate, not a measurement), one GPU per role as "
         "`resources.*_num_gpus` allows (learner, reward, reference) and G = N - 3 generator replicas:",
@@ -57,7 +64,8 @@ def gpu_model(points: list[dict]) -> list[str]:
         "memory bandwidth, training by compute; the shares below are this machine's.) Each replica also loads the "
         "new weights, so push_weights grows slowly with G.",
         f"- score + reference + old log-probs/values: three actors on three GPUs run at once, so the phase takes the "
-        f"longest of the three rather than their sum; here they share the cores, so at best about {srv / 3:.1f}-{srv:.1f} s.",
+        f"longest of the three rather than their sum; here they share the cores, so at best about "
+        f"{srv / 3:.1f}-{srv:.1f} s.",
         f"- update: one PolicyLearner (the DeepSpeed data-parallel learner is not built), so {upd:.1f} s does not "
         "shrink with N. It bounds the speed-up.",
         f"- Amdahl with these shares: speed-up(G) = {total:.1f} / ({gen:.1f}/G + {rest:.1f}); "

@@ -14,19 +14,60 @@ PRECISION = {"float32": "fp32", "bfloat16": "bf16"}  # short names in suite name
 
 FULL: dict[str, dict] = {
     "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 1.0, "windows": 4},
-    "rm": {"data": "hh-rlhf/helpful-online/test.jsonl.gz", "format": "hh-rlhf", "limit": 400, "max_length": 192,
-           "eval_fraction": 0.06, "batch_per_worker": 8, "workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
-           "chunk_size": 4, "steps": 6, "lr": 1e-5},
+    "rm": {
+        "data": "hh-rlhf/helpful-online/test.jsonl.gz",
+        "format": "hh-rlhf",
+        "limit": 400,
+        "max_length": 192,
+        "eval_fraction": 0.06,
+        "batch_per_worker": 8,
+        "workers": 1,
+        "cpus_per_worker": 2,
+        "zero_stage": 0,
+        "chunk_size": 4,
+        "steps": 6,
+        "lr": 1e-5,
+    },
     # the real-data recipe's reward model (one pass over half a of the training split) vs TRL's RewardTrainer
     "rm-quality": {"config": "configs/hh-rlhf.yaml", "steps": 180, "batch": 8, "lr": 1e-4, "extra_overrides": []},
-    "sft": {"data": "self-instruct/seed_tasks.jsonl", "format": "self-instruct", "limit": None, "max_length": 256,
-            "eval_fraction": 0.1, "batch_per_worker": 8, "workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
-            "chunk_size": 4, "steps": 8, "lr": 2e-5},
-    "ppo": {"prompts": "data/demo/prompts.jsonl", "max_prompt_length": 64, "iterations": 4, "rollout_batch": 16,
-            "minibatch": 8, "epochs": 2, "max_new_tokens": 32, "lr": 5e-5, "kl_coef": 0.05, "lora_r": 16,
-            "lora_alpha": 32, "actor_num_cpus": 0.5, "vllm_enforce_eager": False},
-    "rollout": {"prompts": "hh-rlhf/helpful-online/test.jsonl.gz", "max_prompt_length": 64, "batches": [16, 64, 256],
-                "max_new_tokens": 32, "kv_cache_gib": 2, "enforce_eager": False, "lora_r": 16},
+    "sft": {
+        "data": "self-instruct/seed_tasks.jsonl",
+        "format": "self-instruct",
+        "limit": None,
+        "max_length": 256,
+        "eval_fraction": 0.1,
+        "batch_per_worker": 8,
+        "workers": 1,
+        "cpus_per_worker": 2,
+        "zero_stage": 0,
+        "chunk_size": 4,
+        "steps": 8,
+        "lr": 2e-5,
+    },
+    "ppo": {
+        "prompts": "data/demo/prompts.jsonl",
+        "max_prompt_length": 64,
+        "iterations": 4,
+        "rollout_batch": 16,
+        "minibatch": 8,
+        "epochs": 2,
+        "max_new_tokens": 32,
+        "lr": 5e-5,
+        "kl_coef": 0.05,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "actor_num_cpus": 0.5,
+        "vllm_enforce_eager": False,
+    },
+    "rollout": {
+        "prompts": "hh-rlhf/helpful-online/test.jsonl.gz",
+        "max_prompt_length": 64,
+        "batches": [16, 64, 256],
+        "max_new_tokens": 32,
+        "kv_cache_gib": 2,
+        "enforce_eager": False,
+        "lora_r": 16,
+    },
     "scaling": {"batches": [8, 16, 32], "replicas": [1, 2], "replica_batch": 16, "iterations": 4},
 }
 
@@ -40,15 +81,37 @@ QUICK_CHANGES: dict[str, dict] = {
     "scaling": {"batches": [4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
 }
 
-DEFAULT_REPEATS = {"ceiling": 1, "rm": 3, "rm-quality": 1, "sft": 3, "ppo": 3, "rollout": 3, "rollout-bf16": 3, "scaling": 1}
+DEFAULT_REPEATS = {
+    "ceiling": 1,
+    "rm": 3,
+    "rm-quality": 1,
+    "sft": 3,
+    "ppo": 3,
+    "rollout": 3,
+    "rollout-bf16": 3,
+    "scaling": 1,
+}
 
 # Rough seconds per run at FULL size on a quiet 2-core machine, for the progress estimate only.
-ESTIMATE_S = {"ceiling": 30, "prep": 15, "rm:rlhf-ray": 170, "rm:trl": 140, "rm-quality:rlhf-ray": 900,
-              "rm-quality:trl": 1800, "sft:rlhf-ray": 130, "sft:trl": 100,
-              "ppo:rlhf-ray": 245, "ppo:trl-ppo": 220, "ppo:trl-rloo": 150, "rollout:rlhf-ray": 200,
-              "rollout:transformers": 110, "rollout:rlhf-ray-adapter": 290,
-              "rollout-bf16:rlhf-ray": 120, "rollout-bf16:transformers": 70,
-              "scaling:rlhf-ray": 200}
+ESTIMATE_S = {
+    "ceiling": 30,
+    "prep": 15,
+    "rm:rlhf-ray": 170,
+    "rm:trl": 140,
+    "rm-quality:rlhf-ray": 900,
+    "rm-quality:trl": 1800,
+    "sft:rlhf-ray": 130,
+    "sft:trl": 100,
+    "ppo:rlhf-ray": 245,
+    "ppo:trl-ppo": 220,
+    "ppo:trl-rloo": 150,
+    "rollout:rlhf-ray": 200,
+    "rollout:transformers": 110,
+    "rollout:rlhf-ray-adapter": 290,
+    "rollout-bf16:rlhf-ray": 120,
+    "rollout-bf16:transformers": 70,
+    "scaling:rlhf-ray": 200,
+}
 
 
 def sizes(suite: str, quick: bool) -> dict:

@@ -25,30 +25,55 @@ def prep_prompts(ctx: Context, suite: str, s: dict, reward_model: bool, limit: i
     """Chat-templated prompt ids (and the bench reward model) via rlhf-ray's prompt loader."""
     path = s["prompts"] if s["prompts"].startswith("data/") else rel(SHARED_DATA / s["prompts"])
     fmt = "prompts" if path.startswith("data/") else "hh-rlhf"
-    overrides = [f"data.prompts.path={path}", f"data.prompts.format={fmt}", "data.overlong=truncate_prompt",
-                 f"data.max_prompt_length={s['max_prompt_length']}", "data.on_bad_row=skip",
-                 f"data.max_length={s['max_prompt_length'] + s['max_new_tokens']}"]
+    overrides = [
+        f"data.prompts.path={path}",
+        f"data.prompts.format={fmt}",
+        "data.overlong=truncate_prompt",
+        f"data.max_prompt_length={s['max_prompt_length']}",
+        "data.on_bad_row=skip",
+        f"data.max_length={s['max_prompt_length'] + s['max_new_tokens']}",
+    ]
     if limit:
         overrides.append(f"data.prompts.limit={limit}")
-    spec = {"kind": "prompts", "config": "configs/demo.yaml", "overrides": overrides,
-            "data_out": str(ctx.work / f"{suite}-prompts.json"),
-            "reward_model_out": str(ctx.work / "reward-model") if reward_model else None}
+    spec = {
+        "kind": "prompts",
+        "config": "configs/demo.yaml",
+        "overrides": overrides,
+        "data_out": str(ctx.work / f"{suite}-prompts.json"),
+        "reward_model_out": str(ctx.work / "reward-model") if reward_model else None,
+    }
     return {**ctx.prep(suite, spec), "data": spec["data_out"], "path": path, "format": fmt}
 
 
 def ppo_overrides(s: dict, ctx: Context, name: str, shared: dict, batch: int, replicas: int = 1) -> list[str]:
     """configs/demo.yaml plus these: bench policy and reward model, prompts, batch, lengths, epochs, LoRA, actors."""
-    return [f"run.output_dir={ctx.work}/runs", f"run.name={name}", f"ppo.policy_model={shared['model_path']}",
-            f"ppo.reward_model={ctx.work / 'reward-model'}", f"data.prompts.path={shared['path']}",
-            f"data.prompts.format={shared['format']}", "data.overlong=truncate_prompt", "data.on_bad_row=skip",
-            f"data.max_prompt_length={s['max_prompt_length']}",
-            f"data.max_length={s['max_prompt_length'] + s['max_new_tokens']}", f"ppo.iterations={s['iterations']}",
-            f"ppo.rollout_batch_size={batch}", f"ppo.minibatch_size={min(s['minibatch'], batch)}",
-            f"ppo.ppo_epochs={s['epochs']}", f"ppo.max_new_tokens={s['max_new_tokens']}", f"ppo.lr={s['lr']}",
-            f"ppo.kl_coef={s['kl_coef']}", "ppo.checkpoint_every=0", "ppo.sample_every=0", f"lora.r={s['lora_r']}",
-            f"lora.alpha={s['lora_alpha']}", f"resources.generator_replicas={replicas}",
-            f"resources.actor_num_cpus={actor_cpus(replicas, s['actor_num_cpus'])}", "model.dtype=float32",
-            f"ppo.vllm_enforce_eager={str(s['vllm_enforce_eager']).lower()}"]
+    return [
+        f"run.output_dir={ctx.work}/runs",
+        f"run.name={name}",
+        f"ppo.policy_model={shared['model_path']}",
+        f"ppo.reward_model={ctx.work / 'reward-model'}",
+        f"data.prompts.path={shared['path']}",
+        f"data.prompts.format={shared['format']}",
+        "data.overlong=truncate_prompt",
+        "data.on_bad_row=skip",
+        f"data.max_prompt_length={s['max_prompt_length']}",
+        f"data.max_length={s['max_prompt_length'] + s['max_new_tokens']}",
+        f"ppo.iterations={s['iterations']}",
+        f"ppo.rollout_batch_size={batch}",
+        f"ppo.minibatch_size={min(s['minibatch'], batch)}",
+        f"ppo.ppo_epochs={s['epochs']}",
+        f"ppo.max_new_tokens={s['max_new_tokens']}",
+        f"ppo.lr={s['lr']}",
+        f"ppo.kl_coef={s['kl_coef']}",
+        "ppo.checkpoint_every=0",
+        "ppo.sample_every=0",
+        f"lora.r={s['lora_r']}",
+        f"lora.alpha={s['lora_alpha']}",
+        f"resources.generator_replicas={replicas}",
+        f"resources.actor_num_cpus={actor_cpus(replicas, s['actor_num_cpus'])}",
+        "model.dtype=float32",
+        f"ppo.vllm_enforce_eager={str(s['vllm_enforce_eager']).lower()}",
+    ]
 
 
 def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
@@ -56,16 +81,26 @@ def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
     return {
         "policy": f"{shared['model_path']} + LoRA r={s['lora_r']} alpha={s['lora_alpha']} on {', '.join(LORA_TARGETS)}",
         "reward model": "SmolLM2 with a fresh scalar head (AutoModelForSequenceClassification, num_labels=1), "
-                        "reward_stats mean 0 std 1; TRL's PPO value model starts from it too",
-        "prompts": shared["summary"], "max prompt length": s["max_prompt_length"],
-        "responses per iteration": f"{batch} (rlhf-ray and TRL PPO: {batch} prompts x 1; RLOO: {batch // 2} prompts x 2)",
-        "max new tokens": s["max_new_tokens"], "PPO epochs x minibatches": f"{s['epochs']} x {batch // mini} (minibatch {mini})",
-        "iterations": f"{s['iterations']} (the first is dropped)", "lr": s["lr"], "KL coef": s["kl_coef"],
-        "sampling": "temperature 1, top-p 1", "precision": "fp32",
-        "generation": (f"rlhf-ray: vLLM CPU build in a Ray actor (ppo.vllm_enforce_eager={s['vllm_enforce_eager']}; the "
-                       "default, False, compiles the model at start-up, before the first iteration), the learner's "
-                       "merged weights reloaded each iteration (ppo.weight_sync=merged); TRL: transformers generate"),
-        "rlhf-ray run (CLI equivalent of repeat 1)": cli("ppo", ppo_overrides(s, ctx, "bench-ppo-0", shared, batch))}
+        "reward_stats mean 0 std 1; TRL's PPO value model starts from it too",
+        "prompts": shared["summary"],
+        "max prompt length": s["max_prompt_length"],
+        "responses per iteration": (
+            f"{batch} (rlhf-ray and TRL PPO: {batch} prompts x 1; RLOO: {batch // 2} prompts x 2)"
+        ),
+        "max new tokens": s["max_new_tokens"],
+        "PPO epochs x minibatches": f"{s['epochs']} x {batch // mini} (minibatch {mini})",
+        "iterations": f"{s['iterations']} (the first is dropped)",
+        "lr": s["lr"],
+        "KL coef": s["kl_coef"],
+        "sampling": "temperature 1, top-p 1",
+        "precision": "fp32",
+        "generation": (
+            f"rlhf-ray: vLLM CPU build in a Ray actor (ppo.vllm_enforce_eager={s['vllm_enforce_eager']}; the "
+            "default, False, compiles the model at start-up, before the first iteration), the learner's "
+            "merged weights reloaded each iteration (ppo.weight_sync=merged); TRL: transformers generate"
+        ),
+        "rlhf-ray run (CLI equivalent of repeat 1)": cli("ppo", ppo_overrides(s, ctx, "bench-ppo-0", shared, batch)),
+    }
 
 
 def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
@@ -82,12 +117,15 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
         """FLOPs of the update's first micro-batch forward, which rlhf-ray's learner ran once, while scoring."""
         reused = record.result.get("reused_first_forward", [0.0])[1:] or [0.0]
         share = min(s["minibatch"], s["rollout_batch"]) / s["rollout_batch"]
-        return statistics.median(reused) * flops.forward_flops(params["lm"], (prompt_tokens + generated(record)) * share)
+        return statistics.median(reused) * flops.forward_flops(
+            params["lm"], (prompt_tokens + generated(record)) * share
+        )
 
     def iteration_mfu(record) -> float:
         trl_ppo = record.system == "trl-ppo"  # old log-probs come from generation; a full value model trains
-        work = flops.ppo_iteration_flops(params, prompt_tokens, generated(record), s["epochs"],
-                                         full_value_model=trl_ppo, value_forward=not trl_ppo)
+        work = flops.ppo_iteration_flops(
+            params, prompt_tokens, generated(record), s["epochs"], full_value_model=trl_ppo, value_forward=not trl_ppo
+        )
         return 100 * flops.mfu((work - reused_forward(record)) / per_iteration(record), peak)
 
     def update_mfu(record) -> float | None:
@@ -98,15 +136,39 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
         return 100 * flops.mfu(work / median_or_none(record.result["phase_s"]["update"][1:]), peak)
 
     return [
-        Metric("s_per_iter", "seconds per iteration (median, end to end, first dropped)", "s", False, safe(per_iteration)),
-        Metric("gen_tokens_per_s", "generated tokens/s during generation", "tokens/s", True,
-               safe(lambda r: r.result["gen_tokens_per_s"])),
-        Metric("tokens_per_iter", "generated tokens per iteration (median; the work each side did)", "tokens", True,
-               safe(generated), compare=False),
+        Metric(
+            "s_per_iter", "seconds per iteration (median, end to end, first dropped)", "s", False, safe(per_iteration)
+        ),
+        Metric(
+            "gen_tokens_per_s",
+            "generated tokens/s during generation",
+            "tokens/s",
+            True,
+            safe(lambda r: r.result["gen_tokens_per_s"]),
+        ),
+        Metric(
+            "tokens_per_iter",
+            "generated tokens per iteration (median; the work each side did)",
+            "tokens",
+            True,
+            safe(generated),
+            compare=False,
+        ),
         Metric("mfu", "MFU of the whole iteration (see FLOP counting)", "%", True, safe(iteration_mfu)),
-        Metric("update_mfu", "MFU of rlhf-ray's update phase (LoRA, 4N per token per epoch, less any reused forward)", "%", True, safe(update_mfu)),
-        Metric("call_s", "wall s of the call (run_ppo / trainer set-up + train)", "s", False,
-               safe(lambda r: r.result["call_s"])),
+        Metric(
+            "update_mfu",
+            "MFU of rlhf-ray's update phase (LoRA, 4N per token per epoch, less any reused forward)",
+            "%",
+            True,
+            safe(update_mfu),
+        ),
+        Metric(
+            "call_s",
+            "wall s of the call (run_ppo / trainer set-up + train)",
+            "s",
+            False,
+            safe(lambda r: r.result["call_s"]),
+        ),
         Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
     ]
 
@@ -116,51 +178,109 @@ def ppo(ctx: Context) -> dict:
     shared = prep_prompts(ctx, "ppo", s, reward_model=True)
     settings = ppo_settings(s, shared, ctx)
     print_settings("ppo", settings)
-    trl_spec = {"model_path": shared["model_path"], "reward_model": str(ctx.work / "reward-model"), "data": shared["data"],
-                "rollout_batch": s["rollout_batch"], "minibatch": s["minibatch"], "epochs": s["epochs"],
-                "max_new_tokens": s["max_new_tokens"], "iterations": s["iterations"], "lr": s["lr"],
-                "kl_coef": s["kl_coef"], "lora_r": s["lora_r"], "lora_alpha": s["lora_alpha"],
-                "lora_target_modules": LORA_TARGETS}
+    trl_spec = {
+        "model_path": shared["model_path"],
+        "reward_model": str(ctx.work / "reward-model"),
+        "data": shared["data"],
+        "rollout_batch": s["rollout_batch"],
+        "minibatch": s["minibatch"],
+        "epochs": s["epochs"],
+        "max_new_tokens": s["max_new_tokens"],
+        "iterations": s["iterations"],
+        "lr": s["lr"],
+        "kl_coef": s["kl_coef"],
+        "lora_r": s["lora_r"],
+        "lora_alpha": s["lora_alpha"],
+        "lora_target_modules": LORA_TARGETS,
+    }
     systems = [
-        System("rlhf-ray", "bench.workers.ppo_rlhf", lambda i: {
-            "config": "configs/demo.yaml", "overrides": ppo_overrides(s, ctx, f"bench-ppo-{i}", shared, s["rollout_batch"])}),
+        System(
+            "rlhf-ray",
+            "bench.workers.ppo_rlhf",
+            lambda i: {
+                "config": "configs/demo.yaml",
+                "overrides": ppo_overrides(s, ctx, f"bench-ppo-{i}", shared, s["rollout_batch"]),
+            },
+        ),
         System("trl-ppo", "bench.workers.rl_trl", lambda i: {**trl_spec, "trainer": "ppo"}, trl_env()),
         System("trl-rloo", "bench.workers.rl_trl", lambda i: {**trl_spec, "trainer": "rloo"}, trl_env()),
     ]
     runs = ctx.alternate("ppo", systems)
     names = [system.name for system in systems]
     rows = table(runs, names, ppo_metrics(s, shared, ctx.peak.get("float32")))
-    targets = [target("PPO seconds per iteration >= 2x faster than TRL PPOTrainer",
-                      row(rows, "s_per_iter")["advantage"]["trl-ppo"], 2.0),
-               target("PPO update phase (rlhf-ray, LoRA) >= 40% of fp32 matmul peak",
-                      row(rows, "update_mfu")["values"]["rlhf-ray"]["median"], 40.0, "%")]
-    return {"suite": "ppo", "settings": settings, "systems": names, "runs": [r.to_dict() for r in runs], "rows": rows,
-            "targets": targets}
+    targets = [
+        target(
+            "PPO seconds per iteration >= 2x faster than TRL PPOTrainer",
+            row(rows, "s_per_iter")["advantage"]["trl-ppo"],
+            2.0,
+        ),
+        target(
+            "PPO update phase (rlhf-ray, LoRA) >= 40% of fp32 matmul peak",
+            row(rows, "update_mfu")["values"]["rlhf-ray"]["median"],
+            40.0,
+            "%",
+        ),
+    ]
+    return {
+        "suite": "ppo",
+        "settings": settings,
+        "systems": names,
+        "runs": [r.to_dict() for r in runs],
+        "rows": rows,
+        "targets": targets,
+    }
 
 
 def scaling_point(runs: list, batch: int, replicas: int) -> dict:
     mine = [r for r in runs if r.system == f"b{batch}-r{replicas}" and r.ok]
     s_iter = median_or_none([median_or_none(r.result["iteration_s"]) for r in mine])
     phases = {p: median_or_none([median_or_none(r.result["phase_s"][p][1:]) for r in mine]) for p in PHASES}
-    return {"batch": batch, "replicas": replicas, "s_per_iter": s_iter, "phases_s": phases,
-            "responses_per_s": batch / s_iter if s_iter else None,
-            "gen_tokens_per_s": median_or_none([r.result["gen_tokens_per_s"] for r in mine])}
+    return {
+        "batch": batch,
+        "replicas": replicas,
+        "s_per_iter": s_iter,
+        "phases_s": phases,
+        "responses_per_s": batch / s_iter if s_iter else None,
+        "gen_tokens_per_s": median_or_none([r.result["gen_tokens_per_s"] for r in mine]),
+    }
 
 
 def scaling(ctx: Context) -> dict:
     s = {**sizes("ppo", ctx.quick), **sizes("scaling", ctx.quick)}
     shared = prep_prompts(ctx, "scaling", s, reward_model=True)
     shapes = [(b, 1) for b in s["batches"]] + [(s["replica_batch"], r) for r in s["replicas"] if r != 1]
-    settings = {"policy": shared["model_path"], "prompts": shared["summary"], "shapes (batch, generator replicas)": shapes,
-                "iterations": f"{s['iterations']} (the first is dropped)", "other settings": "as the ppo suite",
-                "CPUs per actor": {r: actor_cpus(r, s["actor_num_cpus"]) for r in sorted({r for _, r in shapes})}}
+    settings = {
+        "policy": shared["model_path"],
+        "prompts": shared["summary"],
+        "shapes (batch, generator replicas)": shapes,
+        "iterations": f"{s['iterations']} (the first is dropped)",
+        "other settings": "as the ppo suite",
+        "CPUs per actor": {r: actor_cpus(r, s["actor_num_cpus"]) for r in sorted({r for _, r in shapes})},
+    }
     print_settings("scaling", settings)
     runs = []
     for repeat in range(ctx.repeats["scaling"]):
         for batch, replicas in shapes:
             name = f"b{batch}-r{replicas}"
-            runs.append(ctx.run("scaling", System(name, "bench.workers.ppo_rlhf", lambda i, b=batch, r=replicas, n=name: {
-                "config": "configs/demo.yaml", "overrides": ppo_overrides(s, ctx, f"bench-scaling-{n}-{i}", shared, b, r)}),
-                repeat))
+            runs.append(
+                ctx.run(
+                    "scaling",
+                    System(
+                        name,
+                        "bench.workers.ppo_rlhf",
+                        lambda i, b=batch, r=replicas, n=name: {
+                            "config": "configs/demo.yaml",
+                            "overrides": ppo_overrides(s, ctx, f"bench-scaling-{n}-{i}", shared, b, r),
+                        },
+                    ),
+                    repeat,
+                )
+            )
     points = [scaling_point(runs, batch, replicas) for batch, replicas in shapes]
-    return {"suite": "scaling", "settings": settings, "runs": [r.to_dict() for r in runs], "points": points, "targets": []}
+    return {
+        "suite": "scaling",
+        "settings": settings,
+        "runs": [r.to_dict() for r in runs],
+        "points": points,
+        "targets": [],
+    }

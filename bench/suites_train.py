@@ -18,21 +18,38 @@ def ceiling(ctx: Context) -> dict:
         raise RuntimeError(f"ceiling: the matmul measurement failed:\n{record.error}")
     ctx.peak = record.result["peak_flops"]
     rows = [{"dtype": d, "by_size": record.result["rates"][d], "peak": ctx.peak[d]} for d in spec["dtypes"]]
-    return {"suite": "ceiling", "settings": {**spec, "threads": record.result["threads"]}, "runs": [record.to_dict()],
-            "ceiling": rows, "targets": []}
+    return {
+        "suite": "ceiling",
+        "settings": {**spec, "threads": record.result["threads"]},
+        "runs": [record.to_dict()],
+        "ceiling": rows,
+        "targets": [],
+    }
 
 
 def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
     """configs/demo.yaml plus these: the stage's data, lengths, batch, steps, lr, workers."""
     section = "preference" if suite == "rm" else "sft"
-    overrides = [f"run.output_dir={work_dir}/runs", f"run.name={name}",
-                 f"data.{section}.path={rel(SHARED_DATA / s['data'])}", f"data.{section}.format={s['format']}",
-                 f"data.max_length={s['max_length']}", "data.overlong=truncate_prompt", "data.on_bad_row=skip",
-                 f"data.eval_fraction={s['eval_fraction']}", f"{suite}.batch_size={s['batch_per_worker']}",
-                 f"{suite}.max_steps={s['steps']}", f"{suite}.eval_every=0", f"{suite}.checkpoint_every=0",
-                 f"{suite}.lr={s['lr']}", f"{suite}.chunk_size={s['chunk_size']}", f"resources.num_workers={s['workers']}",
-                 f"resources.cpus_per_worker={s['cpus_per_worker']}", f"deepspeed.zero_stage={s['zero_stage']}",
-                 "model.dtype=float32"]
+    overrides = [
+        f"run.output_dir={work_dir}/runs",
+        f"run.name={name}",
+        f"data.{section}.path={rel(SHARED_DATA / s['data'])}",
+        f"data.{section}.format={s['format']}",
+        f"data.max_length={s['max_length']}",
+        "data.overlong=truncate_prompt",
+        "data.on_bad_row=skip",
+        f"data.eval_fraction={s['eval_fraction']}",
+        f"{suite}.batch_size={s['batch_per_worker']}",
+        f"{suite}.max_steps={s['steps']}",
+        f"{suite}.eval_every=0",
+        f"{suite}.checkpoint_every=0",
+        f"{suite}.lr={s['lr']}",
+        f"{suite}.chunk_size={s['chunk_size']}",
+        f"resources.num_workers={s['workers']}",
+        f"resources.cpus_per_worker={s['cpus_per_worker']}",
+        f"deepspeed.zero_stage={s['zero_stage']}",
+        "model.dtype=float32",
+    ]
     if s.get("limit"):
         overrides.append(f"data.{section}.limit={s['limit']}")
     return overrides
@@ -41,25 +58,37 @@ def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
 def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
     global_batch = s["batch_per_worker"] * s["workers"]
     unit = "pairs" if suite == "rm" else "examples"
-    return {"model": shared["model_path"], "data": rel(SHARED_DATA / s["data"]), "rows": shared["summary"],
-            "max_length": s["max_length"], "steps": s["steps"], "lr": s["lr"],
-            "global batch": f"{global_batch} {unit} (rlhf-ray: {s['batch_per_worker']} x {s['workers']} Ray Train "
-                            f"worker(s) with {s['cpus_per_worker']} CPUs each, DeepSpeed ZeRO stage {s['zero_stage']}; "
-                            "TRL: one process with 2 threads)",
-            "padding": "TRL pads each batch to its longest row; rlhf-ray "
-                       + ("packs each micro-batch's sequences (first-fit decreasing) into rows no longer than its "
-                          "longest sequence, each sequence attending only to itself (sft.packing), and runs the rows in one pass "
-                          "(same rows per step, same loss); its SFT loss projects only labelled positions to the "
-                          "vocabulary" if suite == "sft" else
-                          f"sorts each micro-batch by length and runs chunks of {s['chunk_size']} pairs, each padded to "
-                          "its own longest row (same rows per step, same loss); each pair is one row of [shared prompt, "
-                          "rest of chosen, rest of rejected] with an attention mask that keeps the two apart "
-                          f"(rm.shared_prompt), so its prompt is computed once; {shared['computed_share']:.1%} of the "
-                          "real tokens are computed"),
-            "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)", "LoRA": "none (full fine-tuning)",
-            "gradient checkpointing": "off on both sides",
-            "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",
-            "rlhf-ray run (CLI equivalent of repeat 1)": cli(suite, stage_overrides(suite, s, ctx.work, f"bench-{suite}-0"))}
+    return {
+        "model": shared["model_path"],
+        "data": rel(SHARED_DATA / s["data"]),
+        "rows": shared["summary"],
+        "max_length": s["max_length"],
+        "steps": s["steps"],
+        "lr": s["lr"],
+        "global batch": f"{global_batch} {unit} (rlhf-ray: {s['batch_per_worker']} x {s['workers']} Ray Train "
+        f"worker(s) with {s['cpus_per_worker']} CPUs each, DeepSpeed ZeRO stage {s['zero_stage']}; "
+        "TRL: one process with 2 threads)",
+        "padding": "TRL pads each batch to its longest row; rlhf-ray "
+        + (
+            "packs each micro-batch's sequences (first-fit decreasing) into rows no longer than its "
+            "longest sequence, each sequence attending only to itself (sft.packing), and runs the rows in one pass "
+            "(same rows per step, same loss); its SFT loss projects only labelled positions to the "
+            "vocabulary"
+            if suite == "sft"
+            else f"sorts each micro-batch by length and runs chunks of {s['chunk_size']} pairs, each padded to "
+            "its own longest row (same rows per step, same loss); each pair is one row of [shared prompt, "
+            "rest of chosen, rest of rejected] with an attention mask that keeps the two apart "
+            f"(rm.shared_prompt), so its prompt is computed once; {shared['computed_share']:.1%} of the "
+            "real tokens are computed"
+        ),
+        "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)",
+        "LoRA": "none (full fine-tuning)",
+        "gradient checkpointing": "off on both sides",
+        "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",
+        "rlhf-ray run (CLI equivalent of repeat 1)": cli(
+            suite, stage_overrides(suite, s, ctx.work, f"bench-{suite}-0")
+        ),
+    }
 
 
 def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric]:
@@ -69,19 +98,40 @@ def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric
         return 100 * flops.mfu(flops.train_flops(params, tokens_per_s), peak)
 
     metrics = [
-        Metric("tokens_per_s", "tokens/s (steady state, real tokens)", "tokens/s", True,
-               safe(lambda r: r.result["tokens_per_s"])),
-        Metric("rows_per_s", "pairs/s" if suite == "rm" else "examples/s", "/s", True, safe(lambda r: r.result["rows_per_s"])),
+        Metric(
+            "tokens_per_s",
+            "tokens/s (steady state, real tokens)",
+            "tokens/s",
+            True,
+            safe(lambda r: r.result["tokens_per_s"]),
+        ),
+        Metric(
+            "rows_per_s",
+            "pairs/s" if suite == "rm" else "examples/s",
+            "/s",
+            True,
+            safe(lambda r: r.result["rows_per_s"]),
+        ),
         Metric("mfu", f"MFU (6N x tokens computed/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True, safe(mfu)),
-        Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False,
-               safe(lambda r: r.result["call_s"])),
+        Metric(
+            "call_s",
+            "wall s of the call (run_stage / trainer set-up to saved model)",
+            "s",
+            False,
+            safe(lambda r: r.result["call_s"]),
+        ),
         Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
     ]
     if suite == "rm":
-        metrics.append(Metric("accuracy", "held-out accuracy after the run", "", True,
-                              safe(lambda r: r.result["heldout_accuracy"])))
+        metrics.append(
+            Metric(
+                "accuracy", "held-out accuracy after the run", "", True, safe(lambda r: r.result["heldout_accuracy"])
+            )
+        )
     else:
-        metrics.append(Metric("eval_loss", "held-out loss after the run", "", False, safe(lambda r: r.result["eval_loss"])))
+        metrics.append(
+            Metric("eval_loss", "held-out loss after the run", "", False, safe(lambda r: r.result["eval_loss"]))
+        )
     return metrics
 
 
@@ -89,25 +139,62 @@ def training_suite(ctx: Context, suite: str) -> dict:
     """rm or sft: prepare the shared rows, run rlhf-ray and TRL alternately, tabulate."""
     s = sizes(suite, ctx.quick)
     data_file = ctx.work / f"{suite}-rows.json"
-    shared = ctx.prep(suite, {"kind": suite, "config": "configs/demo.yaml", "data_out": str(data_file),
-                              "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-prep")})
+    shared = ctx.prep(
+        suite,
+        {
+            "kind": suite,
+            "config": "configs/demo.yaml",
+            "data_out": str(data_file),
+            "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-prep"),
+        },
+    )
     settings = training_settings(suite, s, shared, ctx)
     print_settings(suite, settings)
-    rlhf = System("rlhf-ray", "bench.workers.train_rlhf", lambda i: {
-        "stage": suite, "config": "configs/demo.yaml", "data": str(data_file),
-        "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-{i}")})
-    trl = System("trl", "bench.workers.train_trl", lambda i: {
-        "stage": suite, "data": str(data_file), "model_path": shared["model_path"], "steps": s["steps"],
-        "global_batch": s["batch_per_worker"] * s["workers"], "lr": s["lr"], "max_length": s["max_length"]}, trl_env())
+    rlhf = System(
+        "rlhf-ray",
+        "bench.workers.train_rlhf",
+        lambda i: {
+            "stage": suite,
+            "config": "configs/demo.yaml",
+            "data": str(data_file),
+            "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-{i}"),
+        },
+    )
+    trl = System(
+        "trl",
+        "bench.workers.train_trl",
+        lambda i: {
+            "stage": suite,
+            "data": str(data_file),
+            "model_path": shared["model_path"],
+            "steps": s["steps"],
+            "global_batch": s["batch_per_worker"] * s["workers"],
+            "lr": s["lr"],
+            "max_length": s["max_length"],
+        },
+        trl_env(),
+    )
     runs = ctx.alternate(suite, [rlhf, trl])
     params = flops.model_params(shared["model_path"])["score" if suite == "rm" else "lm"]
     rows = table(runs, ["rlhf-ray", "trl"], training_metrics(suite, params, ctx.peak.get("float32")))
     name = "RM" if suite == "rm" else "SFT"
-    targets = [target(f"{name} training tokens/s >= 1.3x TRL", row(rows, "tokens_per_s")["advantage"]["trl"], 1.3),
-               target(f"{name} training (rlhf-ray) >= 40% of fp32 matmul peak",
-                      row(rows, "mfu")["values"]["rlhf-ray"]["median"], 40.0, "%")]
-    return {"suite": suite, "settings": settings, "systems": ["rlhf-ray", "trl"], "runs": [r.to_dict() for r in runs],
-            "rows": rows, "targets": targets}
+    targets = [
+        target(f"{name} training tokens/s >= 1.3x TRL", row(rows, "tokens_per_s")["advantage"]["trl"], 1.3),
+        target(
+            f"{name} training (rlhf-ray) >= 40% of fp32 matmul peak",
+            row(rows, "mfu")["values"]["rlhf-ray"]["median"],
+            40.0,
+            "%",
+        ),
+    ]
+    return {
+        "suite": suite,
+        "settings": settings,
+        "systems": ["rlhf-ray", "trl"],
+        "runs": [r.to_dict() for r in runs],
+        "rows": rows,
+        "targets": targets,
+    }
 
 
 def rm_quality(ctx: Context) -> dict:
@@ -117,43 +204,111 @@ def rm_quality(ctx: Context) -> dict:
     data_file = ctx.work / "rm-quality-rows.json"
 
     def overrides(name: str) -> list[str]:
-        return [f"run.output_dir={ctx.work}/runs", f"run.name={name}", f"rm.max_steps={s['steps']}",
-                f"rm.batch_size={s['batch']}", f"rm.lr={s['lr']}", "rm.eval_every=0", "rm.checkpoint_every=0",
-                *s["extra_overrides"]]
+        return [
+            f"run.output_dir={ctx.work}/runs",
+            f"run.name={name}",
+            f"rm.max_steps={s['steps']}",
+            f"rm.batch_size={s['batch']}",
+            f"rm.lr={s['lr']}",
+            "rm.eval_every=0",
+            "rm.checkpoint_every=0",
+            *s["extra_overrides"],
+        ]
 
-    shared = ctx.prep("rm-quality", {"kind": "rm", "config": s["config"], "data_out": str(data_file),
-                                     "overrides": overrides("bench-rm-quality-prep")})
-    settings = {"model": shared["model_path"], "rows": shared["summary"], "pairs trained": s["steps"] * s["batch"],
-                "rlhf-ray": f"{s['config']} as committed (its model.precision, model.trainable_layers, data lengths), "
-                            f"{s['steps']} steps of {s['batch']} pairs, lr {s['lr']}",
-                "TRL": f"RewardTrainer at TRL's defaults (bf16 autocast with fp32 weights, gradient checkpointing, every "
-                       f"layer trained), the same pairs in the same order, lr {s['lr']}, cosine schedule",
-                "held-out": f"{shared['n_eval']} pairs of the recipe's eval split, each side's exported model scored in fp32 "
-                            "by bench/workers/rm_score.py",
-                "rlhf-ray run (CLI equivalent)": "`" + " ".join(["rlhf-ray", "rm", s["config"],
-                                                                 *overrides("bench-rm-quality-0")]) + "`"}
+    shared = ctx.prep(
+        "rm-quality",
+        {
+            "kind": "rm",
+            "config": s["config"],
+            "data_out": str(data_file),
+            "overrides": overrides("bench-rm-quality-prep"),
+        },
+    )
+    settings = {
+        "model": shared["model_path"],
+        "rows": shared["summary"],
+        "pairs trained": s["steps"] * s["batch"],
+        "rlhf-ray": f"{s['config']} as committed (its model.precision, model.trainable_layers, data lengths), "
+        f"{s['steps']} steps of {s['batch']} pairs, lr {s['lr']}",
+        "TRL": f"RewardTrainer at TRL's defaults (bf16 autocast with fp32 weights, gradient checkpointing, every "
+        f"layer trained), the same pairs in the same order, lr {s['lr']}, cosine schedule",
+        "held-out": f"{shared['n_eval']} pairs of the recipe's eval split, each side's exported model scored in fp32 "
+        "by bench/workers/rm_score.py",
+        "rlhf-ray run (CLI equivalent)": "`"
+        + " ".join(["rlhf-ray", "rm", s["config"], *overrides("bench-rm-quality-0")])
+        + "`",
+    }
     print_settings("rm-quality", settings)
-    rlhf = System("rlhf-ray", "bench.workers.train_rlhf", lambda i: {
-        "stage": "rm", "config": s["config"], "data": str(data_file), "score_heldout": True,
-        "overrides": overrides(f"bench-rm-quality-{i}")})
-    trl = System("trl", "bench.workers.train_trl", lambda i: {
-        "stage": "rm", "data": str(data_file), "model_path": shared["model_path"], "steps": s["steps"],
-        "global_batch": s["batch"], "lr": s["lr"], "max_length": None, "bf16": True, "gradient_checkpointing": True},
-        trl_env())
+    rlhf = System(
+        "rlhf-ray",
+        "bench.workers.train_rlhf",
+        lambda i: {
+            "stage": "rm",
+            "config": s["config"],
+            "data": str(data_file),
+            "score_heldout": True,
+            "overrides": overrides(f"bench-rm-quality-{i}"),
+        },
+    )
+    trl = System(
+        "trl",
+        "bench.workers.train_trl",
+        lambda i: {
+            "stage": "rm",
+            "data": str(data_file),
+            "model_path": shared["model_path"],
+            "steps": s["steps"],
+            "global_batch": s["batch"],
+            "lr": s["lr"],
+            "max_length": None,
+            "bf16": True,
+            "gradient_checkpointing": True,
+        },
+        trl_env(),
+    )
     runs = ctx.alternate("rm-quality", [rlhf, trl])
-    rows = table(runs, ["rlhf-ray", "trl"], [
-        Metric("accuracy", "held-out pairwise accuracy (same scorer)", "", True,
-               safe(lambda r: r.result["heldout_accuracy"])),
-        Metric("job_accuracy", "held-out accuracy from rlhf-ray's own end-of-job eval", "", True,
-               safe(lambda r: r.result.get("job_eval_accuracy")), compare=False),
-        Metric("call_s", "wall s of the call (run_stage / trainer set-up to saved model)", "s", False,
-               safe(lambda r: r.result["call_s"])),
-        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s))])
+    rows = table(
+        runs,
+        ["rlhf-ray", "trl"],
+        [
+            Metric(
+                "accuracy",
+                "held-out pairwise accuracy (same scorer)",
+                "",
+                True,
+                safe(lambda r: r.result["heldout_accuracy"]),
+            ),
+            Metric(
+                "job_accuracy",
+                "held-out accuracy from rlhf-ray's own end-of-job eval",
+                "",
+                True,
+                safe(lambda r: r.result.get("job_eval_accuracy")),
+                compare=False,
+            ),
+            Metric(
+                "call_s",
+                "wall s of the call (run_stage / trainer set-up to saved model)",
+                "s",
+                False,
+                safe(lambda r: r.result["call_s"]),
+            ),
+            Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+        ],
+    )
     accuracy = row(rows, "accuracy")
-    targets = [target("RM held-out accuracy >= TRL RewardTrainer's at the same pairs", accuracy["advantage"]["trl"], 1.0),
-               target("RM held-out accuracy >= 0.62", accuracy["values"]["rlhf-ray"]["median"], 0.62, "")]
-    return {"suite": "rm-quality", "settings": settings, "systems": ["rlhf-ray", "trl"],
-            "runs": [r.to_dict() for r in runs], "rows": rows, "targets": targets}
+    targets = [
+        target("RM held-out accuracy >= TRL RewardTrainer's at the same pairs", accuracy["advantage"]["trl"], 1.0),
+        target("RM held-out accuracy >= 0.62", accuracy["values"]["rlhf-ray"]["median"], 0.62, ""),
+    ]
+    return {
+        "suite": "rm-quality",
+        "settings": settings,
+        "systems": ["rlhf-ray", "trl"],
+        "runs": [r.to_dict() for r in runs],
+        "rows": rows,
+        "targets": targets,
+    }
 
 
 def cli(command: str, overrides: list[str]) -> str:

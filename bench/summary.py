@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from bench.common import RunRecord, summarize
 
@@ -49,10 +49,20 @@ def table(runs: list[RunRecord], systems: list[str], metrics: list[Metric]) -> l
             mine = [r for r in runs if r.system == name]
             per_system[name] = {**summarize([metric.value(r) for r in mine]), "failed": sum(not r.ok for r in mine)}
         ours = per_system[systems[0]]["median"]
-        rows.append({"key": metric.key, "label": metric.label, "unit": metric.unit, "higher_better": metric.higher_better,
-                     "compare": metric.compare, "values": per_system,
-                     "advantage": {peer: advantage(ours, per_system[peer]["median"], metric.higher_better)
-                                   if metric.compare else None for peer in systems[1:]}})
+        rows.append(
+            {
+                "key": metric.key,
+                "label": metric.label,
+                "unit": metric.unit,
+                "higher_better": metric.higher_better,
+                "compare": metric.compare,
+                "values": per_system,
+                "advantage": {
+                    peer: advantage(ours, per_system[peer]["median"], metric.higher_better) if metric.compare else None
+                    for peer in systems[1:]
+                },
+            }
+        )
     return rows
 
 
@@ -62,5 +72,10 @@ def row(rows: list[dict], key: str) -> dict:
 
 def target(name: str, measured: float | None, threshold: float, unit: str = "x") -> dict:
     """A target check; a missing figure counts as not met."""
-    return {"name": name, "measured": measured, "threshold": threshold, "unit": unit,
-            "met": measured is not None and measured >= threshold}
+    return {
+        "name": name,
+        "measured": measured,
+        "threshold": threshold,
+        "unit": unit,
+        "met": measured is not None and measured >= threshold,
+    }

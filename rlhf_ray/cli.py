@@ -14,8 +14,17 @@ from rlhf_ray.typed_yaml import ConfigError
 
 # Shown as one line without a traceback. The OSErrors are paths in the config that cannot be used
 # (run.output_dir under a file, a folder without write permission).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError,
-               NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def _config_show(args) -> None:
@@ -51,7 +60,8 @@ def _models_list(args) -> None:
 
     for name in KNOWN_MODELS:
         folder = models_home() / name
-        print(f"{name}\t{'fetched: ' + str(folder) if folder.exists() else 'not fetched (rlhf-ray models fetch ' + name + ')'}")
+        where = f"fetched: {folder}" if folder.exists() else f"not fetched (rlhf-ray models fetch {name})"
+        print(f"{name}\t{where}")
 
 
 def _train_stage(args) -> None:
@@ -100,9 +110,15 @@ def _eval_policy(args) -> None:
     config = load_config(args.file, args.overrides)
     found = None if args.policy and args.reward_model else run_models(config)  # the run's models, when needed
     request = PolicyEvalRequest(
-        policies=args.policy or [str(p) for p in found.policies], reward_models=args.reward_model or [str(found.reward)],
-        data=args.data or config.data.prompts.path, format=args.format or (config.data.prompts.format if not args.data else "auto"),
-        split=args.split, limit=args.limit, samples_per_prompt=args.samples_per_prompt, names=args.name or [])
+        policies=args.policy or [str(p) for p in found.policies],
+        reward_models=args.reward_model or [str(found.reward)],
+        data=args.data or config.data.prompts.path,
+        format=args.format or (config.data.prompts.format if not args.data else "auto"),
+        split=args.split,
+        limit=args.limit,
+        samples_per_prompt=args.samples_per_prompt,
+        names=args.name or [],
+    )
     run_eval_policy(config, request, Path(args.out) if args.out else default_eval_dir(config, "policy"))
 
 
@@ -117,13 +133,21 @@ def _add_eval_commands(commands) -> None:
         parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
         parser.add_argument("--format", default=None, choices=["auto", *FORMATS])
         parser.add_argument("--out", default=None, help="output folder (default: <run>/eval/rm or <run>/eval/policy)")
-    rm.add_argument("--model", action="append", help="reward model folder (repeat for several; default: the run's rm/model)")
+    rm.add_argument(
+        "--model", action="append", help="reward model folder (repeat for several; default: the run's rm/model)"
+    )
     rm.add_argument("--data", help="preference file or folder (default: data.preference.path)")
     rm.add_argument("--split", default="eval", choices=splits, help="split by prompt to score (default: eval)")
     rm.set_defaults(run=_eval_rm)
-    policy.add_argument("--policy", action="append", help="policy folder (repeat; the first is the baseline; default: "
-                                                          "the run's starting policy, then its PPO model)")
-    policy.add_argument("--reward-model", action="append", help="reward model folder (repeat; default: the run's rm/model)")
+    policy.add_argument(
+        "--policy",
+        action="append",
+        help="policy folder (repeat; the first is the baseline; default: "
+        "the run's starting policy, then its PPO model)",
+    )
+    policy.add_argument(
+        "--reward-model", action="append", help="reward model folder (repeat; default: the run's rm/model)"
+    )
     policy.add_argument("--name", action="append", help="display name per --policy, in order")
     policy.add_argument("--data", help="prompt file or folder (default: data.prompts.path)")
     policy.add_argument("--split", default="test", choices=splits, help="split by prompt to use (default: test)")
@@ -146,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data.add_parser("inspect", help="counts, token-length percentiles and problems of a dataset")
     inspect.add_argument("file", help=".jsonl / .jsonl.gz file, folder of them, or hub dataset name")
     inspect.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    inspect.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer counts tokens")
+    inspect.add_argument(
+        "--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer counts tokens"
+    )
     inspect.add_argument("--max-length", type=int, default=None, help="also count examples longer than this")
     inspect.add_argument("--split", default="train", help="split, for hub datasets")
     inspect.set_defaults(run=_data_inspect)
@@ -165,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("file", help="config YAML")
         job.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
         job.set_defaults(run=_train_stage)
-    ppo = commands.add_parser("ppo", help="PPO over Ray actors: vLLM generator, LoRA learner, reward and reference models")
+    ppo = commands.add_parser(
+        "ppo", help="PPO over Ray actors: vLLM generator, LoRA learner, reward and reference models"
+    )
     ppo.add_argument("file", help="config YAML")
     ppo.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     ppo.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this run")

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from rlhf_ray import typed_yaml
 from rlhf_ray.formats.names import FORMATS_OF_KIND, Format
@@ -26,7 +27,7 @@ def _check(condition: bool, message: str) -> None:
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"  # a known name (`rlhf-ray models list`) or a local HF folder
-    tokenizer: Optional[str] = None  # tokenizer folder; None = same as the model
+    tokenizer: str | None = None  # tokenizer folder; None = same as the model
     dtype: Dtype = "float32"  # weights/compute dtype; bfloat16 on hardware that has it
     trust_remote_code: bool = False  # run code shipped with a model folder; off unless you trust it
     gradient_checkpointing: bool = False  # trade compute for activation memory
@@ -38,11 +39,13 @@ class ModelConfig:
     precision: Literal["fp32", "bf16-mixed", "auto"] = "fp32"
     # SFT/RM: train only the top N transformer layers (with the final norm and the head); the embeddings and
     # the layers below stay frozen, so no gradient is computed under them. None = every layer.
-    trainable_layers: Optional[int] = None
+    trainable_layers: int | None = None
 
     def __post_init__(self):
-        _check(self.trainable_layers is None or self.trainable_layers > 0,
-               f"trainable_layers must be > 0 (or null for all), got {self.trainable_layers}")
+        _check(
+            self.trainable_layers is None or self.trainable_layers > 0,
+            f"trainable_layers must be > 0 (or null for all), got {self.trainable_layers}",
+        )
 
 
 @dataclass
@@ -62,9 +65,11 @@ class LoraConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config_file: str = "configs/deepspeed/zero2.json"  # DeepSpeed JSON; batch sizes and lr are filled from the stage config
-    zero_stage: Optional[int] = None  # override the file's ZeRO stage (0-3)
-    bf16: Optional[bool] = None  # None = bf16 only where the hardware supports it
+    config_file: str = (
+        "configs/deepspeed/zero2.json"  # DeepSpeed JSON; batch sizes and lr are filled from the stage config
+    )
+    zero_stage: int | None = None  # override the file's ZeRO stage (0-3)
+    bf16: bool | None = None  # None = bf16 only where the hardware supports it
 
     def __post_init__(self):
         _check(self.zero_stage is None or 0 <= self.zero_stage <= 3, f"zero_stage must be 0..3, got {self.zero_stage}")
@@ -75,7 +80,7 @@ class DatasetConfig:
     path: str = ""  # .jsonl / .jsonl.gz file, folder of them, or a Hugging Face hub dataset name
     format: Literal["auto", Format] = "auto"
     split: str = "train"  # split name when `path` is a hub dataset
-    limit: Optional[int] = None  # use only the first N valid rows
+    limit: int | None = None  # use only the first N valid rows
 
     def __post_init__(self):
         _check(self.limit is None or self.limit > 0, f"limit must be > 0, got {self.limit}")
@@ -88,7 +93,9 @@ class DataConfig:
     prompts: DatasetConfig = field(default_factory=lambda: DatasetConfig("data/demo/prompts.jsonl", "prompts"))
     max_length: int = 256  # prompt + response tokens
     max_prompt_length: int = 192  # prompt tokens (PPO rollouts, and the left-truncation budget)
-    overlong: Literal["error", "skip", "truncate_prompt"] = "error"  # what to do with a sequence over max_length; always counted
+    overlong: Literal["error", "skip", "truncate_prompt"] = (
+        "error"  # what to do with a sequence over max_length; always counted
+    )
     on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is skipped and counted
     # Held-out prompts, chosen by a seeded hash of each prompt (the same prompt is in the same split in every
     # stage and file; see formats/splits.py). eval: each stage's own evaluation (SFT eval loss, RM accuracy),
@@ -100,18 +107,22 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.max_length > 0, f"max_length must be > 0, got {self.max_length}")
-        _check(0 < self.max_prompt_length < self.max_length,
-               f"max_prompt_length must be > 0 and < max_length ({self.max_length}) to leave room for a response, "
-               f"got {self.max_prompt_length}")
+        _check(
+            0 < self.max_prompt_length < self.max_length,
+            f"max_prompt_length must be > 0 and < max_length ({self.max_length}) to leave room for a response, "
+            f"got {self.max_prompt_length}",
+        )
         for kind in ("sft", "preference", "prompts"):  # the section name is the kind of example it is read as
             allowed = ("auto", *FORMATS_OF_KIND[kind])
             fmt = getattr(self, kind).format
             _check(fmt in allowed, f"{kind}.format {fmt!r} cannot be read as {kind} data; use one of {list(allowed)}")
         for name in ("eval_fraction", "test_fraction"):
             _check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
-        _check(self.eval_fraction + self.test_fraction < 1.0,
-               f"eval_fraction + test_fraction must be < 1 to leave prompts to train on, got "
-               f"{self.eval_fraction} + {self.test_fraction}")
+        _check(
+            self.eval_fraction + self.test_fraction < 1.0,
+            f"eval_fraction + test_fraction must be < 1 to leave prompts to train on, got "
+            f"{self.eval_fraction} + {self.test_fraction}",
+        )
 
 
 @dataclass
@@ -119,7 +130,7 @@ class TrainStageConfig:
     """Shared by the SFT and RM Ray Train jobs."""
 
     epochs: int = 1  # passes over the training split
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (None = run all epochs)
+    max_steps: int | None = None  # stop after this many optimizer steps (None = run all epochs)
     batch_size: int = 8  # sequences (SFT) or pairs (RM) per worker per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     # Sequences (SFT) or pairs (RM) per padded forward pass: a micro-batch is sorted by length and cut into
@@ -166,8 +177,8 @@ class RMConfig(TrainStageConfig):
 
 @dataclass
 class PPOConfig:
-    policy_model: Optional[str] = None  # starting policy; None = this run's SFT model if exported, else model.name_or_path
-    reward_model: Optional[str] = None  # RM folder; None = this run's RM model (rm/model)
+    policy_model: str | None = None  # starting policy; None = this run's SFT model if exported, else model.name_or_path
+    reward_model: str | None = None  # RM folder; None = this run's RM model (rm/model)
     iterations: int = 20  # experience-collection + update rounds
     rollout_batch_size: int = 16  # prompts per iteration
     responses_per_prompt: int = 1  # samples per prompt (the batch holds rollout_batch_size * this responses)
@@ -186,7 +197,7 @@ class PPOConfig:
     vf_coef: float = 0.1  # value-loss weight
     ppo_epochs: int = 2  # passes over each batch of experience
     minibatch_size: int = 8  # sequences per PPO minibatch (one optimizer step)
-    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None = minibatch_size (no accumulation)
+    micro_batch_size: int | None = None  # sequences per forward/backward; None = minibatch_size (no accumulation)
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch
     lr: float = 1e-5  # policy (LoRA + value head) learning rate
     max_grad_norm: float = 1.0
@@ -225,17 +236,23 @@ class PPOConfig:
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip ranges must be > 0")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.responses_per_prompt > 0, f"responses_per_prompt must be > 0, got {self.responses_per_prompt}")
-        _check(self.minibatch_size <= self.rollout_batch_size * self.responses_per_prompt,
-               "minibatch_size must be <= rollout_batch_size * responses_per_prompt")
-        _check(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.minibatch_size,
-               "micro_batch_size must be in (0, minibatch_size]")
+        _check(
+            self.minibatch_size <= self.rollout_batch_size * self.responses_per_prompt,
+            "minibatch_size must be <= rollout_batch_size * responses_per_prompt",
+        )
+        _check(
+            self.micro_batch_size is None or 0 < self.micro_batch_size <= self.minibatch_size,
+            "micro_batch_size must be in (0, minibatch_size]",
+        )
         _check(self.kl_horizon > 0 and self.target_kl > 0, "kl_horizon and target_kl must be > 0")
-        _check(self.max_nonfinite_in_a_row > 0, f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
+        _check(
+            self.max_nonfinite_in_a_row > 0, f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}"
+        )
 
 
 @dataclass
 class ResourcesConfig:
-    address: Optional[str] = None  # Ray address; None = RAY_ADDRESS if set, else start a local Ray
+    address: str | None = None  # Ray address; None = RAY_ADDRESS if set, else start a local Ray
     num_workers: int = 2  # Ray Train workers for SFT/RM
     use_gpu: bool = False  # one GPU per Ray Train worker; nccl instead of gloo
     cpus_per_worker: float = 1.0
@@ -247,10 +264,10 @@ class ResourcesConfig:
     actor_num_cpus: float = 0.5  # CPUs reserved per PPO actor
     # torch threads for the PPO update, which runs while the other actors wait: None = every core the learner's
     # node lets it use; a number when other work shares the node (Ray gives an actor with < 2 CPUs one thread).
-    learner_update_threads: Optional[int] = None
+    learner_update_threads: int | None = None
     # The same for a CPU RolloutGenerator's vLLM engine (fixed at its start); None = the cores it may use divided
     # by generator_replicas, since replicas generate at the same time and may share a node.
-    generator_threads: Optional[int] = None
+    generator_threads: int | None = None
     max_actor_restarts: int = 3  # times PPO re-creates a dead actor of one role before giving up
     call_timeout_s: float = 1800.0  # longest one PPO actor call (generate, score, update, push) may take
 
@@ -261,7 +278,9 @@ class ResourcesConfig:
         _check(self.max_actor_restarts >= 0, f"max_actor_restarts must be >= 0, got {self.max_actor_restarts}")
         _check(self.call_timeout_s > 0, f"call_timeout_s must be > 0, got {self.call_timeout_s}")
         for name in ("learner_update_threads", "generator_threads"):
-            _check(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            _check(
+                getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}"
+            )
 
 
 @dataclass
@@ -280,8 +299,13 @@ class SweepConfig:
 
     def __post_init__(self):
         _check(len(self.kl_coefs) > 0 and len(self.lrs) > 0, "kl_coefs and lrs must not be empty")
-        _check(self.num_samples > 0 and self.max_concurrent_trials > 0, "num_samples and max_concurrent_trials must be > 0")
-        _check(math.isfinite(self.kl_budget) and self.kl_budget > 0, f"kl_budget must be a finite number > 0, got {self.kl_budget}")
+        _check(
+            self.num_samples > 0 and self.max_concurrent_trials > 0, "num_samples and max_concurrent_trials must be > 0"
+        )
+        _check(
+            math.isfinite(self.kl_budget) and self.kl_budget > 0,
+            f"kl_budget must be a finite number > 0, got {self.kl_budget}",
+        )
         _check(self.eval_prompts > 0, f"eval_prompts must be > 0, got {self.eval_prompts}")
 
 
@@ -290,12 +314,16 @@ class EvalConfig:
     """The pipeline's last stage: `eval policy` of the starting and the PPO policy on the test prompts."""
 
     enabled: bool = True  # end `rlhf-ray pipeline` with the eval stage
-    prompts_limit: Optional[int] = 64  # the first N prompts of the test split (None = all of them)
+    prompts_limit: int | None = 64  # the first N prompts of the test split (None = all of them)
     samples_per_prompt: int = 1  # responses per prompt and policy
-    extra_reward_models: list[str] = field(default_factory=list)  # judges besides the run's RM (e.g. one trained on the other data half)
+    extra_reward_models: list[str] = field(
+        default_factory=list
+    )  # judges besides the run's RM (e.g. one trained on the other data half)
 
     def __post_init__(self):
-        _check(self.prompts_limit is None or self.prompts_limit > 0, f"prompts_limit must be > 0, got {self.prompts_limit}")
+        _check(
+            self.prompts_limit is None or self.prompts_limit > 0, f"prompts_limit must be > 0, got {self.prompts_limit}"
+        )
         _check(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
 
 
@@ -329,9 +357,11 @@ class Config:
 
     def __post_init__(self):
         outside = sorted(set(self.lora.target_modules) & {"lm_head", "embed_tokens", "wte", "embed_out"})
-        _check(self.ppo.weight_sync == "adapter" or not outside,
-               f"ppo.weight_sync=merged folds LoRA into decoder-layer weights, but lora.target_modules has {outside} "
-               "(tied to the embeddings in many models); use ppo.weight_sync=adapter")
+        _check(
+            self.ppo.weight_sync == "adapter" or not outside,
+            f"ppo.weight_sync=merged folds LoRA into decoder-layer weights, but lora.target_modules has {outside} "
+            "(tied to the embeddings in many models); use ppo.weight_sync=adapter",
+        )
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

@@ -38,6 +38,7 @@ def publish(metrics: dict, run: str, stage: str) -> None:
         if key in EXPORTED:
             _gauge(key, EXPORTED[key], ("run", "stage")).set(float(value), tags=tags)
         elif key.startswith(PHASE_PREFIX):
-            phase = key[len(PHASE_PREFIX):]
+            phase = key[len(PHASE_PREFIX) :]
             _gauge("phase_seconds", "seconds per phase of the latest iteration", ("run", "stage", "phase")).set(
-                float(value), tags={**tags, "phase": phase})
+                float(value), tags={**tags, "phase": phase}
+            )

@@ -47,18 +47,23 @@ def inspect_source(source: str, fmt: str, tokenizer, max_length: int | None = No
     fmt = resolve_format(source, fmt, split)
     kind = KIND_OF_FORMAT[fmt]
     loaded = load_examples(kind, source, fmt, on_bad_row="skip", split=split)
-    lines = [f"source: {source}", f"format: {fmt} (read as {kind} examples)",
-             f"rows read: {loaded.rows_read}", f"valid {kind} examples: {len(loaded.examples)}",
-             f"tokens ({tokenizer.name_or_path}), percentiles " + "/".join(f"p{q}" for q in PERCENTILES) + ":"]
+    lines = [
+        f"source: {source}",
+        f"format: {fmt} (read as {kind} examples)",
+        f"rows read: {loaded.rows_read}",
+        f"valid {kind} examples: {len(loaded.examples)}",
+        f"tokens ({tokenizer.name_or_path}), percentiles " + "/".join(f"p{q}" for q in PERCENTILES) + ":",
+    ]
     columns = token_lengths(loaded, tokenizer)
     for name, values in columns.items():
-        lines.append(f"  {name:>14}: " + " / ".join(str(percentile(values, q)) for q in PERCENTILES)
-                     + f"   (mean {sum(values) / len(values):.1f})")
+        lines.append(
+            f"  {name:>14}: "
+            + " / ".join(str(percentile(values, q)) for q in PERCENTILES)
+            + f"   (mean {sum(values) / len(values):.1f})"
+        )
     if max_length is not None:
         total = columns.get("longest_total") or columns.get("total") or columns["prompt"]
         over = sum(1 for n in total if n > max_length)
         lines.append(f"over max_length {max_length}: {over} of {len(total)}")
     lines.append("problems: " + loaded.problems.summary())
     return "\n".join(lines)
-
-

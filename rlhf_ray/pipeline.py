@@ -58,8 +58,9 @@ def run_eval_stage(config: Config) -> dict:
     (prompts no stage trained on), judged by the run's reward model and `eval.extra_reward_models`."""
     from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
 
-    request = run_start_vs_ppo(config, "test", config.eval.prompts_limit, config.eval.extra_reward_models,
-                               config.eval.samples_per_prompt)
+    request = run_start_vs_ppo(
+        config, "test", config.eval.prompts_limit, config.eval.extra_reward_models, config.eval.samples_per_prompt
+    )
     return run_eval_policy(config, request, default_eval_dir(config, "policy"))
 
 
@@ -110,7 +111,7 @@ def summary_table(run_dir: Path, seconds: dict) -> str:
         "sft": f"eval loss {fmt(last['sft'].get('eval_loss'))}, perplexity {fmt(last['sft'].get('eval_perplexity'))}",
         "rm": f"eval accuracy {fmt(last['rm'].get('eval_accuracy'))}, margin {fmt(last['rm'].get('eval_margin'))}",
         "ppo": f"reward {fmt(first_ppo.get('reward_mean'))} -> {fmt(last['ppo'].get('reward_mean'))}, "
-               f"KL {fmt(first_ppo.get('kl'))} -> {fmt(last['ppo'].get('kl'))}",
+        f"KL {fmt(first_ppo.get('kl'))} -> {fmt(last['ppo'].get('kl'))}",
     }
     lines = ["", f"run {run_dir}", "stage | steps | result | wall time", "--- | --- | --- | ---"]
     for stage in STAGES:
@@ -121,7 +122,9 @@ def summary_table(run_dir: Path, seconds: dict) -> str:
         wall = f"{seconds['eval'] / 60:.1f} min" if "eval" in seconds else "-"
         lines.append(f"eval | {eval_line(json.loads(eval_file.read_text()))} | {wall}")
     lines.append("")
-    lines += [f"{stage}: model {run_dir / stage / 'model'}, curves {run_dir / stage / 'curves.png'}" for stage in STAGES]
+    lines += [
+        f"{stage}: model {run_dir / stage / 'model'}, curves {run_dir / stage / 'curves.png'}" for stage in STAGES
+    ]
     return "\n".join(lines)
 
 
@@ -134,6 +137,8 @@ def eval_line(results: dict) -> str:
     parts = []
     for rm, r in final["reward"].items():
         w = r["win_rate_vs_first"]
-        parts.append(f"{rm}: reward {start['reward'][rm]['mean']:.4g} -> {r['mean']:.4g} "
-                     f"({r['gain_in_first_std']:+.2f} std), win-rate {w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]")
+        parts.append(
+            f"{rm}: reward {start['reward'][rm]['mean']:.4g} -> {r['mean']:.4g} "
+            f"({r['gain_in_first_std']:+.2f} std), win-rate {w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]"
+        )
     return f"- | {final['samples']} held-out samples, " + "; ".join(parts) + f"; KL {final['kl_to_first']:.3g}"

@@ -38,12 +38,19 @@ def _start_local_ray() -> str:
     others = find_gcs_addresses()
     port = dashboard_port()
     api_server = f"http://127.0.0.1:{port}"
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server}})
+    ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server}},
+    )
     started = f"started a local Ray (dashboard {api_server})"
     if others:
-        started += (f"; {len(others)} other Ray instance(s) run on this machine and share its CPU cores "
-                    "(set resources.address to attach to one instead)")
+        started += (
+            f"; {len(others)} other Ray instance(s) run on this machine and share its CPU cores "
+            "(set resources.address to attach to one instead)"
+        )
     return started
 
 

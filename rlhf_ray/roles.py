@@ -8,8 +8,9 @@ remote actor. tests/test_roles.py checks that each actor class matches its Proto
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,8 +23,9 @@ REFERENCE = "reference-model"
 
 
 class GeneratorRole(Protocol):
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec,
-                 index_offset: int = 0) -> list[Rollout]: ...
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, index_offset: int = 0
+    ) -> list[Rollout]: ...
 
     def load_adapter(self, version: int, adapter: AdapterPayload | str | Path) -> int: ...
 

@@ -22,7 +22,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self._writer = SummaryWriter(
+                str(self.folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
@@ -54,7 +56,9 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str, keys: list[str] | None = None) -> Path | None:
+def plot_curves(
+    metrics_path: str | Path, out_png: str | Path, title: str, keys: list[str] | None = None
+) -> Path | None:
     """One panel per numeric metric (or per name in `keys` that was logged) over steps; None when nothing to plot."""
     import matplotlib
 
@@ -74,7 +78,7 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str, keys:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.96))

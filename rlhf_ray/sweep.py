@@ -38,8 +38,7 @@ def with_absolute_paths(config: Config) -> Config:
 
 
 def trial_config(base: dict, kl_coef: float, lr: float, trial_name: str) -> Config:
-    data = {**base, "ppo": {**base["ppo"], "kl_coef": kl_coef, "lr": lr},
-            "run": {**base["run"], "name": trial_name}}
+    data = {**base, "ppo": {**base["ppo"], "kl_coef": kl_coef, "lr": lr}, "run": {**base["run"], "name": trial_name}}
     return config_from_dict(data)
 
 
@@ -85,7 +84,9 @@ def heldout_row(results: dict) -> dict:
     """heldout_gain (reward gain in the start's reward std), heldout_kl (nats), heldout_win_rate, from `eval policy`."""
     ppo = results["policies"]["ppo"]
     (reward,) = ppo["reward"].values()
-    return dict(zip(HELDOUT_KEYS, (reward["gain_in_first_std"], ppo["kl_to_first"], reward["win_rate_vs_first"]["rate"])))
+    return dict(
+        zip(HELDOUT_KEYS, (reward["gain_in_first_std"], ppo["kl_to_first"], reward["win_rate_vs_first"]["rate"]))
+    )
 
 
 def best_trial(rows: list[dict], kl_budget: float) -> dict | None:
@@ -126,17 +127,27 @@ def build_tuner(config: Config, resume: bool):
         print(f"[sweep] resuming {experiment}", flush=True)
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     if experiment.exists():
-        raise FileExistsError(f"{experiment} already holds a sweep; pass --resume to continue it or use another run.name")
+        raise FileExistsError(
+            f"{experiment} already holds a sweep; pass --resume to continue it or use another run.name"
+        )
     pick = tune.grid_search if sweep.search == "grid" else tune.choice
     # The held-out result comes one report after the last iteration: ASHA must not stop a trial before it.
     last_report = config.ppo.iterations + (sweep.rank_by == "heldout")
-    scheduler = ASHAScheduler(max_t=last_report, grace_period=min(2, config.ppo.iterations)) \
-        if sweep.scheduler == "asha" else None
+    scheduler = (
+        ASHAScheduler(max_t=last_report, grace_period=min(2, config.ppo.iterations))
+        if sweep.scheduler == "asha"
+        else None
+    )
     return tune.Tuner(
         trainable,
         param_space={"base": to_dict(config), "kl_coef": pick(sweep.kl_coefs), "lr": pick(sweep.lrs)},
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
-                                    num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+        ),
         run_config=tune.RunConfig(name="sweep", storage_path=str(storage)),
     )
 
@@ -147,12 +158,19 @@ def write_results(config: Config, results) -> tuple[Path, Path, Path]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        rows.append({"trial": result.path.rsplit("/", 1)[-1], "kl_coef": result.config["kl_coef"], "lr": result.config["lr"],
-                     # the held-out result is one report past the last iteration
-                     "iterations": min(metrics.get("training_iteration", 0), config.ppo.iterations),
-                     "reward_mean": metrics.get("reward_mean"), "kl": metrics.get("kl"),
-                     **{key: metrics.get(key) for key in HELDOUT_KEYS},
-                     "error": str(result.error).strip().splitlines()[-1] if result.error else ""})
+        rows.append(
+            {
+                "trial": result.path.rsplit("/", 1)[-1],
+                "kl_coef": result.config["kl_coef"],
+                "lr": result.config["lr"],
+                # the held-out result is one report past the last iteration
+                "iterations": min(metrics.get("training_iteration", 0), config.ppo.iterations),
+                "reward_mean": metrics.get("reward_mean"),
+                "kl": metrics.get("kl"),
+                **{key: metrics.get(key) for key in HELDOUT_KEYS},
+                "error": str(result.error).strip().splitlines()[-1] if result.error else "",
+            }
+        )
     table = out / "sweep_results.csv"
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -163,11 +181,17 @@ def write_results(config: Config, results) -> tuple[Path, Path, Path]:
         if best is None:
             raise RuntimeError(f"no trial finished with a held-out result; see {table}")
         if best["heldout_kl"] > config.sweep.kl_budget:
-            print(f"[sweep] no trial stayed within sweep.kl_budget {config.sweep.kl_budget:g} nats; "
-                  f"picked the one closest to it (held-out KL {best['heldout_kl']:.3g})", flush=True)
+            print(
+                f"[sweep] no trial stayed within sweep.kl_budget {config.sweep.kl_budget:g} nats; "
+                f"picked the one closest to it (held-out KL {best['heldout_kl']:.3g})",
+                flush=True,
+            )
         kl_coef, lr = best["kl_coef"], best["lr"]
-        print(f"[sweep] best by held-out gain: kl_coef {kl_coef:g}, lr {lr:g}: gain {best['heldout_gain']:+.3f} std, "
-              f"KL {best['heldout_kl']:.3g}, win-rate {best['heldout_win_rate']:.3f}", flush=True)
+        print(
+            f"[sweep] best by held-out gain: kl_coef {kl_coef:g}, lr {lr:g}: gain {best['heldout_gain']:+.3f} std, "
+            f"KL {best['heldout_kl']:.3g}, win-rate {best['heldout_win_rate']:.3f}",
+            flush=True,
+        )
     else:
         chosen = results.get_best_result(metric=config.sweep.metric, mode=config.sweep.mode)
         kl_coef, lr = chosen.config["kl_coef"], chosen.config["lr"]

@@ -8,8 +8,9 @@ left, keep the whole response; counted).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from rlhf_ray.formats.rows import DataError, Message, RowRef
 
@@ -26,12 +27,14 @@ def prompt_ids(tokenizer, prompt: Sequence[Message]) -> list[int]:
     return render_ids(tokenizer, prompt, add_generation_prompt=True)
 
 
-def response_ids(tokenizer, prompt: Sequence[Message], response: str, prompt_tokens: list[int] | None = None) -> list[int]:
+def response_ids(
+    tokenizer, prompt: Sequence[Message], response: str, prompt_tokens: list[int] | None = None
+) -> list[int]:
     """Token ids of an assistant reply as the chat template renders it after `prompt` (end-of-turn included)."""
     prompt_tokens = prompt_ids(tokenizer, prompt) if prompt_tokens is None else prompt_tokens
     full = render_ids(tokenizer, [*prompt, {"role": "assistant", "content": response}], add_generation_prompt=False)
     if full[: len(prompt_tokens)] == prompt_tokens:
-        return full[len(prompt_tokens):]
+        return full[len(prompt_tokens) :]
     # Templates whose prompt rendering is not a prefix of the full rendering: reply text + EOS.
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
@@ -51,8 +54,14 @@ class LengthReport:
         return f"{self.seen} sequences, over length under policy '{self.policy}': {done}"
 
 
-def fit_length(prompt: list[int], responses: Sequence[list[int]], max_length: int, report: LengthReport,
-               ref: RowRef, min_prompt_tokens: int = 1) -> Optional[list[int]]:
+def fit_length(
+    prompt: list[int],
+    responses: Sequence[list[int]],
+    max_length: int,
+    report: LengthReport,
+    ref: RowRef,
+    min_prompt_tokens: int = 1,
+) -> list[int] | None:
     """Apply the over-length policy to a prompt followed by each of `responses` (one for SFT, two for pairs).
 
     Returns the prompt to use (possibly left-truncated), or None when the row is skipped.
@@ -64,11 +73,16 @@ def fit_length(prompt: list[int], responses: Sequence[list[int]], max_length: in
     if longest == 0:  # a prompt on its own (PPO): its budget is data.max_prompt_length
         problem, setting = f"prompt {len(prompt)} tokens > max_prompt_length {max_length}", "data.max_prompt_length"
     else:
-        problem, setting = f"prompt {len(prompt)} + response {longest} tokens > max_length {max_length}", "data.max_length"
+        problem, setting = (
+            f"prompt {len(prompt)} + response {longest} tokens > max_length {max_length}",
+            "data.max_length",
+        )
     if report.policy == "error":
-        raise DataError(ref, "<length>", f"{problem} (raise {setting}, or set data.overlong to 'skip' or 'truncate_prompt')")
+        raise DataError(
+            ref, "<length>", f"{problem} (raise {setting}, or set data.overlong to 'skip' or 'truncate_prompt')"
+        )
     if report.policy == "truncate_prompt" and max_length - longest >= min_prompt_tokens:
         report.counts["truncated"] += 1
-        return prompt[len(prompt) + longest - max_length:]
+        return prompt[len(prompt) + longest - max_length :]
     report.counts["skipped"] += 1
     return None

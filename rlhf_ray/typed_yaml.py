@@ -17,7 +17,6 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -91,7 +90,9 @@ def _coerce(value: Any, tp: Any, dotted: str, origin: Origin) -> Any:
                 return _coerce(value, option, dotted, origin)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: '{dotted}': {value!r} matches none of {_type_name(tp)}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: '{dotted}': {value!r} matches none of {_type_name(tp)}"
+        )
     if kind is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -127,7 +128,9 @@ def build(cls: type, data: Any, origin: Origin, prefix: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin.describe(section)}: '{section}' must be a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(
+            f"{origin.describe(section)}: '{section}' must be a mapping, got {type(data).__name__} {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -198,8 +201,9 @@ def load(cls: type, path: str | Path | None, overrides: typing.Sequence[str] = (
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not a YAML text file (not UTF-8: byte 0x{err.object[err.start]:02x} "
-                              f"at offset {err.start})") from err
+            raise ConfigError(
+                f"{path}: not a YAML text file (not UTF-8: byte 0x{err.object[err.start]:02x} at offset {err.start})"
+            ) from err
         try:
             data = yaml.safe_load(text) or {}
             origin = Origin(str(path), yaml_key_lines(text, str(path)))

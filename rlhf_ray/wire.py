@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Required, TypedDict
+from typing import Required, TypedDict
 
 import torch
 
@@ -22,13 +22,18 @@ class PackedBatch:
     positions: torch.Tensor  # (B, A) index into T of the logits that predict each response token
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "response_ids": self.response_ids,
-                "response_mask": self.response_mask, "positions": self.positions}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "response_ids": self.response_ids,
+            "response_mask": self.response_mask,
+            "positions": self.positions,
+        }
 
-    def select(self, rows: torch.Tensor) -> "PackedBatch":
+    def select(self, rows: torch.Tensor) -> PackedBatch:
         return PackedBatch(**{k: v[rows] for k, v in self.to_dict().items()})
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(**{k: v.to(device) for k, v in self.to_dict().items()})
 
 
@@ -75,10 +80,12 @@ class Experience:
     advantages: torch.Tensor  # (B, A)
     returns: torch.Tensor  # (B, A)
 
-    def select(self, rows: torch.Tensor) -> "Experience":
-        return Experience(**{name: value.select(rows) if name == "batch" else value[rows] for name, value in self._parts().items()})
+    def select(self, rows: torch.Tensor) -> Experience:
+        return Experience(
+            **{name: value.select(rows) if name == "batch" else value[rows] for name, value in self._parts().items()}
+        )
 
-    def to(self, device: torch.device | str) -> "Experience":
+    def to(self, device: torch.device | str) -> Experience:
         return Experience(**{name: value.to(device) for name, value in self._parts().items()})
 
     def _parts(self) -> dict:
@@ -110,7 +117,7 @@ class SamplingSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1  # responses per prompt
-    seed: Optional[int] = None  # per-call seed; the generator derives one per prompt from it
+    seed: int | None = None  # per-call seed; the generator derives one per prompt from it
 
 
 @dataclass

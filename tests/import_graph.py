@@ -2,6 +2,7 @@
 
 A node is a subpackage (`rlhf_ray.ppo`), a top-level module (`rlhf_ray.config`), `actors` or `cli`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,10 +15,10 @@ PACKAGES = ("rlhf_ray", "actors")
 
 @dataclass(frozen=True)
 class Edge:
-    source: str          # importing module, dotted
-    target: str          # imported module, dotted
-    where: str           # file:line of the import statement
-    local: bool          # inside a function body
+    source: str  # importing module, dotted
+    target: str  # imported module, dotted
+    where: str  # file:line of the import statement
+    local: bool  # inside a function body
 
 
 def module_name(path: Path) -> str:

@@ -6,8 +6,15 @@ import statistics
 import pytest
 import torch
 
-from rlhf_ray.algo.advantages import (critic_free_advantages, dr_grpo_advantages, grpo_advantages, per_token,
-                                      reinforce_pp_advantages, rloo_advantages, zero_advantage_groups)
+from rlhf_ray.algo.advantages import (
+    critic_free_advantages,
+    dr_grpo_advantages,
+    grpo_advantages,
+    per_token,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    zero_advantage_groups,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +37,9 @@ def test_rloo_subtracts_the_mean_of_the_other_responses():
     expected = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]
     assert rloo_advantages(REWARDS, 4).tolist() == pytest.approx(expected, abs=1e-6)
     # the same as k / (k - 1) times the deviation from the group mean
-    assert rloo_advantages(REWARDS, 4).tolist() == pytest.approx((dr_grpo_advantages(REWARDS, 4) * 4 / 3).tolist(), abs=1e-6)
+    assert rloo_advantages(REWARDS, 4).tolist() == pytest.approx(
+        (dr_grpo_advantages(REWARDS, 4) * 4 / 3).tolist(), abs=1e-6
+    )
 
 
 def test_reinforce_pp_whitens_the_returns_to_go_over_the_batch():
@@ -53,7 +62,11 @@ def test_reinforce_pp_whitens_the_returns_to_go_over_the_batch():
 def test_sequence_advantages_reach_every_real_token_and_the_estimator_sums_token_rewards():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]])
     assert per_token(torch.tensor([2.0, -1.0, 0.5, 3.0]), mask).tolist() == [
-        [2.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [3.0, 0.0, 0.0]]
+        [2.0, 2.0, 0.0],
+        [-1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [3.0, 0.0, 0.0],
+    ]
     # sequence rewards 1 + 2 = 3, 4 (the 7 is padding), 0.5 + 0.5 + 0 = 1, 2: groups [3, 4] and [1, 2]
     token_rewards = torch.tensor([[1.0, 2.0, 0.0], [4.0, 7.0, 0.0], [0.5, 0.5, 0.0], [2.0, 0.0, 0.0]])
     got = critic_free_advantages("dr_grpo", token_rewards, mask, group_size=2)

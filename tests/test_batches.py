@@ -20,11 +20,15 @@ def test_epoch_batches_partition_rows_across_workers():
 
 
 def test_collate_pads_right_and_masks_labels():
-    batch = collate_sft([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    batch = collate_sft(
+        [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
-    pairs = collate_pairs([{"chosen_ids": [1, 2], "rejected_ids": [1]}, {"chosen_ids": [3], "rejected_ids": [3, 4, 5]}], pad_id=0)
+    pairs = collate_pairs(
+        [{"chosen_ids": [1, 2], "rejected_ids": [1]}, {"chosen_ids": [3], "rejected_ids": [3, 4, 5]}], pad_id=0
+    )
     assert pairs["input_ids"].tolist() == [[1, 2, 0], [3, 0, 0], [1, 0, 0], [3, 4, 5]]  # chosen rows, then rejected
 
 
@@ -34,7 +38,9 @@ def test_tokenized_rows_put_loss_on_the_response_only(tiny_tokenizer):
     (row,) = tokenize_sft([SFTExample(prompt, "An apple.", RowRef("f", 1))], tiny_tokenizer, 256, "error").rows
     scored = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     assert tiny_tokenizer.decode(scored) == "An apple.<|im_end|>\n"
-    (pair,) = tokenize_pairs([PreferencePair(prompt, "An apple.", "A chair.", RowRef("f", 1))], tiny_tokenizer, 256, "error").rows
+    (pair,) = tokenize_pairs(
+        [PreferencePair(prompt, "An apple.", "A chair.", RowRef("f", 1))], tiny_tokenizer, 256, "error"
+    ).rows
     assert tiny_tokenizer.decode(pair["chosen_ids"]).endswith("An apple.<|im_end|>\n")
     assert tiny_tokenizer.decode(pair["rejected_ids"]).endswith("A chair.<|im_end|>\n")
 
@@ -58,8 +64,11 @@ def test_length_chunks_sort_by_length_and_keep_every_row():
 def test_pair_chunks_keep_each_pair_together():
     from rlhf_ray.train.batches import collate_pair_chunks
 
-    rows = [{"chosen_ids": [1] * 6, "rejected_ids": [2]}, {"chosen_ids": [3], "rejected_ids": [4, 4]},
-            {"chosen_ids": [5] * 5, "rejected_ids": [6] * 5}]
+    rows = [
+        {"chosen_ids": [1] * 6, "rejected_ids": [2]},
+        {"chosen_ids": [3], "rejected_ids": [4, 4]},
+        {"chosen_ids": [5] * 5, "rejected_ids": [6] * 5},
+    ]
     chunks = collate_pair_chunks(rows, pad_id=0, chunk_size=2)
     assert [tuple(c["input_ids"].shape) for c in chunks] == [(4, 5), (2, 6)]  # pairs 1 and 2 share a width of 5
     assert chunks[0]["input_ids"][:, 0].tolist() == [3, 5, 4, 6]  # chosen of the chunk's pairs first, then rejected

@@ -9,8 +9,13 @@ from rlhf_ray.ppo.run import find_resume_checkpoint
 
 pytestmark = pytest.mark.unit
 
-IDENTITY = {"policy_model": "/models/a", "policy_config_sha256": "abc", "lora_r": 8, "lora_target_modules": ["q_proj"],
-            "learner_backend": "torch"}
+IDENTITY = {
+    "policy_model": "/models/a",
+    "policy_config_sha256": "abc",
+    "lora_r": 8,
+    "lora_target_modules": ["q_proj"],
+    "learner_backend": "torch",
+}
 
 
 def make_checkpoint(folder, iteration, identity=IDENTITY):
@@ -38,9 +43,11 @@ def flip_bytes(checkpoint):
     path.write_bytes(bytes(data))  # same size: only the checksum can tell
 
 
-CORRUPTIONS = {"truncated file": (truncate, "has 1000 bytes, the manifest says 10240"),
-               "manifest deleted": (delete_manifest, "no manifest.json"),
-               "flipped byte": (flip_bytes, "does not match its SHA-256")}
+CORRUPTIONS = {
+    "truncated file": (truncate, "has 1000 bytes, the manifest says 10240"),
+    "manifest deleted": (delete_manifest, "no manifest.json"),
+    "flipped byte": (flip_bytes, "does not match its SHA-256"),
+}
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
@@ -78,7 +85,9 @@ def test_the_learner_backend_must_match_and_older_checkpoints_count_as_torch(tmp
     older = {key: value for key, value in IDENTITY.items() if key != "learner_backend"}  # written before the key
     make_checkpoint(tmp_path, 1, older)
     assert find_resume_checkpoint(tmp_path, IDENTITY).name == "iter_000001"
-    with pytest.raises(CheckpointError, match="learner_backend differ .*learner_backend torch; .*learner_backend deepspeed"):
+    with pytest.raises(
+        CheckpointError, match="learner_backend differ .*learner_backend torch; .*learner_backend deepspeed"
+    ):
         find_resume_checkpoint(tmp_path, {**IDENTITY, "learner_backend": "deepspeed"})
 
 

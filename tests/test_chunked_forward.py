@@ -19,9 +19,14 @@ def rows_of_many_lengths(stage: str, tokenizer) -> list[dict]:
     words = ["alpha", "beta gamma", "delta epsilon zeta eta", "theta", "iota kappa lambda mu nu xi omicron pi", "rho"]
     ref = RowRef("mem", 1)
     if stage == "sft":
-        examples = [SFTExample([{"role": "user", "content": f"say {w}"}], (w + " ") * (i + 1), ref) for i, w in enumerate(words)]
+        examples = [
+            SFTExample([{"role": "user", "content": f"say {w}"}], (w + " ") * (i + 1), ref) for i, w in enumerate(words)
+        ]
         return tokenize_sft(examples, tokenizer, 64, "truncate_prompt").rows
-    pairs = [PreferencePair([{"role": "user", "content": f"say {w}"}], w * (i % 3 + 1), words[-1 - i] * (i % 2 + 1), ref) for i, w in enumerate(words)]
+    pairs = [
+        PreferencePair([{"role": "user", "content": f"say {w}"}], w * (i % 3 + 1), words[-1 - i] * (i % 2 + 1), ref)
+        for i, w in enumerate(words)
+    ]
     return tokenize_pairs(pairs, tokenizer, 64, "truncate_prompt").rows
 
 
@@ -43,8 +48,15 @@ def assert_same_grads(got: dict, expected: dict, rtol: float = 1e-4):
 
 @pytest.mark.parametrize("stage, lora", [("sft", False), ("sft", True), ("rm", False)])
 def test_chunked_loss_and_gradients_match_one_padded_pass(stage, lora, tiny_model_dir, tiny_tokenizer):
-    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", f"lora.enabled={str(lora).lower()}",
-                                               "rm.shared_prompt=false", "sft.packing=false"])
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"lora.enabled={str(lora).lower()}",
+            "rm.shared_prompt=false",
+            "sft.packing=false",
+        ],
+    )
     task = TASKS[stage]
     torch.manual_seed(0)
     model = task.build_model(config, str(tiny_model_dir), tiny_tokenizer.pad_token_id)
@@ -63,8 +75,9 @@ def test_chunked_loss_and_gradients_match_one_padded_pass(stage, lora, tiny_mode
 
         batch = collate_sft(rows, tiny_tokenizer.pad_token_id)
         with torch.no_grad():
-            total, count = next_token_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                           batch["labels"])
+            total, count = next_token_loss(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+            )
         assert loss0 == pytest.approx((total / count).item(), rel=1e-5)
     assert loss2 == pytest.approx(loss0, rel=1e-5)
     assert sums2 == pytest.approx(sums0, rel=1e-5)
@@ -77,11 +90,15 @@ def test_packed_sft_rows_give_the_loss_and_gradients_of_one_row_per_sequence(lor
     task, pad = TASKS["sft"], tiny_tokenizer.pad_token_id
     rows = rows_of_many_lengths("sft", tiny_tokenizer)
     torch.manual_seed(0)
-    model = task.build_model(load_config("configs/tiny.yaml", overrides + ["data.max_length=64"]), str(tiny_model_dir), pad)
+    model = task.build_model(
+        load_config("configs/tiny.yaml", overrides + ["data.max_length=64"]), str(tiny_model_dir), pad
+    )
     results, widths = {}, {}
     for packing in (False, True):
-        config = load_config("configs/tiny.yaml", overrides + ["data.max_length=64", f"sft.packing={str(packing).lower()}",
-                                                               "sft.chunk_size=0"])
+        config = load_config(
+            "configs/tiny.yaml",
+            overrides + ["data.max_length=64", f"sft.packing={str(packing).lower()}", "sft.chunk_size=0"],
+        )
         chunks = task.collate(rows, pad, 0, config)
         widths[packing] = sum(c["input_ids"].numel() for c in chunks)
         results[packing] = loss_sums_and_grads(task, model, chunks, config)
@@ -96,8 +113,12 @@ def test_packed_sft_layout_keeps_the_sequences_apart():
     from rlhf_ray.algo.losses import IGNORE_INDEX as X
     from rlhf_ray.train.batches import collate_packed_sft
 
-    rows = [{"input_ids": [1, 2, 3], "labels": [X, 2, 3]}, {"input_ids": [4, 5, 6, 7, 10], "labels": [X, X, 6, 7, 10]},
-            {"input_ids": [8, 9], "labels": [8, 9]}, {"input_ids": [11], "labels": [X]}]
+    rows = [
+        {"input_ids": [1, 2, 3], "labels": [X, 2, 3]},
+        {"input_ids": [4, 5, 6, 7, 10], "labels": [X, X, 6, 7, 10]},
+        {"input_ids": [8, 9], "labels": [8, 9]},
+        {"input_ids": [11], "labels": [X]},
+    ]
     batch = collate_packed_sft(rows, pad_id=0)  # rows no longer than the longest sequence, first fit, longest first
     assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 10], [1, 2, 3, 8, 9], [11, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[X, X, 6, 7, 10], [X, 2, 3, X, 9], [X, X, X, X, X]]  # 8 is not predicted from 3
@@ -116,8 +137,9 @@ def test_a_model_that_ignores_the_packed_mask_is_refused_at_start(tiny_model_dir
     model = tasks.build_causal_lm(config, str(tiny_model_dir))
     assert tasks.packing_problem(model, tiny_tokenizer.pad_token_id, 64) is None
     backbone_forward = model.model.forward  # (transformers alone finds packed rows from restarting position ids)
-    monkeypatch.setattr(model.model, "forward",
-                        lambda *a, attention_mask=None, position_ids=None, **kw: backbone_forward(*a, **kw))
+    monkeypatch.setattr(
+        model.model, "forward", lambda *a, attention_mask=None, position_ids=None, **kw: backbone_forward(*a, **kw)
+    )
     problem = tasks.packing_problem(model, tiny_tokenizer.pad_token_id, 64)
     assert problem and "attention mask" in problem
     monkeypatch.setattr(tasks, "build_causal_lm", lambda *a: model)
@@ -167,7 +189,9 @@ def test_shared_prompt_pass_gives_the_scores_and_gradients_of_separate_passes(lo
         chunks = task.collate(rows, pad, 3, config)
         results[shared] = loss_sums_and_grads(task, model, chunks, config)
         if shared:
-            assert sum(c["attention_mask"][:, 0].diagonal(dim1=1, dim2=2).sum() for c in chunks) >= sum(map(packed_pair_length, rows))
+            assert sum(c["attention_mask"][:, 0].diagonal(dim1=1, dim2=2).sum() for c in chunks) >= sum(
+                map(packed_pair_length, rows)
+            )
     (loss_apart, sums_apart, grads_apart), (loss_shared, sums_shared, grads_shared) = results[False], results[True]
     assert loss_shared == pytest.approx(loss_apart, rel=1e-5)
     assert sums_shared == pytest.approx(sums_apart, rel=1e-5, abs=1e-6)  # includes seq_tokens: the same tokens counted
@@ -179,8 +203,10 @@ def test_shared_prompt_pass_gives_the_scores_and_gradients_of_separate_passes(lo
 def test_shared_prompt_layout_keeps_the_continuations_apart():
     from rlhf_ray.train.batches import collate_shared_prompt_pairs
 
-    batch = collate_shared_prompt_pairs([{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5]},
-                                         {"chosen_ids": [1, 9], "rejected_ids": [1, 8]}], pad_id=0)
+    batch = collate_shared_prompt_pairs(
+        [{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5]}, {"chosen_ids": [1, 9], "rejected_ids": [1, 8]}],
+        pad_id=0,
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 9, 8, 0, 0]]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 2]  # rejected's token 5 sits at position 2, as alone
     assert batch["chosen_at"].tolist() == [3, 1] and batch["rejected_at"].tolist() == [4, 2]

@@ -9,7 +9,9 @@ pytestmark = pytest.mark.unit
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_ray.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("config", "data", "models"):
         assert command in out
 
@@ -27,7 +29,10 @@ def test_config_show_bad_key_is_a_clean_error(capsys):
 
 @pytest.mark.component
 def test_data_inspect_demo_pairs(tiny_model_dir, capsys):
-    assert main(["data", "inspect", "data/demo/pairs.jsonl", "--tokenizer", str(tiny_model_dir), "--max-length", "64"]) == 0
+    assert (
+        main(["data", "inspect", "data/demo/pairs.jsonl", "--tokenizer", str(tiny_model_dir), "--max-length", "64"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "format: pairs" in out and "rows read: 400" in out and "valid preference examples: 400" in out
     assert "longest_total" in out and "over max_length 64:" in out and "problems: no problems" in out

@@ -47,28 +47,34 @@ def test_unknown_section(tmp_path):
         load_config(write(tmp_path, "pop:\n  kl_coef: 0.1\n"))
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ("ppo:\n  iterations: ten\n", r"c\.yaml:2: 'ppo\.iterations' must be int, got str 'ten'"),
-    ("ppo:\n  iterations: 2.5\n", r"'ppo\.iterations' must be int, got float"),
-    ("model:\n  trust_remote_code: 1\n", r"'model\.trust_remote_code' must be bool, got int"),
-    ("lora:\n  target_modules: q_proj\n", r"'lora\.target_modules' must be a list"),
-    ("data:\n  overlong: cut\n", r"'data\.overlong' must be one of \['error', 'skip', 'truncate_prompt'\]"),
-    ("ppo: 3\n", r"'ppo' must be a mapping"),
-    ("- a\n- b\n", r"top level must be a mapping"),
-    ("ppo:\n  kl_coef: [1\n", r"not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("ppo:\n  iterations: ten\n", r"c\.yaml:2: 'ppo\.iterations' must be int, got str 'ten'"),
+        ("ppo:\n  iterations: 2.5\n", r"'ppo\.iterations' must be int, got float"),
+        ("model:\n  trust_remote_code: 1\n", r"'model\.trust_remote_code' must be bool, got int"),
+        ("lora:\n  target_modules: q_proj\n", r"'lora\.target_modules' must be a list"),
+        ("data:\n  overlong: cut\n", r"'data\.overlong' must be one of \['error', 'skip', 'truncate_prompt'\]"),
+        ("ppo: 3\n", r"'ppo' must be a mapping"),
+        ("- a\n- b\n", r"top level must be a mapping"),
+        ("ppo:\n  kl_coef: [1\n", r"not valid YAML"),
+    ],
+)
 def test_wrong_types(tmp_path, text, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(write(tmp_path, text))
 
 
-@pytest.mark.parametrize("override, pattern", [
-    ("sft.batch_size=0", r"override 'sft\.batch_size=0'.*batch_size must be > 0"),
-    ("ppo.minibatch_size=64", r"minibatch_size must be <= rollout_batch_size"),
-    ("ppo.kl_coef", r"must look like key\.path=value"),
-    ("ppo.kl_coef.x=1", r"override 'ppo\.kl_coef\.x=1'.*'ppo\.kl_coef' must be float"),
-    ("data.eval_fraction=1.5", r"eval_fraction must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("sft.batch_size=0", r"override 'sft\.batch_size=0'.*batch_size must be > 0"),
+        ("ppo.minibatch_size=64", r"minibatch_size must be <= rollout_batch_size"),
+        ("ppo.kl_coef", r"must look like key\.path=value"),
+        ("ppo.kl_coef.x=1", r"override 'ppo\.kl_coef\.x=1'.*'ppo\.kl_coef' must be float"),
+        ("data.eval_fraction=1.5", r"eval_fraction must be in \[0, 1\)"),
+    ],
+)
 def test_validation_errors_name_the_override(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])

@@ -21,12 +21,17 @@ def write_jsonl(path, rows):
 
 
 def test_hh_rlhf_split_into_prompt_and_responses(tmp_path):
-    row = {"chosen": f"{H}What is 2+2?{A}It is 4.{H}And 3+3?{A}It is 6.",
-           "rejected": f"{H}What is 2+2?{A}It is 4.{H}And 3+3?{A}No idea."}
+    row = {
+        "chosen": f"{H}What is 2+2?{A}It is 4.{H}And 3+3?{A}It is 6.",
+        "rejected": f"{H}What is 2+2?{A}It is 4.{H}And 3+3?{A}No idea.",
+    }
     loaded = load_preference_pairs(str(write_jsonl(tmp_path / "p.jsonl", [row])), "hh-rlhf")
     (pair,) = loaded.examples
-    assert pair.prompt == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
-                           {"role": "user", "content": "And 3+3?"}]
+    assert pair.prompt == [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "And 3+3?"},
+    ]
     assert (pair.chosen, pair.rejected) == ("It is 6.", "No idea.")
     assert str(pair.ref).endswith("p.jsonl:1")
 
@@ -41,7 +46,11 @@ BAD_HH = [
     ("not json", "<json>", "not valid JSON"),
     ({"chosen": GOOD_HH["chosen"]}, "rejected", "missing"),
     ({"chosen": 3, "rejected": GOOD_HH["rejected"]}, "chosen", "expected a string, got int"),
-    ({"chosen": f"{H}Hi there", "rejected": GOOD_HH["rejected"]}, "chosen", "does not end with an '\\n\\nAssistant:' turn"),
+    (
+        {"chosen": f"{H}Hi there", "rejected": GOOD_HH["rejected"]},
+        "chosen",
+        "does not end with an '\\n\\nAssistant:' turn",
+    ),
     ({"chosen": "no turns at all", "rejected": GOOD_HH["rejected"]}, "chosen", "text before the first"),
     ({"chosen": GOOD_HH["chosen"], "rejected": GOOD_HH["chosen"]}, "rejected", "identical to 'chosen'"),
     ({"chosen": GOOD_HH["chosen"], "rejected": f"{H}Something else{A}Go away."}, "rejected", "no shared prompt"),
@@ -70,9 +79,16 @@ BAD_PAIRS = [
     ({**GOOD_PAIR, "rejected": "An apple."}, "rejected", "identical to 'chosen'"),
     ({**GOOD_PAIR, "prompt": [{"role": "user"}]}, "prompt[0]", "exactly 'role' and 'content'"),
     ({**GOOD_PAIR, "prompt": [{"role": "robot", "content": "x"}]}, "prompt[0].role", "must be one of"),
-    ({**GOOD_PAIR, "chosen": [{"role": "user", "content": "An apple."}]}, "chosen", "last message must be the assistant"),
-    ({**GOOD_PAIR, "chosen": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "x"}]},
-     "chosen", "differ from 'prompt'"),
+    (
+        {**GOOD_PAIR, "chosen": [{"role": "user", "content": "An apple."}]},
+        "chosen",
+        "last message must be the assistant",
+    ),
+    (
+        {**GOOD_PAIR, "chosen": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "x"}]},
+        "chosen",
+        "differ from 'prompt'",
+    ),
     ({**GOOD_PAIR, "prompt": 7}, "prompt", "expected a non-empty list of chat messages"),
 ]
 
@@ -80,21 +96,29 @@ BAD_PAIRS = [
 @pytest.mark.parametrize("bad, field, problem", BAD_PAIRS, ids=[b[2][:30] for b in BAD_PAIRS])
 def test_bad_split_pairs(tmp_path, bad, field, problem):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_PAIR, bad])
-    with pytest.raises(DataError, match=rf"pairs\.jsonl:2: field '{__import__('re').escape(field)}'.*{__import__('re').escape(problem)}"):
+    with pytest.raises(
+        DataError,
+        match=rf"pairs\.jsonl:2: field '{__import__('re').escape(field)}'.*{__import__('re').escape(problem)}",
+    ):
         load_preference_pairs(str(path), "pairs")
 
 
 def test_pairs_as_chat_messages(tmp_path):
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
-    row = {"prompt": prompt, "chosen": [*prompt, {"role": "assistant", "content": "Apple."}],
-           "rejected": [{"role": "assistant", "content": "Chair."}]}
+    row = {
+        "prompt": prompt,
+        "chosen": [*prompt, {"role": "assistant", "content": "Apple."}],
+        "rejected": [{"role": "assistant", "content": "Chair."}],
+    }
     (pair,) = load_preference_pairs(str(write_jsonl(tmp_path / "m.jsonl", [row]))).examples
     assert pair.prompt == prompt and (pair.chosen, pair.rejected) == ("Apple.", "Chair.")
 
 
 def test_self_instruct_one_example_per_instance(tmp_path):
-    row = {"instruction": "Translate to French.", "instances": [{"input": "cat", "output": "chat"},
-                                                                {"input": "", "output": "Give me a word."}]}
+    row = {
+        "instruction": "Translate to French.",
+        "instances": [{"input": "cat", "output": "chat"}, {"input": "", "output": "Give me a word."}],
+    }
     loaded = load_sft_examples(str(write_jsonl(tmp_path / "s.jsonl", [row])))
     assert loaded.format == "self-instruct"
     first, second = loaded.examples
@@ -102,13 +126,16 @@ def test_self_instruct_one_example_per_instance(tmp_path):
     assert second.prompt == [{"role": "user", "content": "Translate to French."}]
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"instruction": "x", "instances": []}, "instances"),
-    ({"instruction": "x", "instances": [{"input": "a"}]}, "instances[0].output"),
-    ({"instruction": "x", "instances": [{"input": 5, "output": "y"}]}, "instances[0].input"),
-    ({"instruction": "", "instances": [{"input": "", "output": "y"}]}, "instruction"),
-    ({"instruction": "x", "instances": [{"input": "", "output": " "}]}, "instances[0].output"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"instruction": "x", "instances": []}, "instances"),
+        ({"instruction": "x", "instances": [{"input": "a"}]}, "instances[0].output"),
+        ({"instruction": "x", "instances": [{"input": 5, "output": "y"}]}, "instances[0].input"),
+        ({"instruction": "", "instances": [{"input": "", "output": "y"}]}, "instruction"),
+        ({"instruction": "x", "instances": [{"input": "", "output": " "}]}, "instances[0].output"),
+    ],
+)
 def test_bad_self_instruct(tmp_path, bad, field):
     good = {"instruction": "x", "instances": [{"input": "", "output": "y"}]}
     path = write_jsonl(tmp_path / "s.jsonl", [good, bad])
@@ -119,7 +146,9 @@ def test_bad_self_instruct(tmp_path, bad, field):
 def test_prompt_completion_and_prompts(tmp_path):
     sft = load_sft_examples(str(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Hi", "completion": "Hello"}])))
     assert sft.format == "prompt-completion" and sft.examples[0].response == "Hello"
-    prompts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": [{"role": "user", "content": "Yo"}]}])))
+    prompts = load_prompts(
+        str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": [{"role": "user", "content": "Yo"}]}]))
+    )
     assert [p.prompt[0]["content"] for p in prompts.examples] == ["Hi", "Yo"]
     from_pairs = load_prompts(str(write_jsonl(tmp_path / "hh.jsonl", [GOOD_HH])), "hh-rlhf")
     assert from_pairs.examples[0].prompt == [{"role": "user", "content": "Hi there"}]
@@ -140,14 +169,23 @@ def test_gz_files_folders_and_limit(tmp_path):
     assert gz_refs[1].endswith("b.jsonl.gz:3")  # blank lines keep their numbers
 
 
-@pytest.mark.parametrize("make, pattern", [
-    (lambda d: write_jsonl(d / "empty.jsonl", []), r"no valid preference rows \(0 read"),
-    (lambda d: d / "missing.jsonl", r"no such file or folder"),
-    (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", r"unsupported file type"),
-    (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", r"holds no \.jsonl"),
-    (lambda d: write_jsonl(d / "p.jsonl", [{"prompt": "x"}]), r"p\.jsonl:1: field '<format>': looks like 'prompts' rows"),
-    (lambda d: write_jsonl(d / "q.jsonl", [{"question": "x"}]), r"q\.jsonl:1: field '<format>': cannot tell the format"),
-])
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda d: write_jsonl(d / "empty.jsonl", []), r"no valid preference rows \(0 read"),
+        (lambda d: d / "missing.jsonl", r"no such file or folder"),
+        (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", r"unsupported file type"),
+        (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", r"holds no \.jsonl"),
+        (
+            lambda d: write_jsonl(d / "p.jsonl", [{"prompt": "x"}]),
+            r"p\.jsonl:1: field '<format>': looks like 'prompts' rows",
+        ),
+        (
+            lambda d: write_jsonl(d / "q.jsonl", [{"question": "x"}]),
+            r"q\.jsonl:1: field '<format>': cannot tell the format",
+        ),
+    ],
+)
 def test_bad_sources(tmp_path, make, pattern):
     with pytest.raises(DataError, match=pattern):
         load_preference_pairs(str(make(tmp_path)))
@@ -158,9 +196,13 @@ def test_wrong_format_for_kind(tmp_path):
         load_preference_pairs(str(write_jsonl(tmp_path / "p.jsonl", [GOOD_PAIR])), "prompts")
 
 
-ONE_ROW_OF = {"hh-rlhf": GOOD_HH, "pairs": {"prompt": "Hi", "chosen": "Hello", "rejected": "Go."},
-              "self-instruct": {"instruction": "Greet.", "instances": [{"input": "", "output": "Hello"}]},
-              "prompt-completion": {"prompt": "Hi", "completion": "Hello"}, "prompts": {"prompt": "Hi"}}
+ONE_ROW_OF = {
+    "hh-rlhf": GOOD_HH,
+    "pairs": {"prompt": "Hi", "chosen": "Hello", "rejected": "Go."},
+    "self-instruct": {"instruction": "Greet.", "instances": [{"input": "", "output": "Hello"}]},
+    "prompt-completion": {"prompt": "Hi", "completion": "Hello"},
+    "prompts": {"prompt": "Hi"},
+}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -194,7 +236,9 @@ def test_hub_dataset_path(monkeypatch):
         raise ConnectionError("hub unreachable")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    with pytest.raises(DataError, match=r"Anthropic/hh-rlhf: .*loading it from the Hugging Face hub failed: hub unreachable"):
+    with pytest.raises(
+        DataError, match=r"Anthropic/hh-rlhf: .*loading it from the Hugging Face hub failed: hub unreachable"
+    ):
         load_preference_pairs("Anthropic/hh-rlhf")
 
 

@@ -7,15 +7,25 @@ from tests import import_graph
 
 pytestmark = pytest.mark.unit
 
-LIGHT_MODULES = ["rlhf_ray", "rlhf_ray.algo.losses", "rlhf_ray.algo.ppo", "rlhf_ray.config", "rlhf_ray.formats.load",
-                 "rlhf_ray.tokenization", "rlhf_ray.models", "rlhf_ray.cli"]
+LIGHT_MODULES = [
+    "rlhf_ray",
+    "rlhf_ray.algo.losses",
+    "rlhf_ray.algo.ppo",
+    "rlhf_ray.config",
+    "rlhf_ray.formats.load",
+    "rlhf_ray.tokenization",
+    "rlhf_ray.models",
+    "rlhf_ray.cli",
+]
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
 def test_library_imports_without_ray_deepspeed_vllm(module):
-    code = (f"import sys, {module}\n"
-            "heavy = sorted(m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules)\n"
-            "print(','.join(heavy))")
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing {module} imported {out}"
 
@@ -24,8 +34,16 @@ def test_library_imports_without_ray_deepspeed_vllm(module):
 # back through another. Actors are plain classes that the driver side wraps with ray.remote; they see
 # only the wire types, model building, pure math and the config.
 LAYERS = [
-    {"rlhf_ray", "rlhf_ray.algo", "rlhf_ray.formats", "rlhf_ray.wire", "rlhf_ray.typed_yaml",
-     "rlhf_ray.checkpoints", "rlhf_ray.run_log", "rlhf_ray.dashboard_metrics"},
+    {
+        "rlhf_ray",
+        "rlhf_ray.algo",
+        "rlhf_ray.formats",
+        "rlhf_ray.wire",
+        "rlhf_ray.typed_yaml",
+        "rlhf_ray.checkpoints",
+        "rlhf_ray.run_log",
+        "rlhf_ray.dashboard_metrics",
+    },
     {"rlhf_ray.config", "rlhf_ray.tokenization", "rlhf_ray.roles"},
     {"rlhf_ray.models", "rlhf_ray.ray_session"},
     {"actors", "rlhf_ray.train"},
@@ -42,11 +60,17 @@ NEVER = {("rlhf_ray.ppo", "rlhf_ray.train")}  # PPO builds its models through rl
 def _violations():
     found = {}
     for (source, target), edges in import_graph.package_edges(import_graph.edges()).items():
-        why = ([f"{source} (layer {LAYER_OF[source]}) imports {target} (layer {LAYER_OF[target]})"]
-               if LAYER_OF[target] >= LAYER_OF[source] else [])
+        why = (
+            [f"{source} (layer {LAYER_OF[source]}) imports {target} (layer {LAYER_OF[target]})"]
+            if LAYER_OF[target] >= LAYER_OF[source]
+            else []
+        )
         why += [f"{source} must not import {target}"] if (source, target) in NEVER else []
-        why += ([f"actors may import only {sorted(ACTORS_MAY_IMPORT)}"]
-                if source == "actors" and target not in ACTORS_MAY_IMPORT else [])
+        why += (
+            [f"actors may import only {sorted(ACTORS_MAY_IMPORT)}"]
+            if source == "actors" and target not in ACTORS_MAY_IMPORT
+            else []
+        )
         if why:
             found[(source, target)] = "; ".join(why) + ": " + ", ".join(edge.where for edge in edges)
     return found

@@ -40,12 +40,12 @@ def head_node(tmp_path_factory):
     """
     bin_dir = str(Path(sys.executable).parent)
     home = tmp_path_factory.mktemp("head-home")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "HOME": str(home),
-           "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "HOME": str(home), "RAY_AUTH_MODE": "token"}
     for inherited in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(inherited, None)
-    token = subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True,
-                           text=True, timeout=120)
+    token = subprocess.run(
+        [f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert token.returncode == 0 and token.stdout.strip(), token.stderr[-2000:]
     assert (home / ".ray" / "auth_token").read_text().strip() == token.stdout.strip()
     dashboard, metrics = free_port(), free_port()
@@ -54,17 +54,38 @@ def head_node(tmp_path_factory):
     # Every port Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, job agent 52365,
     # client server 10001) is a free one: the suite's own local Ray may already hold the defaults.
     head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--ray-client-server-port={free_port()}", f"--metrics-export-port={metrics}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    info = {"env": env, "address": f"http://127.0.0.1:{dashboard}", "metrics_port": metrics, "bin": bin_dir,
-            "temp_dir": temp_dir, "log": log.name}
+        [
+            f"{bin_dir}/ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--metrics-export-port={metrics}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    info = {
+        "env": env,
+        "address": f"http://127.0.0.1:{dashboard}",
+        "metrics_port": metrics,
+        "bin": bin_dir,
+        "temp_dir": temp_dir,
+        "log": log.name,
+    }
     deadline = time.monotonic() + 120
     while not port_open(dashboard):
-        assert head.poll() is None and time.monotonic() < deadline, \
+        assert head.poll() is None and time.monotonic() < deadline, (
             "ray start --head did not come up:\n" + Path(log.name).read_text()[-3000:] + head_logs(info)
+        )
         time.sleep(1)
     yield info
     os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
@@ -79,8 +100,14 @@ def head_node(tmp_path_factory):
 
 def ray_job(head, *args, check=True, timeout=600):
     command, rest = args[0], args[1:]
-    result = subprocess.run([f"{head['bin']}/ray", "job", command, "--address", head["address"], *rest], cwd=REPO,
-                            env=head["env"], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [f"{head['bin']}/ray", "job", command, "--address", head["address"], *rest],
+        cwd=REPO,
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
@@ -90,8 +117,18 @@ def submit(head, *entrypoint):
     """Submit, retrying while the head's job agent is still starting (the dashboard answers before it)."""
     deadline = time.monotonic() + 180
     while True:
-        out = ray_job(head, "submit", "--no-wait", "--working-dir", ".", "--runtime-env-json", RUNTIME_ENV, "--",
-                      *entrypoint, check=False)
+        out = ray_job(
+            head,
+            "submit",
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            RUNTIME_ENV,
+            "--",
+            *entrypoint,
+            check=False,
+        )
         if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
             break
         time.sleep(3)
@@ -102,8 +139,9 @@ def submit(head, *entrypoint):
 def head_logs(head, names=("dashboard_agent.log", "gcs_server.err", "raylet.err", "ray_process_exit.log")) -> str:
     """The ends of the head node's own logs, so a head that never became ready can be diagnosed."""
     logs = Path(head["temp_dir"]) / "session_latest" / "logs"
-    tails = [f"\n--- {path.name}\n" + path.read_text(errors="replace")[-1500:]
-             for name in names for path in logs.glob(name)]
+    tails = [
+        f"\n--- {path.name}\n" + path.read_text(errors="replace")[-1500:] for name in names for path in logs.glob(name)
+    ]
     return "".join(tails) or f"\n(no head logs under {logs})"
 
 
@@ -133,22 +171,41 @@ def scrape(port: int) -> str:
 def test_a_client_without_the_token_is_refused(head_node, tmp_path):
     """Token authentication is really on: the same command from a HOME with no token fails, and says why."""
     env = {**head_node["env"], "HOME": str(tmp_path)}
-    refused = subprocess.run([f"{head_node['bin']}/ray", "job", "list", "--address", head_node["address"]],
-                             env=env, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [f"{head_node['bin']}/ray", "job", "list", "--address", head_node["address"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode != 0
     assert "token" in (refused.stdout + refused.stderr).lower(), refused.stdout[-1000:] + refused.stderr[-1000:]
     assert ray_job(head_node, "list").returncode == 0  # with the README's token
 
 
 def test_ppo_job_succeeds_and_exports_metrics(head_node, tmp_path, tiny_model_dir, tiny_reward_dir):
-    job = submit(head_node, "rlhf-ray", "ppo", "configs/tiny.yaml", "run.name=job", f"run.output_dir={tmp_path}",
-                 f"model.name_or_path={tiny_model_dir}", f"ppo.policy_model={tiny_model_dir}",
-                 f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16", "ppo.iterations=6")
+    job = submit(
+        head_node,
+        "rlhf-ray",
+        "ppo",
+        "configs/tiny.yaml",
+        "run.name=job",
+        f"run.output_dir={tmp_path}",
+        f"model.name_or_path={tiny_model_dir}",
+        f"ppo.policy_model={tiny_model_dir}",
+        f"ppo.reward_model={tiny_reward_dir}",
+        "lora.r=8",
+        "lora.alpha=16",
+        "ppo.iterations=6",
+    )
     found = ""
     deadline = time.monotonic() + 600
     while not found and time.monotonic() < deadline:  # the gauges appear while the job runs
-        found = "\n".join(line for line in scrape(head_node["metrics_port"]).splitlines()
-                          if line.startswith(("ray_rlhf_ray_reward_mean", "ray_rlhf_ray_kl{")) and 'run="job"' in line)
+        found = "\n".join(
+            line
+            for line in scrape(head_node["metrics_port"]).splitlines()
+            if line.startswith(("ray_rlhf_ray_reward_mean", "ray_rlhf_ray_kl{")) and 'run="job"' in line
+        )
         time.sleep(2)
     assert "ray_rlhf_ray_reward_mean" in found and "ray_rlhf_ray_kl{" in found and 'stage="ppo"' in found, found
     assert wait_for_end(head_node, job) == "SUCCEEDED"
@@ -165,9 +222,20 @@ def test_bad_config_job_fails_with_the_error_in_its_log(head_node):
 
 def test_job_stop_ends_the_run_and_its_actors(head_node, tmp_path, tiny_model_dir, tiny_reward_dir):
     """`ray job stop` (SIGTERM to the entrypoint): the job ends STOPPED and the run's PPO actors are gone."""
-    job = submit(head_node, "rlhf-ray", "ppo", "configs/tiny.yaml", "run.name=stopme", f"run.output_dir={tmp_path}",
-                 f"model.name_or_path={tiny_model_dir}", f"ppo.policy_model={tiny_model_dir}",
-                 f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16", "ppo.iterations=500")
+    job = submit(
+        head_node,
+        "rlhf-ray",
+        "ppo",
+        "configs/tiny.yaml",
+        "run.name=stopme",
+        f"run.output_dir={tmp_path}",
+        f"model.name_or_path={tiny_model_dir}",
+        f"ppo.policy_model={tiny_model_dir}",
+        f"ppo.reward_model={tiny_reward_dir}",
+        "lora.r=8",
+        "lora.alpha=16",
+        "ppo.iterations=500",
+    )
     deadline = time.monotonic() + 600
     while "ppo:" not in ray_job(head_node, "logs", job).stdout:  # the actors are up and iterating
         assert time.monotonic() < deadline, "the PPO job never started iterating"
@@ -183,8 +251,27 @@ def test_job_stop_ends_the_run_and_its_actors(head_node, tmp_path, tiny_model_di
 
 def alive_actors(head, namespace: str) -> list[str]:
     """Names of the ALIVE actors in one Ray namespace, from the head's state API (`ray list actors`)."""
-    out = subprocess.run([f"{head['bin']}/ray", "list", "actors", "--address", head["address"], "--format", "json",
-                          "--detail", "--limit", "1000"], env=head["env"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            f"{head['bin']}/ray",
+            "list",
+            "actors",
+            "--address",
+            head["address"],
+            "--format",
+            "json",
+            "--detail",
+            "--limit",
+            "1000",
+        ],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return [actor.get("name") or actor["class_name"] for actor in json.loads(out.stdout)
-            if actor.get("ray_namespace") == namespace and actor["state"] == "ALIVE"]
+    return [
+        actor.get("name") or actor["class_name"]
+        for actor in json.loads(out.stdout)
+        if actor.get("ray_namespace") == namespace and actor["state"] == "ALIVE"
+    ]

@@ -203,7 +203,7 @@ def test_tiny_chat_template_prompt_is_prefix(tiny_tokenizer, response):
     prompt = _ids(tiny_tokenizer, CHAT, add_generation_prompt=True)
     full = _ids(tiny_tokenizer, CHAT + [{"role": "assistant", "content": response}])
     assert full[: len(prompt)] == prompt
-    completion = tiny_tokenizer.decode(full[len(prompt):])
+    completion = tiny_tokenizer.decode(full[len(prompt) :])
     assert completion == f"{response}<|im_end|>\n"
 
 
@@ -350,9 +350,8 @@ def test_real_model_answers_paris(real_model_dir):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = torch.tensor([_ids(tokenizer, messages, add_generation_prompt=True)])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=30, do_sample=False)
-    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     print(f"\n[e2e] answer: {answer!r}")
     assert "Paris" in answer
 
@@ -364,20 +363,26 @@ def test_trainable_layers_freezes_the_embeddings_and_the_layers_below(tiny_model
     from rlhf_ray.config import load_config
     from rlhf_ray.models.build import build_causal_lm, build_reward_model
 
-    config = load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=1",
-                                               f"lora.enabled={str(lora).lower()}"])
+    config = load_config(
+        "configs/tiny.yaml",
+        [f"model.name_or_path={tiny_model_dir}", "model.trainable_layers=1", f"lora.enabled={str(lora).lower()}"],
+    )
     reward = build_reward_model(config, tiny_model_dir, pad_token_id=0)
     trainable = {name for name, p in reward.named_parameters() if p.requires_grad}
-    assert trainable and all("layers.1." in name or "norm.weight" == name.split("model.")[-1] or "score" in name
-                             for name in trainable), trainable
+    assert trainable and all(
+        "layers.1." in name or "norm.weight" == name.split("model.")[-1] or "score" in name for name in trainable
+    ), trainable
     assert any("score" in name for name in trainable) and any("layers.1." in name for name in trainable)
     assert not any("layers.0." in name or "embed_tokens" in name for name in trainable)
     # the frozen layers get no gradient at all (autograd stops above them)
     ids = torch.tensor([[5, 6, 7, 8]])
     reward(input_ids=ids).logits.sum().backward()
     assert all(p.grad is None for name, p in reward.named_parameters() if "layers.0." in name)
-    assert all(not p.requires_grad for name, p in build_causal_lm(config, tiny_model_dir).named_parameters()
-               if "embed_tokens" in name or "layers.0." in name)
+    assert all(
+        not p.requires_grad
+        for name, p in build_causal_lm(config, tiny_model_dir).named_parameters()
+        if "embed_tokens" in name or "layers.0." in name
+    )
 
 
 def test_trainable_layers_more_than_the_model_has_is_refused(tiny_model_dir):

@@ -34,8 +34,16 @@ def make_experience(learner, batch):
     old_logprobs, values = learner.logprobs_and_values(batch)
     advantages = torch.tensor([[1.0, -0.5, 0.25, 0.0, 0.0], [0.5, 1.0, -1.0, 0.3, 0.2]]) * batch.response_mask
     zeros = torch.zeros_like(old_logprobs)
-    return Experience(batch, old_logprobs, old_logprobs.clone(), values, torch.tensor([1.0, -1.0]), zeros, advantages,
-                      values + advantages)
+    return Experience(
+        batch,
+        old_logprobs,
+        old_logprobs.clone(),
+        values,
+        torch.tensor([1.0, -1.0]),
+        zeros,
+        advantages,
+        values + advantages,
+    )
 
 
 def test_learner_logprobs_match_a_fresh_forward_pass(learner, tiny_model_dir):
@@ -45,7 +53,7 @@ def test_learner_logprobs_match_a_fresh_forward_pass(learner, tiny_model_dir):
     for row, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
         expected = manual_logprobs(learner.model, prompt, response)
         assert torch.allclose(logprobs[row, : len(response)], expected, atol=1e-5)
-        assert logprobs[row, len(response):].abs().sum() == 0 and values[row, len(response):].abs().sum() == 0
+        assert logprobs[row, len(response) :].abs().sum() == 0 and values[row, len(response) :].abs().sum() == 0
     # at version 0 the LoRA update is zero: the reference model agrees with the learner
     reference = ReferenceModel(str(tiny_model_dir)).logprobs(batch)
     assert torch.allclose(reference, logprobs, atol=1e-5)
@@ -120,7 +128,9 @@ def test_train_step_changes_only_adapter_and_value_head(learner, tiny_model_dir)
 
 def test_the_update_reuses_the_old_log_prob_forward_with_the_same_result(learner, tiny_model_dir):
     """The first micro-batch's forward, run with the old log-probs, gives the same update as running it again."""
-    again = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), learner.ppo, seed=0, reuse_first_forward=False)
+    again = PolicyLearner(
+        str(tiny_model_dir), LoraConfig(r=8, alpha=16), learner.ppo, seed=0, reuse_first_forward=False
+    )
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     experiences = [make_experience(one, batch) for one in (learner, again)]  # each draws the same row order
     # the held rows ran with gradients, the others without: equal up to the kernels' rounding
@@ -143,7 +153,9 @@ def test_a_learner_with_dropout_does_not_reuse_the_forward(tiny_model_dir):
     ppo = PPOConfig(rollout_batch_size=2, minibatch_size=2)
     learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16, dropout=0.1), ppo, seed=0)
     assert not learner.reuse_first_forward
-    assert learner.train_step(make_experience(learner, pack(PROMPTS, RESPONSES, pad_id=0)))["reused_first_forward"] == 0.0
+    assert (
+        learner.train_step(make_experience(learner, pack(PROMPTS, RESPONSES, pad_id=0)))["reused_first_forward"] == 0.0
+    )
 
 
 def test_save_load_and_adapter_export(learner, tiny_model_dir, tmp_path):
@@ -157,7 +169,7 @@ def test_save_load_and_adapter_export(learner, tiny_model_dir, tmp_path):
     again.load(tmp_path / "ckpt")
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     assert again.version == 1
-    for (a, b) in zip(learner.logprobs_and_values(batch), again.logprobs_and_values(batch)):
+    for a, b in zip(learner.logprobs_and_values(batch), again.logprobs_and_values(batch)):
         assert torch.allclose(a, b, atol=1e-6)
     # the same next update from both: optimizer state and minibatch order were restored
     s1 = learner.train_step(make_experience(learner, batch))
@@ -182,19 +194,34 @@ def test_merged_weights_give_the_trained_policy_in_a_plain_transformers_model(le
     logprobs, _ = learner.logprobs_and_values(batch)
     for row, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
         assert torch.allclose(manual_logprobs(plain, prompt, response), logprobs[row, : len(response)], atol=1e-5)
-    assert not torch.allclose(manual_logprobs(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), PROMPTS[0],
-                                              RESPONSES[0]), logprobs[0, :3], atol=1e-3)
+    assert not torch.allclose(
+        manual_logprobs(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), PROMPTS[0], RESPONSES[0]),
+        logprobs[0, :3],
+        atol=1e-3,
+    )
 
 
 def deepspeed_learner(tiny_model_dir, ppo, seed=0, zero_stage=2):
     from rlhf_ray.config import load_config
     from rlhf_ray.models.optim import learner_deepspeed_config
 
-    config = load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed", f"deepspeed.zero_stage={zero_stage}",
-                                               f"ppo.minibatch_size={ppo.minibatch_size}",
-                                               f"ppo.micro_batch_size={ppo.micro_batch_size}", f"ppo.lr={ppo.lr}"])
-    return PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=seed,
-                         deepspeed_config=learner_deepspeed_config(config))
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            "ppo.learner_backend=deepspeed",
+            f"deepspeed.zero_stage={zero_stage}",
+            f"ppo.minibatch_size={ppo.minibatch_size}",
+            f"ppo.micro_batch_size={ppo.micro_batch_size}",
+            f"ppo.lr={ppo.lr}",
+        ],
+    )
+    return PolicyLearner(
+        str(tiny_model_dir),
+        LoraConfig(r=8, alpha=16),
+        ppo,
+        seed=seed,
+        deepspeed_config=learner_deepspeed_config(config),
+    )
 
 
 def trainable_state(learner):
@@ -206,7 +233,9 @@ def test_deepspeed_learner_matches_the_torch_learner(learner, tiny_model_dir, tm
     skips a NaN minibatch's step by itself, and resumes from its own checkpoint with the same next update."""
     ds = deepspeed_learner(tiny_model_dir, learner.ppo)
     assert ds.backend.engine.zero_optimization_stage() == 2
-    assert learner.backend.optimizer.defaults["fused"] and ds.backend.engine.basic_optimizer.defaults["fused"]  # one AdamW kernel
+    assert (
+        learner.backend.optimizer.defaults["fused"] and ds.backend.engine.basic_optimizer.defaults["fused"]
+    )  # one AdamW kernel
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     for _ in range(2):
         torch_stats = learner.train_step(make_experience(learner, batch))
@@ -258,7 +287,9 @@ def test_update_uses_the_update_threads_and_gives_them_back(tiny_model_dir, monk
     import os
 
     ppo = PPOConfig(rollout_batch_size=2, minibatch_size=2, ppo_epochs=1, lr=1e-2)
-    assert PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo).update_threads == len(os.sched_getaffinity(0))
+    assert PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo).update_threads == len(
+        os.sched_getaffinity(0)
+    )
     learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, update_threads=3)
     seen = []
     original = learner._train_epochs

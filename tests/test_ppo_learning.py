@@ -29,8 +29,16 @@ def brevity_reward_dir(tmp_path_factory, smollm2_dir):
 
     tokenizer = load_tokenizer(smollm2_dir)
     vocab = AutoConfig.from_pretrained(str(smollm2_dir)).vocab_size
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
@@ -54,12 +62,28 @@ def test_ppo_learns_to_answer_briefly(ray_local, tmp_path, smollm2_dir, brevity_
     with open("data/demo/prompts.jsonl") as source, open(prompts, "w") as target:
         for line in source:
             target.write(json.dumps({"prompt": json.loads(line)["prompt"] + PROMPT_SUFFIX}) + "\n")
-    config = load_config("configs/demo.yaml", [f"data.prompts.path={prompts}",
-        f"run.output_dir={tmp_path}", f"run.name=learn-{precision}", f"model.precision={precision}", f"ppo.policy_model={smollm2_dir}",
-        f"ppo.reward_model={brevity_reward_dir}", f"ppo.iterations={ITERATIONS}", "ppo.rollout_batch_size=8",
-        "ppo.responses_per_prompt=2", "ppo.minibatch_size=8", "ppo.ppo_epochs=2", "ppo.lr=1e-4",
-        f"ppo.max_new_tokens={MAX_NEW_TOKENS}", "ppo.normalize_reward=false", "ppo.checkpoint_every=0",
-        "ppo.sample_every=0", "resources.actor_num_cpus=0.5"])
+    config = load_config(
+        "configs/demo.yaml",
+        [
+            f"data.prompts.path={prompts}",
+            f"run.output_dir={tmp_path}",
+            f"run.name=learn-{precision}",
+            f"model.precision={precision}",
+            f"ppo.policy_model={smollm2_dir}",
+            f"ppo.reward_model={brevity_reward_dir}",
+            f"ppo.iterations={ITERATIONS}",
+            "ppo.rollout_batch_size=8",
+            "ppo.responses_per_prompt=2",
+            "ppo.minibatch_size=8",
+            "ppo.ppo_epochs=2",
+            "ppo.lr=1e-4",
+            f"ppo.max_new_tokens={MAX_NEW_TOKENS}",
+            "ppo.normalize_reward=false",
+            "ppo.checkpoint_every=0",
+            "ppo.sample_every=0",
+            "resources.actor_num_cpus=0.5",
+        ],
+    )
     result = run_ppo(config)
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     finished = [r["finished_fraction"] for r in rows]
@@ -67,9 +91,12 @@ def test_ppo_learns_to_answer_briefly(ray_local, tmp_path, smollm2_dir, brevity_
     before, after = sum(finished[:3]) / 3, sum(finished[-3:]) / 3
     max_kl = max(r["kl"] for r in rows)
     gap = max(r["generator_logprob_gap"] for r in rows)
-    print(f"\nPPO learning check (SmolLM2-135M-Instruct, {precision}, {ITERATIONS} iterations): finished share {before:.2f} -> "
-          f"{after:.2f} (needed +{MARGIN}); reward {sum(rewards[:3]) / 3:.3f} -> {sum(rewards[-3:]) / 3:.3f}; "
-          f"max KL {max_kl:.3f} (bound {KL_BOUND}); largest generator log-prob gap {gap:.2g}")
+    print(
+        f"\nPPO learning check (SmolLM2-135M-Instruct, {precision}, {ITERATIONS} iterations): "
+        f"finished share {before:.2f} -> "
+        f"{after:.2f} (needed +{MARGIN}); reward {sum(rewards[:3]) / 3:.3f} -> {sum(rewards[-3:]) / 3:.3f}; "
+        f"max KL {max_kl:.3f} (bound {KL_BOUND}); largest generator log-prob gap {gap:.2g}"
+    )
     assert after - before >= MARGIN, finished
     assert sum(rewards[-3:]) > sum(rewards[:3]), rewards
     assert max_kl < KL_BOUND

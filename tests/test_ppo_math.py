@@ -316,7 +316,9 @@ def test_fixed_kl_controller_never_moves():
 
 
 def test_importing_ppo_math_pulls_in_no_heavy_frameworks():
-    code = ("import sys, rlhf_ray.algo.ppo\n"
-            "print(','.join(sorted(m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules)))")
+    code = (
+        "import sys, rlhf_ray.algo.ppo\n"
+        "print(','.join(sorted(m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing rlhf_ray.algo.ppo imported {out}"

@@ -11,10 +11,20 @@ pytestmark = pytest.mark.ray
 
 
 def ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, name, *overrides):
-    return load_config("configs/tiny.yaml", [
-        f"run.output_dir={tmp_path}", f"run.name={name}", f"model.name_or_path={tiny_model_dir}",
-        f"ppo.policy_model={tiny_model_dir}", f"ppo.reward_model={tiny_reward_dir}",
-        "data.prompts.path=data/demo/prompts.jsonl", "lora.r=8", "lora.alpha=16", *overrides])
+    return load_config(
+        "configs/tiny.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.name={name}",
+            f"model.name_or_path={tiny_model_dir}",
+            f"ppo.policy_model={tiny_model_dir}",
+            f"ppo.reward_model={tiny_reward_dir}",
+            "data.prompts.path=data/demo/prompts.jsonl",
+            "lora.r=8",
+            "lora.alpha=16",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("backend, weight_sync", [("torch", "merged"), ("deepspeed", "adapter")])
@@ -23,9 +33,19 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
     and the generators on either way of getting its weights."""
     from rlhf_ray.ppo.run import run_ppo
 
-    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "ppo3", "ppo.iterations=3", "ppo.checkpoint_every=2",
-                        "ppo.sample_every=1", "ppo.responses_per_prompt=2", f"ppo.learner_backend={backend}",
-                        f"ppo.weight_sync={weight_sync}", "ppo.lr=1e-2")
+    config = ppo_config(
+        tmp_path,
+        tiny_model_dir,
+        tiny_reward_dir,
+        "ppo3",
+        "ppo.iterations=3",
+        "ppo.checkpoint_every=2",
+        "ppo.sample_every=1",
+        "ppo.responses_per_prompt=2",
+        f"ppo.learner_backend={backend}",
+        f"ppo.weight_sync={weight_sync}",
+        "ppo.lr=1e-2",
+    )
     result = run_ppo(config)
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -36,8 +56,19 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
         # ... and really samples from the learner's policy (vLLM's log-probs agree with the learner's)
         assert row["generator_logprob_gap"] < 1e-3, row
     assert rows[-1]["samples_seen"] == 3 * 4 * 2
-    for key in ("reward_mean", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "explained_variance",
-                "response_length", "generated_tokens_per_s", "seconds_generate", "seconds_update"):
+    for key in (
+        "reward_mean",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "generated_tokens_per_s",
+        "seconds_generate",
+        "seconds_update",
+    ):
         assert key in rows[-1]
     checkpoints = result.output_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002", "iter_000003"]
@@ -55,15 +86,24 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
     assert merged.config.vocab_size == base.config.vocab_size
 
 
-
 def test_overlapped_generation_samples_the_next_batch_with_the_weights_before_the_update(
-        ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
+    ray_local, tmp_path, tiny_model_dir, tiny_reward_dir
+):
     """Iteration 1 is sampled on its own by the starting policy; batches 2 and 3 are sampled during the
     update before them, so vLLM's log-probs trail the learner's by exactly that update."""
     from rlhf_ray.ppo.run import run_ppo
 
-    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "overlap", "ppo.iterations=3",
-                        "ppo.checkpoint_every=0", "ppo.sample_every=0", "ppo.lr=1e-2", "ppo.overlap_generation=true")
+    config = ppo_config(
+        tmp_path,
+        tiny_model_dir,
+        tiny_reward_dir,
+        "overlap",
+        "ppo.iterations=3",
+        "ppo.checkpoint_every=0",
+        "ppo.sample_every=0",
+        "ppo.lr=1e-2",
+        "ppo.overlap_generation=true",
+    )
     result = run_ppo(config)
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
@@ -75,8 +115,9 @@ def test_overlapped_generation_samples_the_next_batch_with_the_weights_before_th
     assert rows[-1]["samples_seen"] == 3 * 4
 
 
-def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir,
-                                                                 capfd):
+def test_driver_killed_then_resumed_matches_an_uninterrupted_run(
+    ray_local, tmp_path, tiny_model_dir, tiny_reward_dir, capfd
+):
     """SIGKILL the `rlhf-ray ppo` process once iteration 2's checkpoint is complete, rerun it with --resume:
     every iteration is logged once, and the seeded run gives the same metrics as one never interrupted.
     Then damage the newest checkpoint and resume for one more iteration: it goes back to the previous one."""
@@ -90,9 +131,17 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_
 
     from rlhf_ray.ppo.run import run_ppo
 
-    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", f"ppo.policy_model={tiny_model_dir}",
-                 f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16", "ppo.iterations=4",
-                 "ppo.checkpoint_every=1", "ppo.sample_every=0"]
+    overrides = [
+        f"run.output_dir={tmp_path}",
+        f"model.name_or_path={tiny_model_dir}",
+        f"ppo.policy_model={tiny_model_dir}",
+        f"ppo.reward_model={tiny_reward_dir}",
+        "lora.r=8",
+        "lora.alpha=16",
+        "ppo.iterations=4",
+        "ppo.checkpoint_every=1",
+        "ppo.sample_every=0",
+    ]
     straight = run_ppo(load_config("configs/tiny.yaml", [*overrides, "run.name=straight"]))
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -130,12 +179,18 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(ray_local, tmp_
     capfd.readouterr()
     run_ppo(load_config("configs/tiny.yaml", [*overrides, "run.name=killed", "ppo.iterations=5"]), resume=True)
     said = capfd.readouterr().out
-    assert "WARNING: skipping checkpoint" in said and "iter_000004: adapter/adapter_model.safetensors does not match" in said
+    assert (
+        "WARNING: skipping checkpoint" in said
+        and "iter_000004: adapter/adapter_model.safetensors does not match" in said
+    )
     assert "resuming from the previous complete checkpoint iter_000003" in said
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
 
     # a checkpoint written for another model shape is refused before anything starts
     from rlhf_ray.cli import main
 
-    assert main(["ppo", "configs/tiny.yaml", *overrides, "run.name=killed", "lora.r=4", "ppo.iterations=6", "--resume"]) == 2
+    assert (
+        main(["ppo", "configs/tiny.yaml", *overrides, "run.name=killed", "lora.r=4", "ppo.iterations=6", "--resume"])
+        == 2
+    )
     assert "was written for another model: lora_r differ" in capfd.readouterr().err

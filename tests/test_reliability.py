@@ -23,10 +23,20 @@ NAMESPACE_PREFIX = "rlhf-ray-"
 
 
 def ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, name, *overrides):
-    return load_config("configs/tiny.yaml", [
-        f"run.output_dir={tmp_path}", f"run.name={name}", f"model.name_or_path={tiny_model_dir}",
-        f"ppo.policy_model={tiny_model_dir}", f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16",
-        "ppo.sample_every=0", *overrides])
+    return load_config(
+        "configs/tiny.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.name={name}",
+            f"model.name_or_path={tiny_model_dir}",
+            f"ppo.policy_model={tiny_model_dir}",
+            f"ppo.reward_model={tiny_reward_dir}",
+            "lora.r=8",
+            "lora.alpha=16",
+            "ppo.sample_every=0",
+            *overrides,
+        ],
+    )
 
 
 def rows(folder):
@@ -105,22 +115,32 @@ def uninterrupted(ray_local, tmp_path_factory, tiny_model_dir, tiny_reward_dir):
 
 ITERATIONS = ["ppo.iterations=12", "ppo.checkpoint_every=3"]
 KILL_PLANS = {  # (after iteration, role, how): each role once, each way once over the two plans
-    "os-kill-generator-and-reference": [(2, "rollout-generator-0", "os.kill"), (4, "reward-model", "ray.kill"),
-                                        (6, "reference-model", "os.kill"), (8, "policy-learner", "ray.kill")],
-    "os-kill-reward-and-learner": [(2, "rollout-generator-0", "ray.kill"), (4, "reward-model", "os.kill"),
-                                   (6, "reference-model", "ray.kill"), (8, "policy-learner", "os.kill")],
+    "os-kill-generator-and-reference": [
+        (2, "rollout-generator-0", "os.kill"),
+        (4, "reward-model", "ray.kill"),
+        (6, "reference-model", "os.kill"),
+        (8, "policy-learner", "ray.kill"),
+    ],
+    "os-kill-reward-and-learner": [
+        (2, "rollout-generator-0", "ray.kill"),
+        (4, "reward-model", "os.kill"),
+        (6, "reference-model", "ray.kill"),
+        (8, "policy-learner", "os.kill"),
+    ],
 }
 
 
 @pytest.mark.parametrize("plan", list(KILL_PLANS), ids=list(KILL_PLANS))
 def test_each_role_killed_mid_run_and_the_run_matches_an_uninterrupted_one(
-        plan, uninterrupted, tmp_path, tiny_model_dir, tiny_reward_dir, capfd):
+    plan, uninterrupted, tmp_path, tiny_model_dir, tiny_reward_dir, capfd
+):
     from rlhf_ray.ppo.run import run_ppo
 
     name = f"killed-{plan}"
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, name, *ITERATIONS)
-    killer = Killer(tmp_path / name / "ppo" / "metrics.jsonl", NAMESPACE_PREFIX + name, KILL_PLANS[plan],
-                    seed=len(plan))
+    killer = Killer(
+        tmp_path / name / "ppo" / "metrics.jsonl", NAMESPACE_PREFIX + name, KILL_PLANS[plan], seed=len(plan)
+    )
     killer.start()
     try:
         result = run_ppo(config, on_iteration=killer.hold)
@@ -164,16 +184,24 @@ class InfRewardModel(RewardModel):
         return scores
 
 
-def test_nonfinite_rewards_skip_the_update_and_k_in_a_row_stop_the_run(ray_local, tmp_path, tiny_model_dir,
-                                                                       tiny_reward_dir):
+def test_nonfinite_rewards_skip_the_update_and_k_in_a_row_stop_the_run(
+    ray_local, tmp_path, tiny_model_dir, tiny_reward_dir
+):
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.ppo.launch import actor_specs, launch_actors
     from rlhf_ray.ppo.prompts import load_prompt_set
     from rlhf_ray.ppo.run import NonFiniteError, PPOLoop, model_identity, resolve_model_paths
     from rlhf_ray.roles import LEARNER, REWARD
 
-    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, "nan", "ppo.iterations=6",
-                        "ppo.checkpoint_every=0", "ppo.max_nonfinite_in_a_row=2")
+    config = ppo_config(
+        tmp_path,
+        tiny_model_dir,
+        tiny_reward_dir,
+        "nan",
+        "ppo.iterations=6",
+        "ppo.checkpoint_every=0",
+        "ppo.max_nonfinite_in_a_row=2",
+    )
     paths = resolve_model_paths(config)
     tokenizer = load_tokenizer(paths.policy)
     specs = actor_specs(config, paths, tokenizer, config.data.max_prompt_length + config.ppo.max_new_tokens)
@@ -186,8 +214,9 @@ def test_nonfinite_rewards_skip_the_update_and_k_in_a_row_stop_the_run(ray_local
         adapters[iteration] = crew.call("test", LEARNER, "export_adapter").files["adapter_model.safetensors"]
 
     out = (tmp_path / "nan" / "ppo").resolve()
-    loop = PPOLoop(config, crew, load_prompt_set(config, tokenizer), tokenizer, out, model_identity(config, paths),
-                   snapshot)
+    loop = PPOLoop(
+        config, crew, load_prompt_set(config, tokenizer), tokenizer, out, model_identity(config, paths), snapshot
+    )
     try:
         with pytest.raises(NonFiniteError) as stopped:
             loop.run(None)
@@ -202,7 +231,9 @@ def test_nonfinite_rewards_skip_the_update_and_k_in_a_row_stop_the_run(ray_local
     assert all("reward_mean" not in r for r in (logged[1], logged[3]))  # an inf mean is not logged as a number
     message = str(stopped.value)
     assert "stopping at iteration 5: 2 updates in a row were skipped" in message and "scores" in message
-    assert f"prompt ids of that batch: {loop.prompts.batch(4, config.ppo.rollout_batch_size, config.run.seed)}" in message
+    assert (
+        f"prompt ids of that batch: {loop.prompts.batch(4, config.ppo.rollout_batch_size, config.run.seed)}" in message
+    )
 
 
 class Sleeper:
@@ -217,8 +248,11 @@ class Sleeper:
 def test_a_hung_call_times_out_naming_the_actor_and_phase(ray_local):
     from rlhf_ray.ppo.crew import ActorCallTimeout, ActorCrew, Call, RoleSpec
 
-    crew = ActorCrew([RoleSpec("sleeper", Sleeper, options={"name": "sleeper", "namespace": "t-hang", "num_cpus": 0})],
-                     max_restarts=1, timeout_s=60.0)  # (an actor's start can take seconds while others shut down)
+    crew = ActorCrew(
+        [RoleSpec("sleeper", Sleeper, options={"name": "sleeper", "namespace": "t-hang", "num_cpus": 0})],
+        max_restarts=1,
+        timeout_s=60.0,
+    )  # (an actor's start can take seconds while others shut down)
     crew.timeout_s = 2.0
     try:
         assert crew.run("warmup", [Call("sleeper", "nap", (0.1,))]) == [0.1]
@@ -233,11 +267,17 @@ def test_a_hung_call_times_out_naming_the_actor_and_phase(ray_local):
 def test_a_role_that_keeps_dying_gives_up_with_a_clear_error(ray_local):
     from rlhf_ray.ppo.crew import ActorCrew, Call, RoleKeepsDying, RoleSpec
 
-    crew = ActorCrew([RoleSpec("doomed", Sleeper, options={"name": "doomed", "namespace": "t-die", "num_cpus": 0})],
-                     max_restarts=2, timeout_s=60.0)
+    crew = ActorCrew(
+        [RoleSpec("doomed", Sleeper, options={"name": "doomed", "namespace": "t-die", "num_cpus": 0})],
+        max_restarts=2,
+        timeout_s=60.0,
+    )
     try:
-        with pytest.raises(RoleKeepsDying, match=r"doomed died 3 times \(resources.max_actor_restarts=2\); "
-                                                 r"last time during score"):
+        with pytest.raises(
+            RoleKeepsDying,
+            match=r"doomed died 3 times \(resources.max_actor_restarts=2\); "
+            r"last time during score",
+        ):
             crew.run("score", [Call("doomed", "die")])
         assert crew.restarts["doomed"] == 3
     finally:

@@ -17,14 +17,19 @@ from rlhf_ray.roles import LEARNER, GeneratorRole, LearnerRole, ReferenceRole, R
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTRACTS = [(GeneratorRole, RolloutGenerator), (LearnerRole, PolicyLearner), (RewardRole, RewardModel),
-             (ReferenceRole, ReferenceModel)]
+CONTRACTS = [
+    (GeneratorRole, RolloutGenerator),
+    (LearnerRole, PolicyLearner),
+    (RewardRole, RewardModel),
+    (ReferenceRole, ReferenceModel),
+]
 
 
 def parameters(method) -> list[tuple]:
     """Names, kinds and defaults; without the `_ray_trace_ctx` Ray adds to a class once it was made an actor."""
-    return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()
-            if p.name != "_ray_trace_ctx"]
+    return [
+        (p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values() if p.name != "_ray_trace_ctx"
+    ]
 
 
 def protocol_methods(protocol) -> list[str]:
@@ -81,12 +86,20 @@ def test_the_driver_side_names_actor_methods_only_through_the_role_protocols():
             where = f"{rel}:{node.lineno}"
             if isinstance(func, ast.Name) and func.id == "Call" and rel != "rlhf_ray/ppo/crew.py":
                 problems.append(f"{where}: build calls with Call.to(role, SomeRole.method, ...)")
-            if isinstance(func, ast.Attribute) and func.attr == "call" and len(node.args) >= 3 and \
-                    isinstance(node.args[2], ast.Constant):
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "call"
+                and len(node.args) >= 3
+                and isinstance(node.args[2], ast.Constant)
+            ):
                 problems.append(f"{where}: crew.call with a method name string")
             if isinstance(func, ast.Attribute) and func.attr == "remote" and rel not in REMOTE_ALLOWED:
                 problems.append(f"{where}: .remote() outside the crew and roles.remote_call")
-            if rel == "rlhf_ray/evaluation/launch.py" and isinstance(func, ast.Attribute) and func.attr == "remote" \
-                    and isinstance(func.value, ast.Attribute):
+            if (
+                rel == "rlhf_ray/evaluation/launch.py"
+                and isinstance(func, ast.Attribute)
+                and func.attr == "remote"
+                and isinstance(func.value, ast.Attribute)
+            ):
                 problems.append(f"{where}: call actor methods with roles.remote_call")
     assert not problems, "\n".join(problems)

@@ -21,8 +21,11 @@ def learner_at(tiny_model_dir, version, scramble, targets=("q_proj", "k_proj", "
     from actors.policy_learner import PolicyLearner
     from rlhf_ray.config import LoraConfig, PPOConfig
 
-    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16, target_modules=list(targets)),
-                            PPOConfig(rollout_batch_size=2, minibatch_size=2))
+    learner = PolicyLearner(
+        str(tiny_model_dir),
+        LoraConfig(r=8, alpha=16, target_modules=list(targets)),
+        PPOConfig(rollout_batch_size=2, minibatch_size=2),
+    )
     if scramble:  # a visibly different policy
         with torch.no_grad():
             for name, p in learner.model.named_parameters():
@@ -88,8 +91,15 @@ def test_merged_weights_generate_what_the_adapter_does_and_replace_cached_prefix
 
     scrambled = learner_at(tiny_model_dir, 4, scramble=True, targets=targets)
     weights = scrambled.export_merged_weights()
-    assert {name.rsplit(".", 2)[-2] for name in weights.tensors} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 2)[-2] for name in weights.tensors} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     generator.load_adapter(4, scrambled.export_adapter())
     with_adapter = generator.generate(prompts, spec)
     assert [r.token_ids for r in with_adapter] != [r.token_ids for r in base]
@@ -113,8 +123,9 @@ def test_a_compiled_engine_generates_with_the_weights_reloaded_into_it(generator
     from actors.rollout_generator import RolloutGenerator
     from rlhf_ray.wire import SamplingSpec
 
-    compiled = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enforce_eager=False,
-                                enable_lora=False)
+    compiled = RolloutGenerator(
+        str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enforce_eager=False, enable_lora=False
+    )
     assert compiled.llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
     spec = SamplingSpec(max_new_tokens=8, seed=7)
     base = compiled.generate(PROMPTS, spec)
@@ -138,12 +149,20 @@ def test_a_bf16_mixed_generator_runs_vllm_in_bf16_and_takes_the_learners_fp32_we
     from actors.rollout_generator import RolloutGenerator, narrowing_load_warnings
     from rlhf_ray.wire import SamplingSpec
 
-    bf16 = RolloutGenerator(str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enable_lora=False,
-                            precision="bf16-mixed")
+    bf16 = RolloutGenerator(
+        str(tiny_model_dir), max_lora_rank=8, max_model_len=512, enable_lora=False, precision="bf16-mixed"
+    )
     assert bf16.llm.llm_engine.model_config.dtype == torch.bfloat16
     assert narrowing_load_warnings in logging.getLogger("vllm.model_executor.models.utils").filters
-    narrowing = logging.LogRecord("vllm", logging.WARNING, __file__, 1,
-                                  "Attempted to load weight %s with dtype %s into parameter with dtype %s", (), None)
+    narrowing = logging.LogRecord(
+        "vllm",
+        logging.WARNING,
+        __file__,
+        1,
+        "Attempted to load weight %s with dtype %s into parameter with dtype %s",
+        (),
+        None,
+    )
     other = logging.LogRecord("vllm", logging.WARNING, __file__, 1, "Attempted to load nested weight %r", (), None)
     assert not narrowing_load_warnings(narrowing) and narrowing_load_warnings(other)
     spec = SamplingSpec(max_new_tokens=8, seed=7)
@@ -162,8 +181,9 @@ def test_a_generator_actor_on_half_a_cpu_computes_with_its_share_of_the_cores(ti
 
     from actors.rollout_generator import RolloutGenerator
 
-    actor = ray.remote(num_cpus=0.5)(RolloutGenerator).remote(str(tiny_model_dir), max_lora_rank=8, max_model_len=64,
-                                                            enable_lora=False, threads_shared_by=replicas)
+    actor = ray.remote(num_cpus=0.5)(RolloutGenerator).remote(
+        str(tiny_model_dir), max_lora_rank=8, max_model_len=64, enable_lora=False, threads_shared_by=replicas
+    )
     try:
         threads = ray.get(actor.compute_threads.remote(), timeout=300)
         cores = ray.get(ray.remote(num_cpus=0)(lambda: len(os.sched_getaffinity(0))).remote())

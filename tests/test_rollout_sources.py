@@ -19,8 +19,12 @@ class AnsweringCrew:
 
     def run(self, phase: str, calls: list[Call]) -> list:
         self.runs.append((phase, [call.method for call in calls]))
-        return [[Rollout(i, [call.args[1].seed], [0.0], True) for i in range(len(call.args[0]))]
-                if call.method == "generate" else "updated" for call in calls]
+        return [
+            [Rollout(i, [call.args[1].seed], [0.0], True) for i in range(len(call.args[0]))]
+            if call.method == "generate"
+            else "updated"
+            for call in calls
+        ]
 
 
 def batch_of(iteration: int) -> PromptBatch:

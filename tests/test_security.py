@@ -55,8 +55,13 @@ def _is_const(node: ast.AST | None, value) -> bool:
 
 def _imported_from(tree: ast.AST, module: str, name: str) -> set[str]:
     """Local names bound by `from module import name [as alias]`."""
-    return {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-            and node.module == module for alias in node.names if alias.name == name}
+    return {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == module
+        for alias in node.names
+        if alias.name == name
+    }
 
 
 def _check_call(node: ast.Call, torch_loads: set[str], yaml_loads: set[str]) -> list[tuple[str, str]]:
@@ -64,12 +69,20 @@ def _check_call(node: ast.Call, torch_loads: set[str], yaml_loads: set[str]) -> 
     kwargs = {kw.arg: kw.value for kw in node.keywords if kw.arg is not None}
     found = []
     if _is_const(kwargs.get("trust_remote_code"), True):
-        found.append(("trust_remote_code", f"{name or 'call'}(trust_remote_code=True): take it from config.model.trust_remote_code"))
+        found.append(
+            (
+                "trust_remote_code",
+                f"{name or 'call'}(trust_remote_code=True): take it from config.model.trust_remote_code",
+            )
+        )
     if (name == "torch.load" or name in torch_loads) and not _is_const(kwargs.get("weights_only"), True):
         found.append(("torch_load", f"{name}(...) without weights_only=True"))
     if name.split(".")[-1] == "save_pretrained" and _is_const(kwargs.get("safe_serialization"), False):
         found.append(("safe_serialization", f"{name}(..., safe_serialization=False): save safetensors"))
-    if name in ("yaml.load", "yaml.full_load", "yaml.unsafe_load", "yaml.load_all", "yaml.unsafe_load_all") or name in yaml_loads:
+    if (
+        name in ("yaml.load", "yaml.full_load", "yaml.unsafe_load", "yaml.load_all", "yaml.unsafe_load_all")
+        or name in yaml_loads
+    ):
         found.append(("yaml_load", f"{name}(...): use yaml.safe_load"))
     if name == "ray.init" and "dashboard_host" in kwargs and not _is_const(kwargs["dashboard_host"], LOOPBACK):
         found.append(("dashboard_host", f"ray.init(dashboard_host=...) must be the literal '{LOOPBACK}'"))
@@ -84,8 +97,12 @@ def _check_argv(node: ast.List | ast.Tuple) -> list[tuple[str, str]]:
             value = items[i + 1] if i + 1 < len(items) else None
             if not _is_const(value, LOOPBACK):
                 return [("dashboard_host", f"--dashboard-host in a command list must be followed by '{LOOPBACK}'")]
-        elif (isinstance(item, ast.Constant) and isinstance(item.value, str)
-              and item.value.startswith("--dashboard-host=") and item.value.split("=", 1)[1] != LOOPBACK):
+        elif (
+            isinstance(item, ast.Constant)
+            and isinstance(item.value, str)
+            and item.value.startswith("--dashboard-host=")
+            and item.value.split("=", 1)[1] != LOOPBACK
+        ):
             return [("dashboard_host", f"{item.value}: the dashboard must stay on {LOOPBACK}")]
     return []
 
@@ -100,7 +117,9 @@ def scan_text(text: str, filename: str, first_line: int = 1) -> list[Finding]:
         if re.search(r"\bray\s+start\b", line):
             for host in re.findall(r"--dashboard-host[=\s]+['\"]?([^\s'\"]+)", line):
                 if host != LOOPBACK:
-                    findings.append(Finding(where, "dashboard_host", f"ray start --dashboard-host {host}: keep it on {LOOPBACK}"))
+                    findings.append(
+                        Finding(where, "dashboard_host", f"ray start --dashboard-host {host}: keep it on {LOOPBACK}")
+                    )
     return findings
 
 
@@ -115,9 +134,11 @@ def scan_python(source: str, filename: str) -> list[Finding]:
         if isinstance(node, ast.Call):
             found = _check_call(node, torch_loads, yaml_loads)
         elif isinstance(node, ast.Dict):  # f(**{"trust_remote_code": True})
-            found = [("trust_remote_code", "{'trust_remote_code': True}: take it from config.model.trust_remote_code")
-                     for key, value in zip(node.keys, node.values)
-                     if _is_const(key, "trust_remote_code") and _is_const(value, True)]
+            found = [
+                ("trust_remote_code", "{'trust_remote_code': True}: take it from config.model.trust_remote_code")
+                for key, value in zip(node.keys, node.values)
+                if _is_const(key, "trust_remote_code") and _is_const(value, True)
+            ]
         elif isinstance(node, (ast.List, ast.Tuple)):
             found = _check_argv(node)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -134,14 +155,18 @@ def readme_commands(text: str) -> list[tuple[int, str]]:
             if start is None:
                 start = number + 1
             else:
-                blocks.append((start, "\n".join(lines[start - 1: number - 1])))
+                blocks.append((start, "\n".join(lines[start - 1 : number - 1])))
                 start = None
     return blocks
 
 
 def python_sources() -> list[Path]:
-    files = [p for folder in ("rlhf_ray", "actors", "bench") if (REPO / folder).is_dir()
-             for p in sorted((REPO / folder).rglob("*.py"))]
+    files = [
+        p
+        for folder in ("rlhf_ray", "actors", "bench")
+        if (REPO / folder).is_dir()
+        for p in sorted((REPO / folder).rglob("*.py"))
+    ]
     return files + [REPO / "data" / "make_demo.py"]
 
 
@@ -206,6 +231,7 @@ def test_text_scan_of_commands():
 
 
 # ---- the project ----
+
 
 @pytest.fixture(scope="module")
 def project_findings() -> list[Finding]:

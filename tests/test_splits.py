@@ -46,13 +46,18 @@ def test_the_same_prompt_lands_in_the_same_split_whatever_else_is_in_the_file():
     pairs = [Example(p, "pair") for p in shared] + [Example(user(f"pair only {i}")) for i in range(100)]
     prompts = [Example(user(f"prompt only {i}")) for i in range(50)] + [Example(p, "prompt") for p in reversed(shared)]
     for split in ("train", "eval", "test"):
-        in_pairs = {json.dumps(e.prompt) for e in select(pairs, split, seed=0, eval_fraction=0.2, test_fraction=0.1)
-                    if e.tag}
-        in_prompts = {json.dumps(e.prompt) for e in select(prompts, split, seed=0, eval_fraction=0.2,
-                                                          test_fraction=0.1) if e.tag}
+        in_pairs = {
+            json.dumps(e.prompt) for e in select(pairs, split, seed=0, eval_fraction=0.2, test_fraction=0.1) if e.tag
+        }
+        in_prompts = {
+            json.dumps(e.prompt) for e in select(prompts, split, seed=0, eval_fraction=0.2, test_fraction=0.1) if e.tag
+        }
         assert in_pairs == in_prompts and in_pairs, split
-    held_out = {json.dumps(e.prompt) for s in ("eval", "test")
-                for e in select(pairs, s, seed=0, eval_fraction=0.2, test_fraction=0.1)}
+    held_out = {
+        json.dumps(e.prompt)
+        for s in ("eval", "test")
+        for e in select(pairs, s, seed=0, eval_fraction=0.2, test_fraction=0.1)
+    }
     trained = {json.dumps(e.prompt) for e in select(prompts, "train", seed=0, eval_fraction=0.2, test_fraction=0.1)}
     assert held_out and not held_out & trained  # PPO prompts never include the RM's held-out prompts
 
@@ -67,7 +72,9 @@ def test_training_halves_are_disjoint_and_cover_the_training_split():
     assert not {id(e) for e in a} & {id(e) for e in b}
     assert 0.4 < len(a) / len(whole) < 0.6
     assert in_train_part(user("x"), 3, "all")
-    assert select(examples, "eval", train_part="a", **kwargs) == select(examples, "eval", **kwargs)  # halves: train only
+    assert select(examples, "eval", train_part="a", **kwargs) == select(
+        examples, "eval", **kwargs
+    )  # halves: train only
 
 
 def test_zero_fractions_keep_everything_for_training():

@@ -29,10 +29,24 @@ def finished_trials(experiment) -> list:
 def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
     import ray
 
-    command = [sys.executable, "-m", "rlhf_ray.cli", "sweep", "configs/tiny.yaml", f"run.output_dir={tmp_path}",
-               "run.name=sw", f"model.name_or_path={tiny_model_dir}", f"ppo.policy_model={tiny_model_dir}",
-               f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16", "ppo.iterations=2",
-               "sweep.kl_coefs=[0.01, 0.1]", "sweep.lrs=[1.0e-4, 1.0e-3]", "resources.actor_num_cpus=0.4"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlhf_ray.cli",
+        "sweep",
+        "configs/tiny.yaml",
+        f"run.output_dir={tmp_path}",
+        "run.name=sw",
+        f"model.name_or_path={tiny_model_dir}",
+        f"ppo.policy_model={tiny_model_dir}",
+        f"ppo.reward_model={tiny_reward_dir}",
+        "lora.r=8",
+        "lora.alpha=16",
+        "ppo.iterations=2",
+        "sweep.kl_coefs=[0.01, 0.1]",
+        "sweep.lrs=[1.0e-4, 1.0e-3]",
+        "resources.actor_num_cpus=0.4",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     experiment = tmp_path / "sw" / "sweep"
     sweep = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -52,7 +66,12 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
 
     with open(tmp_path / "sw" / "sweep_results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted((float(r["kl_coef"]), float(r["lr"])) for r in rows) == [(0.01, 1e-4), (0.01, 1e-3), (0.1, 1e-4), (0.1, 1e-3)]
+    assert sorted((float(r["kl_coef"]), float(r["lr"])) for r in rows) == [
+        (0.01, 1e-4),
+        (0.01, 1e-3),
+        (0.1, 1e-4),
+        (0.1, 1e-3),
+    ]
     assert all(r["iterations"] == "2" and r["error"] == "" and r["reward_mean"] for r in rows), rows
     for trial in first:  # a trial finished before the interruption was not run again: 2 iterations + held-out
         lines = (trial / "result.json").read_text().splitlines()
@@ -61,9 +80,13 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
     assert all(r["heldout_gain"] and r["heldout_kl"] and r["heldout_win_rate"] for r in rows), rows
     reports = sorted(tmp_path.glob("sw-*/eval/heldout/eval.json"))
     assert len(reports) == 4
-    assert all("in the 'eval' split" in json.loads(p.read_text())["prompts"] for p in reports), reports[0].read_text()[:500]
-    numeric = [{**r, **{k: float(r[k]) for k in ("kl_coef", "lr", "heldout_gain", "heldout_kl", "heldout_win_rate")}}
-               for r in rows]
+    assert all("in the 'eval' split" in json.loads(p.read_text())["prompts"] for p in reports), reports[0].read_text()[
+        :500
+    ]
+    numeric = [
+        {**r, **{k: float(r[k]) for k in ("kl_coef", "lr", "heldout_gain", "heldout_kl", "heldout_win_rate")}}
+        for r in rows
+    ]
     expected = best_trial(numeric, kl_budget=5.0)
     best = load_config(tmp_path / "sw" / "best_config.yaml")
     assert (best.ppo.kl_coef, best.ppo.lr) == (expected["kl_coef"], expected["lr"])

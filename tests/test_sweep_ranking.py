@@ -4,8 +4,14 @@ from rlhf_ray.sweep import best_trial, heldout_row
 
 
 def row(kl_coef, gain, kl, error=""):
-    return {"kl_coef": kl_coef, "lr": 1e-4, "heldout_gain": gain, "heldout_kl": kl, "heldout_win_rate": 0.5,
-            "error": error}
+    return {
+        "kl_coef": kl_coef,
+        "lr": 1e-4,
+        "heldout_gain": gain,
+        "heldout_kl": kl,
+        "heldout_win_rate": 0.5,
+        "error": error,
+    }
 
 
 def test_the_largest_gain_within_the_kl_budget_wins():
@@ -26,8 +32,16 @@ def test_trials_without_a_heldout_result_are_never_picked():
 
 
 def test_heldout_row_reads_the_ppo_policy_of_an_eval_policy_result():
-    results = {"policies": {
-        "start": {"kl_to_first": 0.0, "reward": {"rm": {"gain_in_first_std": 0.0, "win_rate_vs_first": {"rate": 0.5}}}},
-        "ppo": {"kl_to_first": 1.25, "reward": {"rm": {"gain_in_first_std": 0.7, "win_rate_vs_first": {"rate": 0.64}}}},
-    }}
+    results = {
+        "policies": {
+            "start": {
+                "kl_to_first": 0.0,
+                "reward": {"rm": {"gain_in_first_std": 0.0, "win_rate_vs_first": {"rate": 0.5}}},
+            },
+            "ppo": {
+                "kl_to_first": 1.25,
+                "reward": {"rm": {"gain_in_first_std": 0.7, "win_rate_vs_first": {"rate": 0.64}}},
+            },
+        }
+    }
     assert heldout_row(results) == {"heldout_gain": 0.7, "heldout_kl": 1.25, "heldout_win_rate": 0.64}

@@ -11,15 +11,20 @@ def test_response_ids_follow_the_prompt(tiny_tokenizer):
     prompt = [{"role": "user", "content": "Give me one tip about tea."}]
     p = prompt_ids(tiny_tokenizer, prompt)
     r = response_ids(tiny_tokenizer, prompt, "Use fresh water.", p)
-    full = tiny_tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": "Use fresh water."}], tokenize=False)
+    full = tiny_tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": "Use fresh water."}], tokenize=False
+    )
     assert tiny_tokenizer.decode(p + r) == full
     assert tiny_tokenizer.decode(r) == "Use fresh water.<|im_end|>\n"  # the end-of-turn tokens belong to the response
 
 
-@pytest.mark.parametrize("policy, expected, counts", [
-    ("skip", None, {"skipped": 1}),
-    ("truncate_prompt", [4, 5, 6], {"truncated": 1}),
-])
+@pytest.mark.parametrize(
+    "policy, expected, counts",
+    [
+        ("skip", None, {"skipped": 1}),
+        ("truncate_prompt", [4, 5, 6], {"truncated": 1}),
+    ],
+)
 def test_over_length_policies_are_counted(policy, expected, counts):
     report = LengthReport(policy)
     assert fit_length([1, 2], [[9, 9]], max_length=8, report=report, ref=REF) == [1, 2]  # fits: untouched

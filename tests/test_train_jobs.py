@@ -13,12 +13,17 @@ from rlhf_ray.train.launch import prepare_rows, run_stage
 from tests.faults import FailOnce
 
 pytestmark = pytest.mark.ray
-ZERO2, ZERO3 = "deepspeed.config_file=configs/deepspeed/zero2.json", "deepspeed.config_file=configs/deepspeed/zero3.json"
+ZERO2, ZERO3 = (
+    "deepspeed.config_file=configs/deepspeed/zero2.json",
+    "deepspeed.config_file=configs/deepspeed/zero3.json",
+)
 
 
 def tiny_config(tmp_path, tiny_model_dir, name, *overrides):
-    return load_config("configs/tiny.yaml", [f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path}",
-                                             f"run.name={name}", *overrides])
+    return load_config(
+        "configs/tiny.yaml",
+        [f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path}", f"run.name={name}", *overrides],
+    )
 
 
 def weights(folder):
@@ -58,10 +63,15 @@ def assert_trained(result, base, lora, head_key=None):
 ONE_WORKER = "resources.num_workers=1 deepspeed.zero_stage=0"  # (DeepSpeed's all-reduce is skipped)
 
 
-@pytest.mark.parametrize("zero, lora", [(ZERO2, False), (ZERO3, True), (ONE_WORKER, False)],
-                         ids=["zero2-full", "zero3-lora", "one-worker-stage0-full"])
+@pytest.mark.parametrize(
+    "zero, lora",
+    [(ZERO2, False), (ZERO3, True), (ONE_WORKER, False)],
+    ids=["zero2-full", "zero3-lora", "one-worker-stage0-full"],
+)
 def test_sft_job(ray_local, tmp_path, tiny_model_dir, zero, lora):
-    config = tiny_config(tmp_path, tiny_model_dir, "sft", *zero.split(), f"lora.enabled={str(lora).lower()}", "sft.lr=1e-3")
+    config = tiny_config(
+        tmp_path, tiny_model_dir, "sft", *zero.split(), f"lora.enabled={str(lora).lower()}", "sft.lr=1e-3"
+    )
     result = run_stage(config, "sft")
     assert_trained(result, weights(tiny_model_dir), lora)
     # the exported model reproduces the final eval loss measured inside training
@@ -77,8 +87,10 @@ def test_sft_job(ray_local, tmp_path, tiny_model_dir, zero, lora):
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(eval_rows), 4):
-            batch = collate_sft(eval_rows[start:start + 4], tokenizer.pad_token_id)
-            s, n = next_token_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            batch = collate_sft(eval_rows[start : start + 4], tokenizer.pad_token_id)
+            s, n = next_token_loss(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+            )
             total, count = total + s.item(), count + n.item()
     assert total / count == pytest.approx(metrics(result.output_dir)[-1]["eval_loss"], rel=1e-4)
 
@@ -112,8 +124,15 @@ def test_rm_job(ray_local, tmp_path, tiny_model_dir, zero, lora):
 
 
 def test_rm_job_in_bf16_mixed_precision_training_only_the_top_layer(ray_local, tmp_path, tiny_model_dir):
-    config = tiny_config(tmp_path, tiny_model_dir, "rm-bf16", *ONE_WORKER.split(), "model.precision=bf16-mixed",
-                         "model.trainable_layers=1", "rm.lr=1e-3")
+    config = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        "rm-bf16",
+        *ONE_WORKER.split(),
+        "model.precision=bf16-mixed",
+        "model.trainable_layers=1",
+        "rm.lr=1e-3",
+    )
     result = run_stage(config, "rm")
     untrained, *rows = metrics(result.output_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
@@ -143,8 +162,11 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     common = (ZERO2, "sft.lr=1e-3", "sft.checkpoint_every=2")
     straight = run_stage(tiny_config(tmp_path, tiny_model_dir, "straight", *common), "sft")
 
-    recovered = run_stage(tiny_config(tmp_path, tiny_model_dir, "recovered", *common, "sft.max_failures=1"), "sft",
-                          after_step=FailOnce(3, str(tmp_path / "recovered" / "sft" / ".injected-failure")))
+    recovered = run_stage(
+        tiny_config(tmp_path, tiny_model_dir, "recovered", *common, "sft.max_failures=1"),
+        "sft",
+        after_step=FailOnce(3, str(tmp_path / "recovered" / "sft" / ".injected-failure")),
+    )
     assert (recovered.output_dir / ".injected-failure").is_file()
 
     stopped = tiny_config(tmp_path, tiny_model_dir, "stopped", *common, "sft.max_failures=0")
@@ -161,7 +183,8 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
         assert worst <= 1e-6, f"{result.output_dir}: max weight difference {worst}"
     # and the metrics of the resumed steps match the straight run's
     assert [r.get("loss") for r in metrics(resumed.output_dir)][1:] == pytest.approx(
-        [r.get("loss") for r in metrics(straight.output_dir)][1:], rel=1e-5)
+        [r.get("loss") for r in metrics(straight.output_dir)][1:], rel=1e-5
+    )
 
     # damage the newest checkpoint of the finished straight run, then rerun it: it must skip that one
     def checkpoint_dirs():
@@ -196,8 +219,18 @@ def test_a_second_local_run_on_the_same_machine_stays_apart(ray_local, tmp_path,
 
     before = set(actors())
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "rlhf_ray.cli", "rm", "configs/tiny.yaml", f"model.name_or_path={tiny_model_dir}",
-               f"run.output_dir={tmp_path}", "run.name=second", "resources.num_workers=1", "deepspeed.zero_stage=0"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlhf_ray.cli",
+        "rm",
+        "configs/tiny.yaml",
+        f"model.name_or_path={tiny_model_dir}",
+        f"run.output_dir={tmp_path}",
+        "run.name=second",
+        "resources.num_workers=1",
+        "deepspeed.zero_stage=0",
+    ]
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]

@@ -26,7 +26,7 @@ def matmul_rate(size: int, dtype: torch.dtype, seconds: float, windows: int) -> 
             elapsed = time.perf_counter() - start
             if elapsed >= seconds and count >= 3:
                 break
-        best = max(best, 2.0 * size ** 3 * count / elapsed)
+        best = max(best, 2.0 * size**3 * count / elapsed)
     return best
 
 
@@ -37,7 +37,9 @@ def run(spec: dict) -> dict:
         dtype = getattr(torch, name)
         rates[name] = {str(size): matmul_rate(size, dtype, spec["seconds"], spec["windows"]) for size in spec["sizes"]}
         peaks[name] = max(rates[name].values())
-        print(f"[ceiling] {name}: " + ", ".join(f"{s}: {r / 1e9:.1f} GFLOP/s" for s, r in rates[name].items()), flush=True)
+        print(
+            f"[ceiling] {name}: " + ", ".join(f"{s}: {r / 1e9:.1f} GFLOP/s" for s, r in rates[name].items()), flush=True
+        )
     return {"rates": rates, "peak_flops": peaks, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 

@@ -35,14 +35,17 @@ def run(spec: dict) -> dict:
     kept = steady(rows)
     gen_s = sum(r["seconds_generate"] for r in kept)
     out = {
-        "call_s": call_s, "iterations": len(rows), "iteration_s": iteration_s,
+        "call_s": call_s,
+        "iterations": len(rows),
+        "iteration_s": iteration_s,
         "first_iteration_phase_s": rows[0]["seconds_iteration"] if rows else None,
         "phase_sum_s": [r["seconds_iteration"] for r in rows],
         "generated_tokens": gen_tokens,
         "gen_tokens_per_s": sum(r["response_length"] * responses for r in kept) / gen_s if gen_s else None,
         "phase_s": {p: [r.get(f"seconds_{p}", 0.0) for r in rows] for p in PHASES},
         "response_length": [r["response_length"] for r in rows],
-        "reward_mean": [r["reward_mean"] for r in rows], "kl": [r["kl"] for r in rows],
+        "reward_mean": [r["reward_mean"] for r in rows],
+        "kl": [r["kl"] for r in rows],
         "reused_first_forward": [r.get("reused_first_forward", 0.0) for r in rows],
     }
     if not spec.get("keep_outputs"):

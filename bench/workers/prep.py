@@ -40,13 +40,19 @@ def prepare_training(spec: dict) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
     train, held_out, summary = prepare_rows(config, stage, tokenizer)
     stage_config = getattr(config, stage)
-    order = training_order(len(train), stage_config.batch_size, config.resources.num_workers,
-                           stage_config.max_steps, config.data.seed)
+    order = training_order(
+        len(train), stage_config.batch_size, config.resources.num_workers, stage_config.max_steps, config.data.seed
+    )
     data = {"train_in_order": [train[i] for i in order], "eval": held_out, "pad_id": tokenizer.pad_token_id}
     Path(spec["data_out"]).write_text(json.dumps(data))
     tokens = [row_tokens(r) for r in data["train_in_order"]]
-    out = {"summary": summary, "model_path": str(model_path), "n_train": len(train), "n_eval": len(held_out),
-           "mean_tokens_per_row": sum(tokens) / max(len(tokens), 1)}
+    out = {
+        "summary": summary,
+        "model_path": str(model_path),
+        "n_train": len(train),
+        "n_eval": len(held_out),
+        "mean_tokens_per_row": sum(tokens) / max(len(tokens), 1),
+    }
     if stage == "rm":  # the share of real tokens rm.shared_prompt computes over the steps run
         from rlhf_ray.train.batches import packed_pair_length
 
@@ -82,14 +88,22 @@ def prepare_prompts(spec: dict) -> dict:
     model_path = str(resolve_model(config.model.name_or_path))
     tokenizer = load_tokenizer(model_path)
     prompts = load_prompt_set(config, tokenizer)
-    data = {"token_ids": prompts.token_ids, "messages": [list(map(dict, e.prompt)) for e in prompts.examples],
-            "eos_token_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+    data = {
+        "token_ids": prompts.token_ids,
+        "messages": [list(map(dict, e.prompt)) for e in prompts.examples],
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_id": tokenizer.pad_token_id,
+    }
     Path(spec["data_out"]).write_text(json.dumps(data))
     if spec.get("reward_model_out"):
         build_reward_model(model_path, Path(spec["reward_model_out"]))
     lengths = [len(ids) for ids in prompts.token_ids]
-    return {"summary": prompts.summary, "model_path": model_path, "n_prompts": len(lengths),
-            "mean_prompt_tokens": sum(lengths) / len(lengths)}
+    return {
+        "summary": prompts.summary,
+        "model_path": model_path,
+        "n_prompts": len(lengths),
+        "mean_prompt_tokens": sum(lengths) / len(lengths),
+    }
 
 
 def run(spec: dict) -> dict:

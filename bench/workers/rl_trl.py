@@ -38,7 +38,7 @@ def count_generation(eos_id: int, calls: list[tuple[float, int]]) -> None:
         out = original(self, *args, **kwargs)
         seconds = time.perf_counter() - start
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        new = sequences[:, prompt.shape[1]:]
+        new = sequences[:, prompt.shape[1] :]
         is_eos = new == eos_id
         whole = torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long)
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, whole)
@@ -51,21 +51,35 @@ def count_generation(eos_id: int, calls: list[tuple[float, int]]) -> None:
 def lora(spec: dict):
     from peft import LoraConfig
 
-    return LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
-                      target_modules=spec["lora_target_modules"], task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=spec["lora_target_modules"],
+        task_type="CAUSAL_LM",
+    )
 
 
 def common_args(spec: dict, folder: str) -> dict:
-    return dict(output_dir=folder, learning_rate=spec["lr"], lr_scheduler_type="constant", bf16=False,
-                gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", seed=0,
-                disable_tqdm=True, temperature=1.0)
+    return dict(
+        output_dir=folder,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        temperature=1.0,
+    )
 
 
 def ppo_trainer(spec: dict, data: dict, folder: str, clock):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"], padding_side="left")
@@ -73,37 +87,78 @@ def ppo_trainer(spec: dict, data: dict, folder: str, clock):
     # turn inside the prompts, so give TRL a pad that never occurs in the text (as TRL's examples add [PAD]).
     tokenizer.pad_token = "<|endoftext|>"
     batch, mini = spec["rollout_batch"], spec["minibatch"]
-    args = PPOConfig(**common_args(spec, folder), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                     num_mini_batches=batch // mini, num_ppo_epochs=spec["epochs"], response_length=spec["max_new_tokens"],
-                     kl_coef=spec["kl_coef"], kl_estimator="k1", cliprange=0.2, vf_coef=0.1, cliprange_value=0.2,
-                     gamma=1.0, lam=0.95, whiten_rewards=False, stop_token="eos", local_rollout_forward_batch_size=batch,
-                     total_episodes=spec["iterations"] * batch, num_sample_generations=0)
+    args = PPOConfig(
+        **common_args(spec, folder),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_mini_batches=batch // mini,
+        num_ppo_epochs=spec["epochs"],
+        response_length=spec["max_new_tokens"],
+        kl_coef=spec["kl_coef"],
+        kl_estimator="k1",
+        cliprange=0.2,
+        vf_coef=0.1,
+        cliprange_value=0.2,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        stop_token="eos",
+        local_rollout_forward_batch_size=batch,
+        total_episodes=spec["iterations"] * batch,
+        num_sample_generations=0,
+    )
     policy = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, dtype=torch.float32)
     prompts = Dataset.from_dict({"input_ids": data["token_ids"]})
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
-                         value_model=value, train_dataset=prompts, eval_dataset=prompts.select(range(batch)),
-                         peft_config=lora(spec), callbacks=[clock])
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=prompts,
+        eval_dataset=prompts.select(range(batch)),
+        peft_config=lora(spec),
+        callbacks=[clock],
+    )
     return trainer, 1  # one trainer step per PPO iteration
 
 
 def rloo_trainer(spec: dict, data: dict, folder: str, clock):
     from datasets import Dataset
     from transformers import AutoTokenizer
-
     from trl import RLOOConfig, RLOOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     batch, mini = spec["rollout_batch"], spec["minibatch"]
     steps_per_iteration = (batch // mini) * spec["epochs"]
-    args = RLOOConfig(**common_args(spec, folder), per_device_train_batch_size=mini, steps_per_generation=batch // mini,
-                      num_generations=2, num_iterations=spec["epochs"], max_completion_length=spec["max_new_tokens"],
-                      top_p=1.0, top_k=0, beta=spec["kl_coef"], max_steps=spec["iterations"] * steps_per_iteration,
-                      max_grad_norm=1.0, model_init_kwargs={"dtype": "float32"}, log_completions=False)
+    args = RLOOConfig(
+        **common_args(spec, folder),
+        per_device_train_batch_size=mini,
+        steps_per_generation=batch // mini,
+        num_generations=2,
+        num_iterations=spec["epochs"],
+        max_completion_length=spec["max_new_tokens"],
+        top_p=1.0,
+        top_k=0,
+        beta=spec["kl_coef"],
+        max_steps=spec["iterations"] * steps_per_iteration,
+        max_grad_norm=1.0,
+        model_init_kwargs={"dtype": "float32"},
+        log_completions=False,
+    )
     prompts = Dataset.from_list([{"prompt": messages} for messages in data["messages"]])
-    trainer = RLOOTrainer(model=spec["model_path"], reward_funcs=spec["reward_model"], args=args, train_dataset=prompts,
-                          processing_class=tokenizer, peft_config=lora(spec), callbacks=[clock])
+    trainer = RLOOTrainer(
+        model=spec["model_path"],
+        reward_funcs=spec["reward_model"],
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=lora(spec),
+        callbacks=[clock],
+    )
     return trainer, steps_per_iteration
 
 
@@ -124,10 +179,16 @@ def run(spec: dict) -> dict:
     iteration_s = [b - a for a, b in zip(ends, ends[1:])]
     kept = steady(calls)
     gen_s = sum(s for s, _ in kept)
-    return {"trl_version": trl.__version__, "call_s": call_s, "iterations": len(iteration_s),
-            "iteration_s": steady(iteration_s), "first_iteration_s": iteration_s[0] if iteration_s else None,
-            "generated_tokens": [n for _, n in calls], "generate_s": [s for s, _ in calls],
-            "gen_tokens_per_s": sum(n for _, n in kept) / gen_s if gen_s else None}
+    return {
+        "trl_version": trl.__version__,
+        "call_s": call_s,
+        "iterations": len(iteration_s),
+        "iteration_s": steady(iteration_s),
+        "first_iteration_s": iteration_s[0] if iteration_s else None,
+        "generated_tokens": [n for _, n in calls],
+        "generate_s": [s for s, _ in calls],
+        "gen_tokens_per_s": sum(n for _, n in kept) / gen_s if gen_s else None,
+    }
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def heldout_accuracy(model, rows: list[dict], pad_id: int, batch: int) -> float:
     correct = 0
     with torch.no_grad():
         for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
+            chunk = rows[start : start + batch]
             seqs = [r["chosen_ids"] for r in chunk] + [r["rejected_ids"] for r in chunk]
             width = max(map(len, seqs))
             ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])

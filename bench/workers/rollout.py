@@ -32,21 +32,33 @@ def zero_lora_adapter(spec: dict, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(spec["model_path"])
-    config = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], target_modules=spec["lora_target_modules"],
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=2 * spec["lora_r"],
+        target_modules=spec["lora_target_modules"],
+        task_type="CAUSAL_LM",
+    )
     get_peft_model(base, config).save_pretrained(str(folder))
     return folder
 
 
 def vllm_engine(spec: dict):
-    """generate(prompts, max_new_tokens) on a RolloutGenerator; generate.use_lora() loads a zero adapter for later calls."""
+    """generate(prompts, max_new_tokens) on a RolloutGenerator; generate.use_lora() loads a zero adapter for
+    later calls."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process, as the component tests do
     from actors.rollout_generator import RolloutGenerator
     from rlhf_ray.wire import SamplingSpec
 
-    generator = RolloutGenerator(spec["model_path"], max_lora_rank=spec["lora_r"], max_model_len=spec["max_model_len"],
-                                 dtype=spec["dtype"], enforce_eager=spec["enforce_eager"], kv_cache_gib=spec["kv_cache_gib"],
-                                 seed=0, enable_lora=spec["enable_lora"])
+    generator = RolloutGenerator(
+        spec["model_path"],
+        max_lora_rank=spec["lora_r"],
+        max_model_len=spec["max_model_len"],
+        dtype=spec["dtype"],
+        enforce_eager=spec["enforce_eager"],
+        kv_cache_gib=spec["kv_cache_gib"],
+        seed=0,
+        enable_lora=spec["enable_lora"],
+    )
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
         rollouts = generator.generate(prompts, SamplingSpec(max_new_tokens, temperature=1.0, top_p=1.0, seed=0))
@@ -72,12 +84,23 @@ def hf_engine(spec: dict, eos_id: int, pad_id: int):
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                                 top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+            )
         new = out[:, width:]
         is_eos = new == eos_id
         finished = is_eos.any(1)
-        real = torch.where(finished, is_eos.int().argmax(1) + 1, torch.full_like(finished, new.shape[1], dtype=torch.long))
+        real = torch.where(
+            finished, is_eos.int().argmax(1) + 1, torch.full_like(finished, new.shape[1], dtype=torch.long)
+        )
         return int(real.sum()), int(finished.sum())
 
     return generate
@@ -91,9 +114,16 @@ def timed_batches(generate, prompts: list[list[int]], start: int, spec: dict, la
         tokens, finished = generate(batch_of(prompts, start, size), spec["max_new_tokens"])
         seconds = time.perf_counter() - t0
         start += size
-        found[str(size)] = {"seconds": seconds, "tokens": tokens, "finished": finished, "tokens_per_s": tokens / seconds}
-        print(f"[rollout] {label} batch {size}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s",
-              flush=True)
+        found[str(size)] = {
+            "seconds": seconds,
+            "tokens": tokens,
+            "finished": finished,
+            "tokens_per_s": tokens / seconds,
+        }
+        print(
+            f"[rollout] {label} batch {size}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s",
+            flush=True,
+        )
     return found, start
 
 

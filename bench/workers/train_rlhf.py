@@ -28,15 +28,16 @@ def computed_tokens(row: dict, shared_prompt: bool) -> int:
     return packed_pair_length(row) if shared_prompt and "chosen_ids" in row else row_tokens(row)
 
 
-def per_step_seconds(metrics: list[dict], rows_in_order: list[dict], rows_per_step: int,
-                     shared_prompt: bool = False) -> list[tuple[int, float, int]]:
+def per_step_seconds(
+    metrics: list[dict], rows_in_order: list[dict], rows_per_step: int, shared_prompt: bool = False
+) -> list[tuple[int, float, int]]:
     """(real tokens, seconds, tokens computed) of every logged step, from its tokens_per_s and the rows it took."""
     steps = []
     for row in metrics:
         if "tokens_per_s" not in row:
             continue
         k = row["step"]
-        taken = rows_in_order[(k - 1) * rows_per_step: k * rows_per_step]
+        taken = rows_in_order[(k - 1) * rows_per_step : k * rows_per_step]
         tokens = sum(row_tokens(r) for r in taken)
         steps.append((tokens, tokens / row["tokens_per_s"], sum(computed_tokens(r, shared_prompt) for r in taken)))
     return steps
@@ -72,15 +73,22 @@ def run(spec: dict) -> dict:
     kept = steady(steps)
     seconds = sum(s for _, s, _ in kept)
     final = metrics[-1] if metrics else {}
-    out = {"call_s": call_s, "steps": len(steps), "step_seconds": [s for _, s, _ in steps],
-           "step_tokens": [t for t, _, _ in steps], "steady_steps": len(kept),
-           "tokens_per_s": sum(t for t, _, _ in kept) / seconds if seconds else None,
-           "computed_tokens_per_s": sum(c for _, _, c in kept) / seconds if seconds else None,
-           "rows_per_s": rows_per_step * len(kept) / seconds if seconds else None,
-           "final_metrics": final}
+    out = {
+        "call_s": call_s,
+        "steps": len(steps),
+        "step_seconds": [s for _, s, _ in steps],
+        "step_tokens": [t for t, _, _ in steps],
+        "steady_steps": len(kept),
+        "tokens_per_s": sum(t for t, _, _ in kept) / seconds if seconds else None,
+        "computed_tokens_per_s": sum(c for _, _, c in kept) / seconds if seconds else None,
+        "rows_per_s": rows_per_step * len(kept) / seconds if seconds else None,
+        "final_metrics": final,
+    }
     if stage == "rm":
         out["heldout_accuracy"] = final.get("eval_accuracy")
-        if spec.get("score_heldout"):  # the exported model scored as the peer's is (rm_score), beside the job's own eval
+        if spec.get(
+            "score_heldout"
+        ):  # the exported model scored as the peer's is (rm_score), beside the job's own eval
             out["job_eval_accuracy"] = out["heldout_accuracy"]
             out["heldout_accuracy"] = score_exported(result.output_dir / "model", data, stage_config.batch_size)
     else:

@@ -40,14 +40,29 @@ def step_clock():
 
 
 def common_args(spec: dict, output_dir: str) -> dict:
-    return dict(output_dir=output_dir, per_device_train_batch_size=spec["global_batch"],
-                per_device_eval_batch_size=spec["global_batch"], max_steps=spec["steps"], learning_rate=spec["lr"],
-                lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
-                bf16=spec.get("bf16", False), use_cpu=spec.get("bf16", False),  # (transformers' bf16 on CPU needs use_cpu)
-                gradient_checkpointing=spec.get("gradient_checkpointing", False),
-                logging_steps=1, save_strategy="no", report_to="none",
-                train_sampling_strategy="sequential", include_num_input_tokens_seen="non_padding",
-                dataloader_num_workers=0, seed=0, disable_tqdm=True, model_init_kwargs={"dtype": "float32"})
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=spec["global_batch"],
+        per_device_eval_batch_size=spec["global_batch"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=spec.get("bf16", False),
+        use_cpu=spec.get("bf16", False),  # (transformers' bf16 on CPU needs use_cpu)
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        train_sampling_strategy="sequential",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        model_init_kwargs={"dtype": "float32"},
+    )
 
 
 def run(spec: dict) -> dict:
@@ -64,22 +79,36 @@ def run(spec: dict) -> dict:
         start = time.perf_counter()
         if spec["stage"] == "rm":
             rows = data["train_in_order"]
-            train = Dataset.from_dict({"chosen_ids": [r["chosen_ids"] for r in rows],
-                                       "rejected_ids": [r["rejected_ids"] for r in rows]})
+            train = Dataset.from_dict(
+                {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows]}
+            )
             args = trl.RewardConfig(**common_args(spec, folder), max_length=None)
-            trainer = trl.RewardTrainer(model=spec["model_path"], args=args, train_dataset=train,
-                                        processing_class=tokenizer, callbacks=[clock])
+            trainer = trl.RewardTrainer(
+                model=spec["model_path"], args=args, train_dataset=train, processing_class=tokenizer, callbacks=[clock]
+            )
             trainer.train()
-            out["heldout_accuracy"] = heldout_accuracy(trainer.model, data["eval"], data["pad_id"], spec["global_batch"])
+            out["heldout_accuracy"] = heldout_accuracy(
+                trainer.model, data["eval"], data["pad_id"], spec["global_batch"]
+            )
         else:
             rows = data["train_in_order"]
-            train = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
-            held = Dataset.from_dict({"input_ids": [r["input_ids"] for r in data["eval"]],
-                                      "labels": [r["labels"] for r in data["eval"]]})
-            args = trl.SFTConfig(**common_args(spec, folder), max_length=spec["max_length"], packing=False,
-                                 padding_free=False)
-            trainer = trl.SFTTrainer(model=spec["model_path"], args=args, train_dataset=train, eval_dataset=held,
-                                     processing_class=tokenizer, callbacks=[clock])
+            train = Dataset.from_dict(
+                {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+            )
+            held = Dataset.from_dict(
+                {"input_ids": [r["input_ids"] for r in data["eval"]], "labels": [r["labels"] for r in data["eval"]]}
+            )
+            args = trl.SFTConfig(
+                **common_args(spec, folder), max_length=spec["max_length"], packing=False, padding_free=False
+            )
+            trainer = trl.SFTTrainer(
+                model=spec["model_path"],
+                args=args,
+                train_dataset=train,
+                eval_dataset=held,
+                processing_class=tokenizer,
+                callbacks=[clock],
+            )
             trainer.train()
             out["eval_loss"] = trainer.evaluate()["eval_loss"]
         trainer.save_model(str(Path(folder) / "model"))  # rlhf-ray exports its model too
@@ -88,9 +117,14 @@ def run(spec: dict) -> dict:
     steps = [(t1 - t0, n1 - n0) for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
     kept = steady(steps)
     seconds = sum(s for s, _ in kept)
-    out.update(steps=len(steps), step_seconds=[s for s, _ in steps], step_tokens=[n for _, n in steps],
-               steady_steps=len(kept), tokens_per_s=sum(n for _, n in kept) / seconds if seconds else None,
-               rows_per_s=spec["global_batch"] * len(kept) / seconds if seconds else None)
+    out.update(
+        steps=len(steps),
+        step_seconds=[s for s, _ in steps],
+        step_tokens=[n for _, n in steps],
+        steady_steps=len(kept),
+        tokens_per_s=sum(n for _, n in kept) / seconds if seconds else None,
+        rows_per_s=spec["global_batch"] * len(kept) / seconds if seconds else None,
+    )
     return out
 
 

@@ -32,7 +32,9 @@ def by_group(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.dim() != 1:
         raise ValueError(f"sequence rewards must be 1-d (one per response), got shape {tuple(rewards.shape)}")
     if group_size < 2:
-        raise ValueError(f"group estimators compare the responses of a prompt: group_size must be >= 2, got {group_size}")
+        raise ValueError(
+            f"group estimators compare the responses of a prompt: group_size must be >= 2, got {group_size}"
+        )
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} responses do not split into groups of {group_size}")
     return rewards.reshape(-1, group_size)
@@ -62,8 +64,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reinforce_pp_advantages(token_rewards: torch.Tensor, response_mask: torch.Tensor,
-                            gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
     """REINFORCE++: the return from each token (sum_{s >= t} gamma^(s-t) r_s, to the row's end),
     whitened over every real token of the batch. (B, A) -> (B, A), 0 on padding."""
     mask = response_mask.to(token_rewards.dtype)
@@ -82,8 +85,9 @@ def per_token(sequence_advantages: torch.Tensor, response_mask: torch.Tensor) ->
 
 
 @torch.no_grad()
-def critic_free_advantages(estimator: str, token_rewards: torch.Tensor, response_mask: torch.Tensor,
-                           group_size: int, gamma: float = 1.0) -> torch.Tensor:
+def critic_free_advantages(
+    estimator: str, token_rewards: torch.Tensor, response_mask: torch.Tensor, group_size: int, gamma: float = 1.0
+) -> torch.Tensor:
     """(B, A) advantages of a critic-free `estimator` from (B, A) per-token rewards."""
     if estimator == "reinforce_pp":
         return reinforce_pp_advantages(token_rewards, response_mask, gamma)

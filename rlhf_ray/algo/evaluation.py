@@ -6,8 +6,8 @@ Plain numbers in, plain numbers out (lists of floats or tensors); no models, no 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 
@@ -27,8 +27,9 @@ class PairwiseSummary:
         return asdict(self)
 
 
-def pairwise_summary(margins: Sequence[float], chosen_lengths: Sequence[int], rejected_lengths: Sequence[int],
-                     bins: int = 10) -> PairwiseSummary:
+def pairwise_summary(
+    margins: Sequence[float], chosen_lengths: Sequence[int], rejected_lengths: Sequence[int], bins: int = 10
+) -> PairwiseSummary:
     """How a reward model ranks preference pairs, beside what 'pick the longer one' would score."""
     m = torch.as_tensor(margins, dtype=torch.float64)
     if m.numel() == 0:
@@ -37,9 +38,13 @@ def pairwise_summary(margins: Sequence[float], chosen_lengths: Sequence[int], re
     rejected = torch.as_tensor(rejected_lengths, dtype=torch.float64)
     longer = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
     return PairwiseSummary(
-        pairs=m.numel(), accuracy=float((m > 0).double().mean()), ties=int((m == 0).sum()),
-        mean_margin=float(m.mean()), calibration_error=pick_calibration_error(m, bins),
-        longer_chosen=float(longer.mean()))
+        pairs=m.numel(),
+        accuracy=float((m > 0).double().mean()),
+        ties=int((m == 0).sum()),
+        mean_margin=float(m.mean()),
+        calibration_error=pick_calibration_error(m, bins),
+        longer_chosen=float(longer.mean()),
+    )
 
 
 def pick_calibration_error(margins: torch.Tensor, bins: int = 10) -> float:

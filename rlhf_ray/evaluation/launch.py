@@ -49,15 +49,22 @@ def run_models(config: Config) -> RunModels:
     return RunModels([paths.policy] + ([ppo_model] if is_exported(ppo_model) else []), paths.reward)
 
 
-def run_start_vs_ppo(config: Config, split: str, limit: int | None, extra_reward_models: list[str] = (),
-                     samples_per_prompt: int = 1) -> PolicyEvalRequest:
+def run_start_vs_ppo(
+    config: Config, split: str, limit: int | None, extra_reward_models: list[str] = (), samples_per_prompt: int = 1
+) -> PolicyEvalRequest:
     """The request that compares a run's starting policy with its PPO model (named start / ppo) on a split
     of `data.prompts`, judged by the run's reward model and `extra_reward_models`."""
     found = run_models(config)
     return PolicyEvalRequest(
-        policies=[str(p) for p in found.policies], reward_models=[str(found.reward), *extra_reward_models],
-        data=config.data.prompts.path, format=config.data.prompts.format, split=split, limit=limit,
-        samples_per_prompt=samples_per_prompt, names=["start", "ppo"][: len(found.policies)])
+        policies=[str(p) for p in found.policies],
+        reward_models=[str(found.reward), *extra_reward_models],
+        data=config.data.prompts.path,
+        format=config.data.prompts.format,
+        split=split,
+        limit=limit,
+        samples_per_prompt=samples_per_prompt,
+        names=["start", "ppo"][: len(found.policies)],
+    )
 
 
 def default_eval_dir(config: Config, kind: str) -> Path:
@@ -104,8 +111,8 @@ def display_names(paths: list[str], given: list[str]) -> list[str]:
 
 
 def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: str, out: Path) -> dict:
-    """Every reward model in `models` scores the pairs of `data` (narrowed to `split`); writes eval.json and report.md."""
-    import ray
+    """Every reward model in `models` scores the pairs of `data` (narrowed to `split`); writes eval.json and
+    report.md."""
 
     from actors.reward_model import RewardModel
     from rlhf_ray.ray_session import connect
@@ -118,19 +125,29 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
     results = {"data": pair_set.description, "models": {}}
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
         scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
-            str(folder), dtype=config.model.dtype, normalize=False, clip=float("inf"),
-            eos_token_id=tokenizer.eos_token_id, end_of_turn_suffix=[], trust_remote_code=config.model.trust_remote_code,
-            precision=config.model.precision)
+            str(folder),
+            dtype=config.model.dtype,
+            normalize=False,
+            clip=float("inf"),
+            eos_token_id=tokenizer.eos_token_id,
+            end_of_turn_suffix=[],
+            trust_remote_code=config.model.trust_remote_code,
+            precision=config.model.precision,
+        )
         try:
-            margins = rm_eval.score_pairs(_scores_from(scorer), pair_set.pairs, FORWARD_BATCH,
-                                          progress=f"eval rm {name}")
+            margins = rm_eval.score_pairs(
+                _scores_from(scorer), pair_set.pairs, FORWARD_BATCH, progress=f"eval rm {name}"
+            )
         finally:
             _stop(scorer)
         results["models"][name] = {"path": str(folder), **rm_eval.summarise(pair_set.pairs, margins)}
         overall = results["models"][name]["overall"]
-        print(f"[eval rm] {name}: accuracy {overall['accuracy']:.3f} over {overall['pairs']} pairs, mean margin "
-              f"{overall['mean_margin']:.3f}, ECE {overall['calibration_error']:.3f} (longer chosen: "
-              f"{overall['longer_chosen']:.3f})", flush=True)
+        print(
+            f"[eval rm] {name}: accuracy {overall['accuracy']:.3f} over {overall['pairs']} pairs, mean margin "
+            f"{overall['mean_margin']:.3f}, ECE {overall['calibration_error']:.3f} (longer chosen: "
+            f"{overall['longer_chosen']:.3f})",
+            flush=True,
+        )
     rm_eval.write_results(results, out)
     print(f"[eval rm] done: {out / 'eval.json'}, {out / 'report.md'}", flush=True)
     return results
@@ -148,24 +165,35 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
     prompt_config = _with_prompts(config, request)
     prompt_set = load_prompt_set(prompt_config, tokenizer, split=request.split)
     prompt_ids = prompt_set.token_ids[: request.limit]
-    prompt_texts = ["\n".join(f"{m['role']}: {m['content']}" for m in example.prompt)
-                    for example in prompt_set.examples[: request.limit]]
+    prompt_texts = [
+        "\n".join(f"{m['role']}: {m['content']}" for m in example.prompt)
+        for example in prompt_set.examples[: request.limit]
+    ]
     print(f"[eval policy] prompts: {prompt_set.summary}; {len(prompt_ids)} evaluated", flush=True)
     print(f"[eval policy] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
     names = display_names([str(f) for f in folders], request.names)
-    policies = [_sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
-                for folder, name in zip(folders, names)]
+    policies = [
+        _sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
+        for folder, name in zip(folders, names)
+    ]
     _kl_to_first(config, folders, policies, prompt_ids, tokenizer)
     suffix = end_of_turn_suffix(tokenizer)
     reward_names = display_names([str(f) for f in reward_folders], [])
     for rm_name, rm_folder in zip(reward_names, reward_folders):
         _score(config, rm_folder, rm_name, policies, prompt_ids, tokenizer, suffix)
-    sampling = {"temperature": config.ppo.temperature, "top_p": config.ppo.top_p,
-                "max_new_tokens": config.ppo.max_new_tokens, "samples_per_prompt": request.samples_per_prompt,
-                "seed": config.run.seed}
-    results = {"prompts": f"{prompt_set.summary}; {len(prompt_ids)} evaluated", "sampling": sampling,
-               "reward_models": {name: str(f) for name, f in zip(reward_names, reward_folders)},
-               "policies": policy_eval.summarise(policies)}
+    sampling = {
+        "temperature": config.ppo.temperature,
+        "top_p": config.ppo.top_p,
+        "max_new_tokens": config.ppo.max_new_tokens,
+        "samples_per_prompt": request.samples_per_prompt,
+        "seed": config.run.seed,
+    }
+    results = {
+        "prompts": f"{prompt_set.summary}; {len(prompt_ids)} evaluated",
+        "sampling": sampling,
+        "reward_models": {name: str(f) for name, f in zip(reward_names, reward_folders)},
+        "policies": policy_eval.summarise(policies),
+    }
     policy_eval.write_results(results, prompt_texts, policies, out)
     for line in policy_eval.summary_table(results):
         print(f"[eval policy] {line}", flush=True)
@@ -178,7 +206,11 @@ def _with_prompts(config: Config, request: PolicyEvalRequest) -> Config:
     import copy
 
     changed = copy.deepcopy(config)
-    changed.data.prompts.path, changed.data.prompts.format, changed.data.prompts.limit = request.data, request.format, None
+    changed.data.prompts.path, changed.data.prompts.format, changed.data.prompts.limit = (
+        request.data,
+        request.format,
+        None,
+    )
     return changed
 
 
@@ -191,18 +223,27 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
     from rlhf_ray.wire import SamplingSpec
 
     ppo, model = config.ppo, config.model
-    spec = SamplingSpec(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p, n=n,
-                        seed=config.run.seed)
+    spec = SamplingSpec(
+        max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p, n=n, seed=config.run.seed
+    )
     generator = _actor(RolloutGenerator, config, num_gpus=config.resources.generator_num_gpus).remote(
-        str(folder), max_lora_rank=config.lora.r, max_model_len=config.data.max_prompt_length + ppo.max_new_tokens,
-        dtype=model.dtype, enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
-        gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed,
-        trust_remote_code=model.trust_remote_code, enable_lora=False, threads=config.resources.generator_threads,
-        precision=model.precision)
+        str(folder),
+        max_lora_rank=config.lora.r,
+        max_model_len=config.data.max_prompt_length + ppo.max_new_tokens,
+        dtype=model.dtype,
+        enforce_eager=ppo.vllm_enforce_eager,
+        kv_cache_gib=ppo.vllm_kv_cache_gib,
+        gpu_memory_utilization=ppo.vllm_gpu_memory_utilization,
+        seed=config.run.seed,
+        trust_remote_code=model.trust_remote_code,
+        enable_lora=False,
+        threads=config.resources.generator_threads,
+        precision=model.precision,
+    )
     samples = policy_eval.PolicySamples(name, str(folder), [], [], [])
     try:
         for start in tqdm(range(0, len(prompt_ids), GENERATE_CHUNK), desc=f"eval sample {name}", mininterval=2.0):
-            chunk = prompt_ids[start:start + GENERATE_CHUNK]
+            chunk = prompt_ids[start : start + GENERATE_CHUNK]
             for rollout in ray.get(remote_call(generator, GeneratorRole.generate, chunk, spec, start)):
                 samples.prompt_index.append(start + rollout.prompt_index)
                 samples.responses.append(rollout.token_ids)
@@ -221,13 +262,20 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
     from rlhf_ray.wire import pack
 
     model = _actor(ReferenceModel, config, num_gpus=config.resources.reference_num_gpus).remote(
-        str(folder), config.model.dtype, config.ppo.temperature, config.model.trust_remote_code,
-        precision=config.model.precision)
+        str(folder),
+        config.model.dtype,
+        config.ppo.temperature,
+        config.model.trust_remote_code,
+        precision=config.model.precision,
+    )
     rows = []
     try:
         for index in _batches(len(policy.responses)):
-            batch = pack([prompt_ids[policy.prompt_index[i]] for i in index], [policy.responses[i] for i in index],
-                         tokenizer.pad_token_id)
+            batch = pack(
+                [prompt_ids[policy.prompt_index[i]] for i in index],
+                [policy.responses[i] for i in index],
+                tokenizer.pad_token_id,
+            )
             logprobs = ray.get(remote_call(model, ReferenceRole.logprobs, batch))
             rows += [(logprobs[k], batch.response_mask[k]) for k in range(len(index))]
     finally:
@@ -243,8 +291,9 @@ def _kl_to_first(config: Config, folders: list[Path], policies: list, prompt_ids
     policies[0].kl = [0.0] * len(policies[0].responses)
     for folder, policy in zip(folders[1:], policies[1:]):
         own = _logprobs(config, folder, policy, prompt_ids, tokenizer, f"log-probs of {policy.name} under itself")
-        first = _logprobs(config, folders[0], policy, prompt_ids, tokenizer,
-                          f"log-probs of {policy.name} under {policies[0].name}")
+        first = _logprobs(
+            config, folders[0], policy, prompt_ids, tokenizer, f"log-probs of {policy.name} under {policies[0].name}"
+        )
         policy.kl = [float(sequence_kl(lp, base, mask)) for (lp, mask), (base, _) in zip(own, first)]
 
 
@@ -255,8 +304,15 @@ def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, 
     from actors.reward_model import RewardModel
 
     scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
-        str(folder), dtype=config.model.dtype, normalize=False, clip=float("inf"), eos_token_id=tokenizer.eos_token_id,
-        end_of_turn_suffix=suffix, trust_remote_code=config.model.trust_remote_code, precision=config.model.precision)
+        str(folder),
+        dtype=config.model.dtype,
+        normalize=False,
+        clip=float("inf"),
+        eos_token_id=tokenizer.eos_token_id,
+        end_of_turn_suffix=suffix,
+        trust_remote_code=config.model.trust_remote_code,
+        precision=config.model.precision,
+    )
     try:
         for policy in policies:
             scores = []

@@ -37,39 +37,60 @@ def summarise(policies: list[PolicySamples]) -> dict:
         for rm, rewards in policy.rewards.items():
             mean, std = mean_and_std(rewards)
             first_mean, first_std = mean_and_std(first.rewards[rm])
-            per_rm[rm] = {"mean": mean, "std": std,
-                          "gain_in_first_std": (mean - first_mean) / first_std if first_std > 0 else 0.0,
-                          "win_rate_vs_first": win_rate(rewards, first.rewards[rm]).as_dict()}
+            per_rm[rm] = {
+                "mean": mean,
+                "std": std,
+                "gain_in_first_std": (mean - first_mean) / first_std if first_std > 0 else 0.0,
+                "win_rate_vs_first": win_rate(rewards, first.rewards[rm]).as_dict(),
+            }
         lengths = [len(r) for r in policy.responses]
         summary[policy.name] = {
-            "path": policy.path, "samples": len(policy.responses), "reward": per_rm,
+            "path": policy.path,
+            "samples": len(policy.responses),
+            "reward": per_rm,
             "kl_to_first": mean_and_std(policy.kl)[0] if policy.kl else 0.0,
-            "response_tokens": sum(lengths) / len(lengths), "finish_rate": sum(policy.finished) / len(policy.finished),
+            "response_tokens": sum(lengths) / len(lengths),
+            "finish_rate": sum(policy.finished) / len(policy.finished),
         }
     return summary
 
 
 def summary_table(results: dict) -> list[str]:
     """The report's table: one row per policy and reward model."""
-    lines = ["policy | reward model | mean reward | std | gain (baseline std) | win-rate vs baseline | "
-             "KL to baseline | tokens | finished", "--- | --- | --- | --- | --- | --- | --- | --- | ---"]
+    lines = [
+        "policy | reward model | mean reward | std | gain (baseline std) | win-rate vs baseline | "
+        "KL to baseline | tokens | finished",
+        "--- | --- | --- | --- | --- | --- | --- | --- | ---",
+    ]
     for name, s in results["policies"].items():
         for rm, r in s["reward"].items():
             w = r["win_rate_vs_first"]
-            lines.append(f"{name} | {rm} | {r['mean']:.3f} | {r['std']:.3f} | {r['gain_in_first_std']:+.3f} | "
-                         f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] | {s['kl_to_first']:.3f} | "
-                         f"{s['response_tokens']:.1f} | {s['finish_rate']:.2f}")
+            lines.append(
+                f"{name} | {rm} | {r['mean']:.3f} | {r['std']:.3f} | {r['gain_in_first_std']:+.3f} | "
+                f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] | {s['kl_to_first']:.3f} | "
+                f"{s['response_tokens']:.1f} | {s['finish_rate']:.2f}"
+            )
     return lines
 
 
 def markdown_report(results: dict) -> str:
     names = list(results["policies"])
-    lines = ["# Policy evaluation", "", results["prompts"], "", f"sampling: {results['sampling']}", "",
-             f"Baseline (first policy): `{names[0]}`. Win-rates against it with a 95% interval; "
-             "gain: difference in mean reward over the baseline's reward std. KL: nats per response, "
-             "on the policy's own samples.", "", *summary_table(results), "",
-             "Samples side by side: `samples.md` (first prompts) and `samples.html` (all); token ids, "
-             "rewards and per-sample KL in `samples.json`."]
+    lines = [
+        "# Policy evaluation",
+        "",
+        results["prompts"],
+        "",
+        f"sampling: {results['sampling']}",
+        "",
+        f"Baseline (first policy): `{names[0]}`. Win-rates against it with a 95% interval; "
+        "gain: difference in mean reward over the baseline's reward std. KL: nats per response, "
+        "on the policy's own samples.",
+        "",
+        *summary_table(results),
+        "",
+        "Samples side by side: `samples.md` (first prompts) and `samples.html` (all); token ids, "
+        "rewards and per-sample KL in `samples.json`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -100,10 +121,14 @@ def samples_html(prompts: list[str], policies: list[PolicySamples]) -> str:
             scores = ", ".join(f"{html.escape(rm)}: {p.rewards[rm][k]:.3f}" for rm in rms)
             cells.append(f"<td><pre>{html.escape(p.texts[k])}</pre><small>{scores}</small></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    style = ("table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px;vertical-align:top;"
-             "max-width:40em}pre{white-space:pre-wrap;margin:0}")
-    return (f"<!doctype html><meta charset='utf-8'><title>rlhf-ray samples</title><style>{style}</style>"
-            f"<table><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>\n")
+    style = (
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px;vertical-align:top;"
+        "max-width:40em}pre{white-space:pre-wrap;margin:0}"
+    )
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>rlhf-ray samples</title><style>{style}</style>"
+        f"<table><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>\n"
+    )
 
 
 def write_results(results: dict, prompts: list[str], policies: list[PolicySamples], out: Path) -> None:
@@ -111,7 +136,21 @@ def write_results(results: dict, prompts: list[str], policies: list[PolicySample
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(markdown_report(results))
     (out / "samples.md").write_text(samples_markdown(prompts, policies))
-    (out / "samples.json").write_text(json.dumps({p.name: {
-        "path": p.path, "prompt_index": p.prompt_index, "responses": p.responses, "finished": p.finished,
-        "texts": p.texts, "rewards": p.rewards, "kl": p.kl} for p in policies}) + "\n")
+    (out / "samples.json").write_text(
+        json.dumps(
+            {
+                p.name: {
+                    "path": p.path,
+                    "prompt_index": p.prompt_index,
+                    "responses": p.responses,
+                    "finished": p.finished,
+                    "texts": p.texts,
+                    "rewards": p.rewards,
+                    "kl": p.kl,
+                }
+                for p in policies
+            }
+        )
+        + "\n"
+    )
     (out / "samples.html").write_text(samples_html(prompts, policies))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from rlhf_ray.algo.evaluation import pairwise_summary
 from rlhf_ray.config import Config
@@ -41,8 +41,9 @@ def load_pair_set(config: Config, data_path: str, fmt: str, split: str, tokenize
     by the RM job's own `tokenize_pairs`, one source file at a time."""
     data = config.data
     loaded = load_preference_pairs(data_path, fmt, on_bad_row=data.on_bad_row)
-    examples = splits.select(loaded.examples, split, seed=data.seed, eval_fraction=data.eval_fraction,
-                             test_fraction=data.test_fraction)
+    examples = splits.select(
+        loaded.examples, split, seed=data.seed, eval_fraction=data.eval_fraction, test_fraction=data.test_fraction
+    )
     by_file: dict[str, list] = defaultdict(list)
     for pair in examples:
         by_file[pair.ref.file].append(pair)
@@ -51,16 +52,21 @@ def load_pair_set(config: Config, data_path: str, fmt: str, split: str, tokenize
         rows = tokenize_pairs(group, tokenizer, data.max_length, data.overlong, lengths).rows
         pairs += [TokenizedPair(row["chosen_ids"], row["rejected_ids"], source) for row in rows]
     if not pairs:
-        raise ValueError(f"{data_path}: no preference pairs to evaluate in split {split!r} "
-                         f"({len(loaded.examples)} read, {len(examples)} in the split; {lengths.summary()})")
-    description = (f"{data_path} ({loaded.format}), split {split!r}: {len(loaded.examples)} pairs read, "
-                   f"{len(examples)} in the split, {len(pairs)} scored; bad rows: {loaded.problems.summary()}; "
-                   f"lengths: {lengths.summary()}")
+        raise ValueError(
+            f"{data_path}: no preference pairs to evaluate in split {split!r} "
+            f"({len(loaded.examples)} read, {len(examples)} in the split; {lengths.summary()})"
+        )
+    description = (
+        f"{data_path} ({loaded.format}), split {split!r}: {len(loaded.examples)} pairs read, "
+        f"{len(examples)} in the split, {len(pairs)} scored; bad rows: {loaded.problems.summary()}; "
+        f"lengths: {lengths.summary()}"
+    )
     return PairSet(pairs, description)
 
 
-def score_pairs(score: ScoreFn, pairs: list[TokenizedPair], batch_size: int = 16,
-                progress: str | None = None) -> list[float]:
+def score_pairs(
+    score: ScoreFn, pairs: list[TokenizedPair], batch_size: int = 16, progress: str | None = None
+) -> list[float]:
     """Margins r(chosen) - r(rejected), scoring whole sequences in batches of similar length."""
     from tqdm import tqdm
 
@@ -69,7 +75,7 @@ def score_pairs(score: ScoreFn, pairs: list[TokenizedPair], batch_size: int = 16
     scores = [0.0] * len(sequences)
     with tqdm(total=len(sequences), desc=progress, disable=progress is None, mininterval=2.0) as bar:
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             values = score([sequences[i] for i in batch], [[] for _ in batch])
             for i, value in zip(batch, values):
                 scores[i] = float(value)
@@ -85,25 +91,41 @@ def summarise(pairs: list[TokenizedPair], margins: list[float]) -> dict:
 
     def of(indices: list[int]) -> dict:
         # the two sequences of a pair share their prompt, so comparing their lengths compares the responses
-        return pairwise_summary([margins[i] for i in indices], [len(pairs[i].chosen_ids) for i in indices],
-                                [len(pairs[i].rejected_ids) for i in indices]).as_dict()
+        return pairwise_summary(
+            [margins[i] for i in indices],
+            [len(pairs[i].chosen_ids) for i in indices],
+            [len(pairs[i].rejected_ids) for i in indices],
+        ).as_dict()
 
-    return {"overall": of(list(range(len(pairs)))), "per_file": {source: of(ix) for source, ix in sorted(groups.items())}}
+    return {
+        "overall": of(list(range(len(pairs)))),
+        "per_file": {source: of(ix) for source, ix in sorted(groups.items())},
+    }
 
 
 def markdown_report(results: dict) -> str:
-    lines = ["# Reward-model evaluation", "", results["data"], "",
-             "model | file | pairs | accuracy | ties | mean margin | calibration error (ECE) | longer chosen",
-             "--- | --- | --- | --- | --- | --- | --- | ---"]
+    lines = [
+        "# Reward-model evaluation",
+        "",
+        results["data"],
+        "",
+        "model | file | pairs | accuracy | ties | mean margin | calibration error (ECE) | longer chosen",
+        "--- | --- | --- | --- | --- | --- | --- | ---",
+    ]
     for model, result in results["models"].items():
         rows = [("all files", result["overall"])] + list(result["per_file"].items())
         for source, s in rows:
-            lines.append(f"{model} | {source} | {s['pairs']} | {s['accuracy']:.3f} | {s['ties']} | "
-                         f"{s['mean_margin']:.3f} | {s['calibration_error']:.3f} | {s['longer_chosen']:.3f}")
-    lines += ["", "accuracy: share of pairs the model scores chosen > rejected. calibration error: expected "
-              "calibration error of sigmoid(|margin|) as the confidence of the model's pick (10 bins). "
-              "longer chosen: how often the chosen response is the longer one in tokens, the accuracy of a "
-              "'pick the longer response' baseline."]
+            lines.append(
+                f"{model} | {source} | {s['pairs']} | {s['accuracy']:.3f} | {s['ties']} | "
+                f"{s['mean_margin']:.3f} | {s['calibration_error']:.3f} | {s['longer_chosen']:.3f}"
+            )
+    lines += [
+        "",
+        "accuracy: share of pairs the model scores chosen > rejected. calibration error: expected "
+        "calibration error of sigmoid(|margin|) as the confidence of the model's pick (10 bins). "
+        "longer chosen: how often the chosen response is the longer one in tokens, the accuracy of a "
+        "'pick the longer response' baseline.",
+    ]
     return "\n".join(lines) + "\n"
 
 

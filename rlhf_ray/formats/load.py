@@ -6,8 +6,9 @@ Every malformed row raises a `DataError` naming file, line and field, or under
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from rlhf_ray.formats import parsers
 from rlhf_ray.formats.names import FORMATS, FORMATS_OF_KIND
@@ -28,7 +29,9 @@ def detect_format(row: dict, ref: RowRef) -> str:
         return "prompt-completion"
     if "prompt" in keys:
         return "prompts"
-    raise DataError(ref, "<format>", f"cannot tell the format from keys {sorted(keys)}; set format to one of {list(FORMATS)}")
+    raise DataError(
+        ref, "<format>", f"cannot tell the format from keys {sorted(keys)}; set format to one of {list(FORMATS)}"
+    )
 
 
 Parser = Callable[[dict, RowRef], list]
@@ -76,8 +79,15 @@ class Loaded(Generic[T]):
     problems: RowProblems = field(default_factory=RowProblems)
 
 
-def load_examples(kind: str, source: str, fmt: str = "auto", *, on_bad_row: BadRowPolicy = "error",
-                  split: str = "train", limit: int | None = None) -> Loaded:
+def load_examples(
+    kind: str,
+    source: str,
+    fmt: str = "auto",
+    *,
+    on_bad_row: BadRowPolicy = "error",
+    split: str = "train",
+    limit: int | None = None,
+) -> Loaded:
     """Read `source` as `kind` examples ("preference", "sft" or "prompts")."""
     allowed, parser_for = FORMATS_OF_KIND[kind], PARSER_OF_KIND[kind]
     if fmt != "auto" and fmt not in allowed:

@@ -10,8 +10,13 @@ FORMATS: tuple[str, ...] = get_args(Format)
 # The kind of example a format holds, and the formats each kind can be read from: preference pairs
 # only from pair formats; SFT examples from anything with a target (a pair's chosen reply included);
 # prompts from every format.
-KIND_OF_FORMAT = {"hh-rlhf": "preference", "pairs": "preference", "self-instruct": "sft",
-                  "prompt-completion": "sft", "prompts": "prompts"}
+KIND_OF_FORMAT = {
+    "hh-rlhf": "preference",
+    "pairs": "preference",
+    "self-instruct": "sft",
+    "prompt-completion": "sft",
+    "prompts": "prompts",
+}
 FORMATS_OF_KIND: dict[str, tuple[str, ...]] = {
     "preference": ("hh-rlhf", "pairs"),
     "sft": ("hh-rlhf", "pairs", "self-instruct", "prompt-completion"),

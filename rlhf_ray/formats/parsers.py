@@ -55,7 +55,9 @@ def hh_rlhf_pair(row: dict, ref: RowRef) -> PreferencePair:
     chosen_prompt, chosen = split_transcript(row["chosen"], ref, "chosen")
     rejected_prompt, rejected = split_transcript(row["rejected"], ref, "rejected")
     if chosen_prompt != rejected_prompt:
-        raise DataError(ref, "rejected", "its turns before the final Assistant reply differ from 'chosen' (no shared prompt)")
+        raise DataError(
+            ref, "rejected", "its turns before the final Assistant reply differ from 'chosen' (no shared prompt)"
+        )
     return _distinct(PreferencePair(chosen_prompt, chosen, rejected, ref))
 
 

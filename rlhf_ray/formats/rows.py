@@ -107,4 +107,6 @@ def as_messages(value, ref: RowRef, field_name: str) -> list[Message]:
 def check_string_or_list(value, ref: RowRef, field_name: str) -> None:
     """For fields that take a string or chat messages: name both in the error for any other type."""
     if not isinstance(value, (str, list)):
-        raise DataError(ref, field_name, f"expected a non-empty list of chat messages or a string, got {type(value).__name__}")
+        raise DataError(
+            ref, field_name, f"expected a non-empty list of chat messages or a string, got {type(value).__name__}"
+        )

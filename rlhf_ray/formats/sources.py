@@ -6,8 +6,8 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from rlhf_ray.formats.rows import DataError, RowProblems, RowRef
 
@@ -44,7 +44,9 @@ def _file_rows(path: Path, problems: RowProblems) -> Iterator[tuple[RowRef, dict
                 try:
                     row = json.loads(raw.decode("utf-8-sig"))
                 except UnicodeDecodeError as err:
-                    problems.handle(DataError(ref, "<text>", f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"))
+                    problems.handle(
+                        DataError(ref, "<text>", f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+                    )
                     continue
                 except json.JSONDecodeError as err:
                     problems.handle(DataError(ref, "<json>", f"not valid JSON ({err.msg} at column {err.colno})"))
@@ -64,7 +66,9 @@ def _hub_rows(name: str, split: str) -> Iterator[tuple[RowRef, dict]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # the hub client raises many types; name the source in one message
-        raise DataError(name, "<source>", f"no such local file or folder, and loading it from the Hugging Face hub failed: {err}") from err
+        raise DataError(
+            name, "<source>", f"no such local file or folder, and loading it from the Hugging Face hub failed: {err}"
+        ) from err
     for index, row in enumerate(dataset):
         yield RowRef(f"hf:{name}[{split}]", index + 1), dict(row)
 

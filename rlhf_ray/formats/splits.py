@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable, Literal, Sequence, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Literal, TypeVar
 
 from rlhf_ray.formats.rows import Message
 
@@ -29,7 +30,7 @@ T = TypeVar("T")
 def prompt_numbers(prompt: Sequence[Message], seed: int) -> tuple[float, float]:
     """Two independent numbers in [0, 1) for a prompt: its split draw and its training-half draw."""
     key = json.dumps(list(prompt), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64, int.from_bytes(digest[8:16], "big") / 2**64
 
 
@@ -54,8 +55,9 @@ def _in_part(half: float, part: TrainPart) -> bool:
     return part == "all" or (half < 0.5) == (part == "a")
 
 
-def partition(examples: Iterable[T], *, seed: int, eval_fraction: float, test_fraction: float,
-              train_part: TrainPart = "all") -> dict[str, list[T]]:
+def partition(
+    examples: Iterable[T], *, seed: int, eval_fraction: float, test_fraction: float, train_part: TrainPart = "all"
+) -> dict[str, list[T]]:
     """Examples (anything with a `.prompt`) by split, in their input order: "train" (narrowed to
     `train_part`), "eval", "test", and "other" (the training half not chosen)."""
     parts: dict[str, list[T]] = {"train": [], "eval": [], "test": [], "other": []}
@@ -68,10 +70,18 @@ def partition(examples: Iterable[T], *, seed: int, eval_fraction: float, test_fr
     return parts
 
 
-def select(examples: Iterable[T], split: SplitOrAll, *, seed: int, eval_fraction: float, test_fraction: float,
-           train_part: TrainPart = "all") -> list[T]:
+def select(
+    examples: Iterable[T],
+    split: SplitOrAll,
+    *,
+    seed: int,
+    eval_fraction: float,
+    test_fraction: float,
+    train_part: TrainPart = "all",
+) -> list[T]:
     """The examples of one split ("all": every example); `train_part` narrows the training split."""
     if split == "all":
         return list(examples)
-    return partition(examples, seed=seed, eval_fraction=eval_fraction, test_fraction=test_fraction,
-                     train_part=train_part)[split]
+    return partition(
+        examples, seed=seed, eval_fraction=eval_fraction, test_fraction=test_fraction, train_part=train_part
+    )[split]

@@ -12,9 +12,14 @@ def apply_lora(model, lora: LoraConfig, task_type: str, modules_to_save: list[st
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type=task_type,
-                                 modules_to_save=modules_to_save)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
     return get_peft_model(model, peft_config)
 
 
@@ -22,8 +27,12 @@ def build_causal_lm(config: Config, model_path: str | Path):
     """The SFT model: the base causal LM, wrapped with a LoRA adapter when `lora.enabled`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype(config.model.dtype),
-                                                 use_safetensors=True, trust_remote_code=config.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path),
+        dtype=torch_dtype(config.model.dtype),
+        use_safetensors=True,
+        trust_remote_code=config.model.trust_remote_code,
+    )
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, config.lora, "CAUSAL_LM") if config.lora.enabled else model
@@ -76,8 +85,12 @@ def build_reward_model(config: Config, model_path: str | Path, pad_token_id: int
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(model_path), num_labels=1, dtype=torch_dtype(config.model.dtype), use_safetensors=True,
-        trust_remote_code=config.model.trust_remote_code)
+        str(model_path),
+        num_labels=1,
+        dtype=torch_dtype(config.model.dtype),
+        use_safetensors=True,
+        trust_remote_code=config.model.trust_remote_code,
+    )
     model.config.pad_token_id = pad_token_id
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -15,12 +14,13 @@ from rlhf_ray.wire import PackedBatch, at_response_positions
 @dataclass
 class ResponseOutputs:
     logprobs: torch.Tensor  # (B, A) log-prob of each sampled response token
-    entropy: Optional[torch.Tensor] = None  # (B, A), without gradient (a statistic)
-    hidden: Optional[torch.Tensor] = None  # (B, A, H) last hidden state before each response token
+    entropy: torch.Tensor | None = None  # (B, A), without gradient (a statistic)
+    hidden: torch.Tensor | None = None  # (B, A, H) last hidden state before each response token
 
 
-def response_forward(model, batch: PackedBatch, *, entropy: bool = False, hidden: bool = False,
-                     temperature: float = 1.0) -> ResponseOutputs:
+def response_forward(
+    model, batch: PackedBatch, *, entropy: bool = False, hidden: bool = False, temperature: float = 1.0
+) -> ResponseOutputs:
     """Log-probs (under the sampling temperature) of the response tokens, optionally entropy and hidden states.
 
     Only the positions that predict a response token go through the LM head (the prompt's positions

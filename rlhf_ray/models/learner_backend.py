@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -95,8 +96,9 @@ class DeepSpeedEngine:
 
     def save(self, folder: Path) -> dict:
         """Optimizer state in DeepSpeed's own layout; the frozen base weights are not copied."""
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="learner", save_latest=False,
-                                    exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(
+            str(folder / "deepspeed"), tag="learner", save_latest=False, exclude_frozen_parameters=True
+        )
         return {}
 
     def load(self, folder: Path, state: dict) -> None:
@@ -120,8 +122,13 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
     return engine
 
 
-def make_backend(module: torch.nn.Module, parameters: list[torch.nn.Parameter], lr: float, max_grad_norm: float,
-                 deepspeed_config: dict | None) -> LearnerBackend:
+def make_backend(
+    module: torch.nn.Module,
+    parameters: list[torch.nn.Parameter],
+    lr: float,
+    max_grad_norm: float,
+    deepspeed_config: dict | None,
+) -> LearnerBackend:
     """DeepSpeed when given its JSON (ppo.learner_backend=deepspeed), else torch AdamW."""
     if deepspeed_config:
         return DeepSpeedEngine(module, parameters, deepspeed_config)

@@ -10,9 +10,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
@@ -50,8 +54,7 @@ def require_safetensors(path: str | Path) -> Path:
         raise ValueError(f"{folder} is not a model folder (no config.json)")
     if not any(folder.glob("*.safetensors")):
         found = sorted(p.name for p in folder.glob("*.bin")) or "no weight files"
-        raise ValueError(f"{folder} has no .safetensors weights ({found}); "
-                         "only safetensors checkpoints are loaded")
+        raise ValueError(f"{folder} has no .safetensors weights ({found}); only safetensors checkpoints are loaded")
     return folder
 
 

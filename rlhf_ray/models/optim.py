@@ -20,8 +20,9 @@ def use_bf16(config: Config) -> bool:
 
 def deepspeed_config(config: Config, stage: TrainStageConfig, world_size: int) -> dict:
     """The JSON DeepSpeed gets: the file from `deepspeed.config_file`, with batch sizes, lr and precision filled in."""
-    return _filled_deepspeed_config(config, stage.batch_size, stage.grad_accum, world_size, stage.max_grad_norm,
-                                    stage.lr, stage.weight_decay)
+    return _filled_deepspeed_config(
+        config, stage.batch_size, stage.grad_accum, world_size, stage.max_grad_norm, stage.lr, stage.weight_decay
+    )
 
 
 # The PPO learner's AdamW (torch.optim.AdamW defaults), the same on both learner backends. `fused`: one
@@ -35,19 +36,30 @@ def learner_deepspeed_config(config: Config) -> dict:
     minibatch, and the torch learner's AdamW settings so that switching backend does not change the algorithm."""
     ppo = config.ppo
     micro = ppo.micro_batch_size or ppo.minibatch_size
-    ds = _filled_deepspeed_config(config, micro, math.ceil(ppo.minibatch_size / micro), 1, ppo.max_grad_norm,
-                                  ppo.lr, LEARNER_ADAMW["weight_decay"])
-    ds["optimizer"]["params"].update(betas=list(LEARNER_ADAMW["betas"]), eps=LEARNER_ADAMW["eps"],
-                                     fused=LEARNER_ADAMW["fused"])
+    ds = _filled_deepspeed_config(
+        config,
+        micro,
+        math.ceil(ppo.minibatch_size / micro),
+        1,
+        ppo.max_grad_norm,
+        ppo.lr,
+        LEARNER_ADAMW["weight_decay"],
+    )
+    ds["optimizer"]["params"].update(
+        betas=list(LEARNER_ADAMW["betas"]), eps=LEARNER_ADAMW["eps"], fused=LEARNER_ADAMW["fused"]
+    )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
-        raise ValueError(f"ppo.learner_backend=deepspeed needs ZeRO stage 1 or 2 (it skips steps with non-finite "
-                         f"gradients), got stage {stage} from {config.deepspeed.config_file} / deepspeed.zero_stage")
+        raise ValueError(
+            f"ppo.learner_backend=deepspeed needs ZeRO stage 1 or 2 (it skips steps with non-finite "
+            f"gradients), got stage {stage} from {config.deepspeed.config_file} / deepspeed.zero_stage"
+        )
     return ds
 
 
-def _filled_deepspeed_config(config: Config, micro: int, accum: int, world_size: int, max_grad_norm: float,
-                             lr: float, weight_decay: float) -> dict:
+def _filled_deepspeed_config(
+    config: Config, micro: int, accum: int, world_size: int, max_grad_norm: float, lr: float, weight_decay: float
+) -> dict:
     path = Path(config.deepspeed.config_file)
     try:
         ds = json.loads(path.read_text())

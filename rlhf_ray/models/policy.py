@@ -30,8 +30,9 @@ class PolicyWithValueHead(torch.nn.Module):
         return out, values
 
 
-def build_policy_with_value_head(model_path: str, lora: LoraConfig, temperature: float, *, dtype: str,
-                                 trust_remote_code: bool, device: torch.device) -> PolicyWithValueHead:
+def build_policy_with_value_head(
+    model_path: str, lora: LoraConfig, temperature: float, *, dtype: str, trust_remote_code: bool, device: torch.device
+) -> PolicyWithValueHead:
     """The base model with a fresh LoRA adapter, and a value head initialised small (seed torch first)."""
     base = load_causal_lm(model_path, dtype, trust_remote_code).to(device)
     policy = apply_lora(base, lora, "CAUSAL_LM")
@@ -59,7 +60,8 @@ def merged_lora_weights(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             deltas[checkpoint_name(name) + ".weight"] = sum(
-                module.get_delta_weight(adapter) for adapter in module.active_adapters)
+                module.get_delta_weight(adapter) for adapter in module.active_adapters
+            )
             parents.add(checkpoint_name(name).rpartition(".")[0] + ".")
     tensors = {}
     for name, param in model.named_parameters():

@@ -43,8 +43,9 @@ def cuda_bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def resolve_precision(setting: str, device_type: str = "cpu", *, cpu_features: list[str] | None = None,
-                      cuda_bf16: bool | None = None) -> Precision:
+def resolve_precision(
+    setting: str, device_type: str = "cpu", *, cpu_features: list[str] | None = None, cuda_bf16: bool | None = None
+) -> Precision:
     """The precision a process on `device_type` ("cpu" or "cuda") uses for `model.precision` = `setting`.
 
     `auto` is bf16-mixed where the device has native bf16 matmuls (a CPU with AMX or AVX512-BF16, a
@@ -63,7 +64,9 @@ def resolve_precision(setting: str, device_type: str = "cpu", *, cpu_features: l
         found = f"CPU has {', '.join(features)}" if features else ""
         lacking = "CPU has neither AMX nor AVX512-BF16"
     if setting == "bf16-mixed":
-        return Precision(True, "bf16-mixed (model.precision)" + ("" if found else f"; {lacking}: no native bf16 matmuls"))
+        return Precision(
+            True, "bf16-mixed (model.precision)" + ("" if found else f"; {lacking}: no native bf16 matmuls")
+        )
     if found:
         return Precision(True, f"bf16-mixed (model.precision auto: {found})")
     return Precision(False, f"fp32 (model.precision auto: {lacking})")

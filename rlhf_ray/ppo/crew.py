@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec
 
 from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, check_arguments
 
@@ -87,13 +88,24 @@ def _actor_pid(_actor) -> int:
 def _death_errors() -> tuple[type, ...]:
     from ray import exceptions
 
-    return (exceptions.RayActorError, exceptions.WorkerCrashedError, exceptions.NodeDiedError,
-            exceptions.OutOfMemoryError)
+    return (
+        exceptions.RayActorError,
+        exceptions.WorkerCrashedError,
+        exceptions.NodeDiedError,
+        exceptions.OutOfMemoryError,
+    )
 
 
 class ActorCrew:
-    def __init__(self, specs: list[RoleSpec], *, max_restarts: int, timeout_s: float,
-                 replay_roles: tuple[str, ...] = (LEARNER,), log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        specs: list[RoleSpec],
+        *,
+        max_restarts: int,
+        timeout_s: float,
+        replay_roles: tuple[str, ...] = (LEARNER,),
+        log: Callable[[str], None] = print,
+    ):
         self.specs = {spec.name: spec for spec in specs}
         self.max_restarts, self.timeout_s, self.replay_roles, self.log = max_restarts, timeout_s, replay_roles, log
         self.handles: dict[str, Any] = {}
@@ -122,8 +134,11 @@ class ActorCrew:
     def _create(self, spec: RoleSpec):
         import ray
 
-        return ray.remote(spec.cls).options(**spec.options, max_restarts=0, max_task_retries=0).remote(
-            *spec.args, **spec.kwargs)
+        return (
+            ray.remote(spec.cls)
+            .options(**spec.options, max_restarts=0, max_task_retries=0)
+            .remote(*spec.args, **spec.kwargs)
+        )
 
     def _wait_started(self, roles: list[str]) -> None:
         """Wait for the constructors (model load, vLLM engine start) and note each actor's process id."""
@@ -139,8 +154,9 @@ class ActorCrew:
             try:
                 ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
             except ray.exceptions.GetTimeoutError:
-                raise ActorCallTimeout(f"{role} did not finish {phase} within {self.timeout_s:.0f} s "
-                                       "(resources.call_timeout_s)") from None
+                raise ActorCallTimeout(
+                    f"{role} did not finish {phase} within {self.timeout_s:.0f} s (resources.call_timeout_s)"
+                ) from None
         return ray.get(list(refs.values()))
 
     def restart(self, role: str, phase: str, cause: str) -> None:
@@ -149,16 +165,21 @@ class ActorCrew:
 
         self.restarts[role] += 1
         if self.restarts[role] > self.max_restarts:
-            raise RoleKeepsDying(f"{role} died {self.restarts[role]} times (resources.max_actor_restarts="
-                                 f"{self.max_restarts}); last time during {phase}: {cause}")
-        self.log(f"[ppo] {role} (pid {self.pids.get(role)}) died during {phase}: {cause}; "
-                 f"re-creating it ({self.restarts[role]}/{self.max_restarts})")
+            raise RoleKeepsDying(
+                f"{role} died {self.restarts[role]} times (resources.max_actor_restarts="
+                f"{self.max_restarts}); last time during {phase}: {cause}"
+            )
+        self.log(
+            f"[ppo] {role} (pid {self.pids.get(role)}) died during {phase}: {cause}; "
+            f"re-creating it ({self.restarts[role]}/{self.max_restarts})"
+        )
         try:
             ray.kill(self.handles[role], no_restart=True)
         except Exception:  # already gone
             pass
-        wait_until_names_free([role], self.specs[role].options.get("namespace"),
-                              f"the dead actor {role} still holds its name")
+        wait_until_names_free(
+            [role], self.specs[role].options.get("namespace"), f"the dead actor {role} still holds its name"
+        )
         self.handles[role] = self._create(self.specs[role])
         self._wait_started([role])
         if self.on_restart is not None:
@@ -176,8 +197,10 @@ class ActorCrew:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
             if not ready:
                 waiting = sorted({calls[i].role for i in pending.values()})
-                raise ActorCallTimeout(f"{', '.join(waiting)} did not finish {phase} within {self.timeout_s:.0f} s "
-                                       "(resources.call_timeout_s)")
+                raise ActorCallTimeout(
+                    f"{', '.join(waiting)} did not finish {phase} within {self.timeout_s:.0f} s "
+                    "(resources.call_timeout_s)"
+                )
             index = pending.pop(ready[0])
             call = calls[index]
             try:

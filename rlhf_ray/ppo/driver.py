@@ -26,8 +26,10 @@ from rlhf_ray.roles import (
 from rlhf_ray.wire import Experience, Rollout, UpdateStats, pack
 
 # ppo.weight_sync -> (the learner's export method, the generators' load method)
-WEIGHT_SYNC_METHODS = {"merged": (LearnerRole.export_merged_weights, GeneratorRole.load_merged_weights),
-                       "adapter": (LearnerRole.export_adapter, GeneratorRole.load_adapter)}
+WEIGHT_SYNC_METHODS = {
+    "merged": (LearnerRole.export_merged_weights, GeneratorRole.load_merged_weights),
+    "adapter": (LearnerRole.export_adapter, GeneratorRole.load_adapter),
+}
 
 
 class GeneratorWeights:
@@ -49,15 +51,18 @@ class GeneratorWeights:
 
         self.payload = self.crew.call("export_weights", LEARNER, self.export_method)
         ref = ray.put(self.payload)
-        return self.crew.run("push_weights", [Call.to(name, self.load_method, self.payload.version, ref)
-                                              for name in self.crew.generator_names])
+        return self.crew.run(
+            "push_weights",
+            [Call.to(name, self.load_method, self.payload.version, ref) for name in self.crew.generator_names],
+        )
 
     def _restore(self, role: str, handle) -> None:
         import ray
 
         if role.startswith(GENERATOR_PREFIX) and self.payload is not None:
-            ray.get(remote_call(handle, self.load_method, self.payload.version, self.payload),
-                    timeout=self.crew.timeout_s)
+            ray.get(
+                remote_call(handle, self.load_method, self.payload.version, self.payload), timeout=self.crew.timeout_s
+            )
 
 
 def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
@@ -67,8 +72,11 @@ def generator_logprob_gap(rollouts: list, learner_logprobs) -> float:
     log-probs before temperature scaling, the learner after): about 1e-5 in fp32 and 0.03-0.04 in
     bf16-mixed (bf16 kernels of two libraries round differently). A large gap means stale weights.
     """
-    gaps = [abs(mine - theirs) for i, r in enumerate(rollouts)
-            for mine, theirs in zip(learner_logprobs[i].tolist(), r.logprobs)]
+    gaps = [
+        abs(mine - theirs)
+        for i, r in enumerate(rollouts)
+        for mine, theirs in zip(learner_logprobs[i].tolist(), r.logprobs)
+    ]
     return sum(gaps) / len(gaps) if gaps else 0.0
 
 
@@ -99,14 +107,18 @@ class StepResult:
         metrics = {
             "reward_mean": float(exp.scores.mean()),
             "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0,
-            "kl": self.mean_kl, "kl_coef": self.kl_coef, "response_length": float(lengths.mean()),
+            "kl": self.mean_kl,
+            "kl_coef": self.kl_coef,
+            "response_length": float(lengths.mean()),
             "finished_fraction": sum(r.finished for r in self.rollouts) / len(self.rollouts),
             "advantage_mean": float(masked_mean(exp.advantages, mask)),
             "return_mean": float(masked_mean(exp.returns, mask)),
             "generator_logprob_gap": generator_logprob_gap(self.rollouts, exp.old_logprobs),
             "generator_versions_min": min(self.generator_versions),
             "generator_versions_max": max(self.generator_versions),
-            **(self.update or {}), "update_skipped": float(self.update_skipped), **self.seconds,
+            **(self.update or {}),
+            "update_skipped": float(self.update_skipped),
+            **self.seconds,
         }
         if "seconds_generate" in self.seconds:  # (an overlapped generation has no time of its own)
             metrics["generated_tokens_per_s"] = float(lengths.sum()) / max(self.seconds["seconds_generate"], 1e-9)
@@ -114,8 +126,15 @@ class StepResult:
         return metrics
 
 
-def ppo_step(crew: ActorCrew, weights: GeneratorWeights, source: RolloutSource, batch: PromptBatch, kl_coef: float,
-             ppo: PPOConfig, pad_id: int) -> StepResult:
+def ppo_step(
+    crew: ActorCrew,
+    weights: GeneratorWeights,
+    source: RolloutSource,
+    batch: PromptBatch,
+    kl_coef: float,
+    ppo: PPOConfig,
+    pad_id: int,
+) -> StepResult:
     """Collect one batch of experience, update the policy, push the new weights to the generators.
 
     If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
@@ -134,10 +153,14 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, source: RolloutSource, 
     # 2. score, 3. reference log-probs, and the learner's old log-probs/values, all at once
     with timer("score_reference_values"):
         packed_ref = ray.put(packed)  # (Ray resolves an object ref passed as a top-level argument)
-        scores, ref_logprobs, (old_logprobs, values) = crew.run("score_reference_values", [
-            Call.to(REWARD, RewardRole.score, prompts, responses),
-            Call.to(REFERENCE, ReferenceRole.logprobs, packed_ref),
-            Call.to(LEARNER, LearnerRole.logprobs_and_values, packed_ref)])
+        scores, ref_logprobs, (old_logprobs, values) = crew.run(
+            "score_reference_values",
+            [
+                Call.to(REWARD, RewardRole.score, prompts, responses),
+                Call.to(REFERENCE, ReferenceRole.logprobs, packed_ref),
+                Call.to(LEARNER, LearnerRole.logprobs_and_values, packed_ref),
+            ],
+        )
 
     # 4. advantages: KL-shaped per-token rewards, then GAE
     with timer("advantages"):
@@ -146,8 +169,17 @@ def ppo_step(crew: ActorCrew, weights: GeneratorWeights, source: RolloutSource, 
         if ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
     experience = Experience(packed, old_logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
-    nonfinite = nonfinite_names({"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs,
-                                 "values": values, "advantages": advantages, "returns": returns}, mask)
+    nonfinite = nonfinite_names(
+        {
+            "scores": scores,
+            "old_logprobs": old_logprobs,
+            "ref_logprobs": ref_logprobs,
+            "values": values,
+            "advantages": advantages,
+            "returns": returns,
+        },
+        mask,
+    )
 
     # 5. update, unless the experience holds NaN/inf (an overlapping source samples the next batch meanwhile)
     update_calls = [] if nonfinite else [Call.to(LEARNER, LearnerRole.train_step, experience)]

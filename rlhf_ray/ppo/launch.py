@@ -23,7 +23,7 @@ def end_of_turn_suffix(tokenizer) -> list[int]:
 
     ids = response_ids(tokenizer, [{"role": "user", "content": "hi"}], "ok")
     eos = tokenizer.eos_token_id
-    return ids[len(ids) - ids[::-1].index(eos):] if eos in ids else []
+    return ids[len(ids) - ids[::-1].index(eos) :] if eos in ids else []
 
 
 def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> list[RoleSpec]:
@@ -40,26 +40,65 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
         return {"namespace": namespace, "num_cpus": res.actor_num_cpus, "num_gpus": gpus}
 
     generators = [
-        RoleSpec(f"{GENERATOR_PREFIX}{i}", RolloutGenerator, (str(paths.policy),), dict(
-            max_lora_rank=config.lora.r, max_model_len=max_model_len, dtype=model.dtype,
-            enforce_eager=ppo.vllm_enforce_eager, kv_cache_gib=ppo.vllm_kv_cache_gib,
-            gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, seed=config.run.seed + i,
-            trust_remote_code=model.trust_remote_code, enable_lora=ppo.weight_sync == "adapter",
-            threads=res.generator_threads, threads_shared_by=res.generator_replicas, precision=model.precision),
-            options(res.generator_num_gpus))
-        for i in range(res.generator_replicas)]
+        RoleSpec(
+            f"{GENERATOR_PREFIX}{i}",
+            RolloutGenerator,
+            (str(paths.policy),),
+            dict(
+                max_lora_rank=config.lora.r,
+                max_model_len=max_model_len,
+                dtype=model.dtype,
+                enforce_eager=ppo.vllm_enforce_eager,
+                kv_cache_gib=ppo.vllm_kv_cache_gib,
+                gpu_memory_utilization=ppo.vllm_gpu_memory_utilization,
+                seed=config.run.seed + i,
+                trust_remote_code=model.trust_remote_code,
+                enable_lora=ppo.weight_sync == "adapter",
+                threads=res.generator_threads,
+                threads_shared_by=res.generator_replicas,
+                precision=model.precision,
+            ),
+            options(res.generator_num_gpus),
+        )
+        for i in range(res.generator_replicas)
+    ]
     learner_ds = learner_deepspeed_config(config) if ppo.learner_backend == "deepspeed" else None
-    learner = RoleSpec(LEARNER, PolicyLearner, (str(paths.policy), config.lora, ppo), dict(
-        dtype=model.dtype, precision=model.precision, seed=config.run.seed, trust_remote_code=model.trust_remote_code,
-        deepspeed_config=learner_ds, update_threads=res.learner_update_threads), options(res.learner_num_gpus))
-    reward = RoleSpec(REWARD, RewardModel, (str(paths.reward),), dict(
-        dtype=model.dtype, normalize=ppo.normalize_reward, clip=ppo.reward_clip, eos_token_id=tokenizer.eos_token_id,
-        end_of_turn_suffix=end_of_turn_suffix(tokenizer), trust_remote_code=model.trust_remote_code,
-        precision=model.precision),
-        options(res.reward_num_gpus))
-    reference = RoleSpec(REFERENCE, ReferenceModel, (str(paths.policy), model.dtype, ppo.temperature,
-                                                     model.trust_remote_code), dict(precision=model.precision),
-                         options(res.reference_num_gpus))
+    learner = RoleSpec(
+        LEARNER,
+        PolicyLearner,
+        (str(paths.policy), config.lora, ppo),
+        dict(
+            dtype=model.dtype,
+            precision=model.precision,
+            seed=config.run.seed,
+            trust_remote_code=model.trust_remote_code,
+            deepspeed_config=learner_ds,
+            update_threads=res.learner_update_threads,
+        ),
+        options(res.learner_num_gpus),
+    )
+    reward = RoleSpec(
+        REWARD,
+        RewardModel,
+        (str(paths.reward),),
+        dict(
+            dtype=model.dtype,
+            normalize=ppo.normalize_reward,
+            clip=ppo.reward_clip,
+            eos_token_id=tokenizer.eos_token_id,
+            end_of_turn_suffix=end_of_turn_suffix(tokenizer),
+            trust_remote_code=model.trust_remote_code,
+            precision=model.precision,
+        ),
+        options(res.reward_num_gpus),
+    )
+    reference = RoleSpec(
+        REFERENCE,
+        ReferenceModel,
+        (str(paths.policy), model.dtype, ppo.temperature, model.trust_remote_code),
+        dict(precision=model.precision),
+        options(res.reference_num_gpus),
+    )
     specs = [*generators, learner, reward, reference]
     for spec in specs:
         spec.options["name"] = spec.name
@@ -69,6 +108,9 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:
     """Start the actors (after any left by a dead driver are gone) and wait until all are ready."""
     # A driver that died leaves its actors for Ray to reap; a resumed run waits for their names.
-    wait_until_names_free([spec.name for spec in specs], specs[0].options["namespace"],
-                          "another driver is running this run.name (stop it or choose another run.name)")
+    wait_until_names_free(
+        [spec.name for spec in specs],
+        specs[0].options["namespace"],
+        "another driver is running this run.name (stop it or choose another run.name)",
+    )
     return ActorCrew(specs, max_restarts=config.resources.max_actor_restarts, timeout_s=config.resources.call_timeout_s)

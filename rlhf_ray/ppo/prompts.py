@@ -36,10 +36,20 @@ def load_prompt_set(config: Config, tokenizer, split: SplitOrAll = "train") -> P
     `eval` or `test` prompts), apply the chat template and the over-length policy at `data.max_prompt_length`."""
     data = config.data
     source = data.prompts
-    loaded = load_prompts(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
-    wanted = {id(example) for example in splits.select(
-        loaded.examples, split, seed=data.seed, eval_fraction=data.eval_fraction, test_fraction=data.test_fraction,
-        train_part=data.train_part)}
+    loaded = load_prompts(
+        source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit
+    )
+    wanted = {
+        id(example)
+        for example in splits.select(
+            loaded.examples,
+            split,
+            seed=data.seed,
+            eval_fraction=data.eval_fraction,
+            test_fraction=data.test_fraction,
+            train_part=data.train_part,
+        )
+    }
     report = LengthReport(data.overlong)
     examples, token_ids = [], []
     for example in loaded.examples:  # every prompt is checked, also those of other splits
@@ -48,9 +58,13 @@ def load_prompt_set(config: Config, tokenizer, split: SplitOrAll = "train") -> P
             examples.append(example)
             token_ids.append(ids)
     if not token_ids:
-        raise ValueError(f"{source.path}: no {split!r} prompts left after the held-out split and the length policy "
-                         f"({len(loaded.examples)} read, {len(wanted)} in the {split!r} split; {report.summary()})")
-    summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(wanted)} of "
-               f"{len(loaded.examples)} prompts in the {split!r} split, {len(token_ids)} used; "
-               f"bad rows: {loaded.problems.summary()}; lengths: {report.summary()}")
+        raise ValueError(
+            f"{source.path}: no {split!r} prompts left after the held-out split and the length policy "
+            f"({len(loaded.examples)} read, {len(wanted)} in the {split!r} split; {report.summary()})"
+        )
+    summary = (
+        f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(wanted)} of "
+        f"{len(loaded.examples)} prompts in the {split!r} split, {len(token_ids)} used; "
+        f"bad rows: {loaded.problems.summary()}; lengths: {report.summary()}"
+    )
     return PromptSet(examples, token_ids, summary)

@@ -8,9 +8,10 @@ ratio, computed against the learner's own old log-probs, accounts for it).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from rlhf_ray.ppo.crew import ActorCrew, Call
 from rlhf_ray.roles import GeneratorRole
@@ -67,8 +68,10 @@ def split_evenly(items: list, parts: int) -> list[list]:
 def generate_calls(crew: ActorCrew, batch: PromptBatch) -> tuple[list[list[int]], list[Call]]:
     """The prompt batch split across the generator replicas: (prompt indices per shard, one call per shard)."""
     shards = [s for s in split_evenly(list(range(len(batch.prompts))), len(crew.generator_names)) if s]
-    calls = [Call.to(name, GeneratorRole.generate, [batch.prompts[i] for i in shard], batch.sampling, shard[0])
-             for name, shard in zip(crew.generator_names, shards)]
+    calls = [
+        Call.to(name, GeneratorRole.generate, [batch.prompts[i] for i in shard], batch.sampling, shard[0])
+        for name, shard in zip(crew.generator_names, shards)
+    ]
     return shards, calls
 
 
@@ -125,8 +128,8 @@ class OverlappedRollouts(SyncRollouts):
         shards, next_calls = generate_calls(self.crew, self.batch_of(following))
         with timer("update_and_generate_next" if calls else "generate_next"):
             results = self.crew.run("update" if calls else "generate", calls + next_calls)
-        self.ahead = (following, gather_rollouts(shards, results[len(calls):]))
-        return results[:len(calls)]
+        self.ahead = (following, gather_rollouts(shards, results[len(calls) :]))
+        return results[: len(calls)]
 
     def reset(self) -> None:
         self.ahead = self.current = None

@@ -15,8 +15,20 @@ from rlhf_ray.wire import SamplingSpec
 
 DRIVER_STATE = "driver_state.json"  # iteration, KL coefficient, samples seen, counters
 CHECKPOINTS_KEPT = 2
-PLOTTED = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "finished_fraction", "value_loss",
-           "explained_variance", "clip_fraction", "approx_kl", "generated_tokens_per_s", "seconds_iteration"]
+PLOTTED = [
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "entropy",
+    "response_length",
+    "finished_fraction",
+    "value_loss",
+    "explained_variance",
+    "clip_fraction",
+    "approx_kl",
+    "generated_tokens_per_s",
+    "seconds_iteration",
+]
 
 
 @dataclass
@@ -48,9 +60,13 @@ def model_identity(config: Config, paths: ModelPaths) -> dict:
     """What a checkpoint must match to be resumed: the starting policy's architecture and the LoRA shape."""
     from rlhf_ray.checkpoints import sha256_of
 
-    return {"policy_model": str(paths.policy), "policy_config_sha256": sha256_of(paths.policy / "config.json"),
-            "lora_r": config.lora.r, "lora_target_modules": sorted(config.lora.target_modules),
-            "learner_backend": config.ppo.learner_backend}
+    return {
+        "policy_model": str(paths.policy),
+        "policy_config_sha256": sha256_of(paths.policy / "config.json"),
+        "lora_r": config.lora.r,
+        "lora_target_modules": sorted(config.lora.target_modules),
+        "learner_backend": config.ppo.learner_backend,
+    }
 
 
 # Identity keys added after the first release: checkpoints written before them had these values.
@@ -68,7 +84,8 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
             f"checkpoint {checkpoint} was written for another model: {', '.join(different)} differ "
             f"(checkpoint: policy {saved.get('policy_model')}, LoRA r={saved.get('lora_r')}, "
             f"learner_backend {saved.get('learner_backend')}; this run: policy {identity['policy_model']}, "
-            f"LoRA r={identity['lora_r']}, learner_backend {identity.get('learner_backend')})")
+            f"LoRA r={identity['lora_r']}, learner_backend {identity.get('learner_backend')})"
+        )
 
 
 def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:
@@ -78,8 +95,10 @@ def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:
     candidates = sorted(folder.glob("iter_*")) if folder.is_dir() else []
     chosen = newest_valid(folder, "iter_*", log=lambda line: print(f"[ppo] {line}", flush=True))
     if chosen is None and candidates:
-        raise CheckpointError(f"--resume: none of the {len(candidates)} checkpoints under {folder} is complete "
-                              "(see the warnings above); refusing to start over. Move the folder away to start afresh.")
+        raise CheckpointError(
+            f"--resume: none of the {len(candidates)} checkpoints under {folder} is complete "
+            "(see the warnings above); refusing to start over. Move the folder away to start afresh."
+        )
     if chosen is None:
         print(f"[ppo] --resume: no checkpoint under {folder} yet; starting from iteration 0", flush=True)
         return None
@@ -101,10 +120,17 @@ def _make_kl_controller(config: Config, value: float):
 def _write_samples(path: Path, iteration: int, rollouts, experience, prompts, tokenizer, limit: int = 4) -> None:
     with open(path, "a") as handle:
         for row, rollout in enumerate(rollouts[:limit]):
-            handle.write(json.dumps({
-                "iteration": iteration, "prompt": tokenizer.decode(prompts[rollout.prompt_index]),
-                "response": tokenizer.decode(rollout.token_ids, skip_special_tokens=True),
-                "score": float(experience.scores[row])}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "iteration": iteration,
+                        "prompt": tokenizer.decode(prompts[rollout.prompt_index]),
+                        "response": tokenizer.decode(rollout.token_ids, skip_special_tokens=True),
+                        "score": float(experience.scores[row]),
+                    }
+                )
+                + "\n"
+            )
 
 
 def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = None, on_iteration=None) -> PPOResult:
@@ -146,7 +172,9 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     finally:
         crew.stop()
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo", PLOTTED)
-    print(f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True)
+    print(
+        f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True
+    )
     return PPOResult(out, state["iteration"], metrics)
 
 
@@ -169,8 +197,11 @@ class PPOLoop:
         self.config, self.crew, self.prompts, self.tokenizer = config, crew, prompts, tokenizer
         self.out, self.identity, self.on_iteration = out, identity, on_iteration
         self.weights = GeneratorWeights(crew, config.ppo.weight_sync)
-        self.source = (OverlappedRollouts(crew, self.batch_of, config.ppo.iterations) if config.ppo.overlap_generation
-                       else SyncRollouts(crew))
+        self.source = (
+            OverlappedRollouts(crew, self.batch_of, config.ppo.iterations)
+            if config.ppo.overlap_generation
+            else SyncRollouts(crew)
+        )
         self.last_checkpoint: Path | None = None
         self.log = None
         self.state: dict = {}
@@ -191,8 +222,10 @@ class PPOLoop:
                 print(f"[ppo] {lost}; replaying from {self.last_checkpoint or 'the start'}", flush=True)
                 self._start_from(self.last_checkpoint)
             bar.n = self.state["iteration"]
-            bar.set_postfix(reward=f"{self.metrics.get('reward_mean', float('nan')):.3f}",
-                            kl=f"{self.metrics.get('kl', float('nan')):.3f}")
+            bar.set_postfix(
+                reward=f"{self.metrics.get('reward_mean', float('nan')):.3f}",
+                kl=f"{self.metrics.get('kl', float('nan')):.3f}",
+            )
             bar.refresh()
         bar.close()
         self.log.close()
@@ -213,8 +246,13 @@ class PPOLoop:
             except RoleLost as lost:
                 print(f"[ppo] {lost}; trying again", flush=True)
         self.source.reset()  # sampled by weights that are gone; a resumed run samples its first batch again
-        self.state = {"iteration": 0, "kl_coef": self.config.ppo.kl_coef, "samples_seen": 0, "skipped_updates": 0,
-                      "nonfinite_in_a_row": 0}
+        self.state = {
+            "iteration": 0,
+            "kl_coef": self.config.ppo.kl_coef,
+            "samples_seen": 0,
+            "skipped_updates": 0,
+            "nonfinite_in_a_row": 0,
+        }
         if checkpoint is not None:
             self.state.update(json.loads((checkpoint / DRIVER_STATE).read_text()))
             print(f"[ppo] resumed from {checkpoint} (iteration {self.state['iteration']})", flush=True)
@@ -229,8 +267,9 @@ class PPOLoop:
         """Prompts and sampling of `iteration`: they depend on nothing else."""
         ppo, seed = self.config.ppo, self.config.run.seed
         ids = self.prompts.batch(iteration, ppo.rollout_batch_size, seed)
-        sampling = SamplingSpec(ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt,
-                                seed=seed * 1_000 + iteration)
+        sampling = SamplingSpec(
+            ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt, seed=seed * 1_000 + iteration
+        )
         return PromptBatch(iteration, ids, [self.prompts.token_ids[i] for i in ids], sampling)
 
     def _iterate(self) -> None:
@@ -241,34 +280,51 @@ class PPOLoop:
         ppo, state = self.config.ppo, self.state
         iteration = state["iteration"]
         batch = self.batch_of(iteration)
-        result = ppo_step(self.crew, self.weights, self.source, batch, self.kl_controller.value, ppo,
-                          self.tokenizer.pad_token_id)
+        result = ppo_step(
+            self.crew, self.weights, self.source, batch, self.kl_controller.value, ppo, self.tokenizer.pad_token_id
+        )
         experience, rollouts, metrics = result.experience, result.rollouts, result.metrics()
         nonfinite = ", ".join(result.nonfinite_in) or "loss or gradients"
         if result.update_skipped:
             state["skipped_updates"] += 1
             state["nonfinite_in_a_row"] += 1
-            print(f"[ppo] iteration {iteration + 1}: update skipped, NaN/inf in {nonfinite} "
-                  f"({state['nonfinite_in_a_row']} in a row)", flush=True)
+            print(
+                f"[ppo] iteration {iteration + 1}: update skipped, NaN/inf in {nonfinite} "
+                f"({state['nonfinite_in_a_row']} in a row)",
+                flush=True,
+            )
             if state["nonfinite_in_a_row"] >= ppo.max_nonfinite_in_a_row:
                 raise NonFiniteError(
-                    f"stopping at iteration {iteration + 1}: {state['nonfinite_in_a_row']} updates in a row were skipped "
-                    f"for NaN/inf (ppo.max_nonfinite_in_a_row={ppo.max_nonfinite_in_a_row}); last in "
-                    f"{nonfinite}; prompt ids of that batch: {batch.prompt_ids}")
+                    f"stopping at iteration {iteration + 1}: {state['nonfinite_in_a_row']} updates in a row "
+                    f"were skipped for NaN/inf (ppo.max_nonfinite_in_a_row={ppo.max_nonfinite_in_a_row}); last in "
+                    f"{nonfinite}; prompt ids of that batch: {batch.prompt_ids}"
+                )
         else:
             state["nonfinite_in_a_row"] = 0
             self.kl_controller.update(result.mean_kl, len(rollouts))
-        metrics["explained_variance"] = float(explained_variance(experience.values, experience.returns,
-                                                                 experience.batch.response_mask))
-        state.update({"iteration": iteration + 1, "kl_coef": self.kl_controller.value, "prompt_ids": batch.prompt_ids,
-                      "samples_seen": state["samples_seen"] + len(rollouts)})
-        metrics.update(samples_seen=state["samples_seen"], skipped_updates=state["skipped_updates"],
-                       actor_restarts=self.crew.total_restarts)  # restarts by this driver process
+        metrics["explained_variance"] = float(
+            explained_variance(experience.values, experience.returns, experience.batch.response_mask)
+        )
+        state.update(
+            {
+                "iteration": iteration + 1,
+                "kl_coef": self.kl_controller.value,
+                "prompt_ids": batch.prompt_ids,
+                "samples_seen": state["samples_seen"] + len(rollouts),
+            }
+        )
+        metrics.update(
+            samples_seen=state["samples_seen"],
+            skipped_updates=state["skipped_updates"],
+            actor_restarts=self.crew.total_restarts,
+        )  # restarts by this driver process
         self.metrics = metrics = finite_only(metrics)
         self.log.log(iteration + 1, metrics)
         dashboard_metrics.publish(metrics, self.config.run.name, "ppo")
         if ppo.sample_every and (iteration + 1) % ppo.sample_every == 0:
-            _write_samples(self.out / "samples.jsonl", iteration + 1, rollouts, experience, batch.prompts, self.tokenizer)
+            _write_samples(
+                self.out / "samples.jsonl", iteration + 1, rollouts, experience, batch.prompts, self.tokenizer
+            )
         saved = None
         if ppo.checkpoint_every and (iteration + 1) % ppo.checkpoint_every == 0 or iteration + 1 == ppo.iterations:
             saved = self._save_checkpoint()

@@ -18,8 +18,9 @@ class TokenizedSet:
     lengths: LengthReport = field(default_factory=LengthReport)
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer, max_length: int, policy: str,
-                 report: LengthReport | None = None) -> TokenizedSet:
+def tokenize_sft(
+    examples: list[SFTExample], tokenizer, max_length: int, policy: str, report: LengthReport | None = None
+) -> TokenizedSet:
     """Prompt + response ids, labels masked to the response tokens only (`report` to count into an existing one)."""
     report, rows = report or LengthReport(policy), []
     for ex in examples:
@@ -31,8 +32,9 @@ def tokenize_sft(examples: list[SFTExample], tokenizer, max_length: int, policy:
     return TokenizedSet(rows, report)
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, policy: str,
-                   report: LengthReport | None = None) -> TokenizedSet:
+def tokenize_pairs(
+    pairs: list[PreferencePair], tokenizer, max_length: int, policy: str, report: LengthReport | None = None
+) -> TokenizedSet:
     """Full chosen and rejected sequences sharing one (possibly left-truncated) prompt."""
     report, rows = report or LengthReport(policy), []
     for pair in pairs:
@@ -58,8 +60,8 @@ def epoch_batches(n_rows: int, batch_size: int, rank: int, world_size: int, seed
     global_size = batch_size * world_size
     batches = []
     for start in range(0, n_rows - global_size + 1, global_size):
-        chunk = order[start: start + global_size]
-        batches.append(chunk[rank * batch_size: (rank + 1) * batch_size])
+        chunk = order[start : start + global_size]
+        batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
     return batches
 
 
@@ -78,7 +80,7 @@ def length_chunks(lengths: list[int], chunk_size: int) -> list[list[int]]:
     if chunk_size <= 0 or chunk_size >= len(lengths):
         return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[start:start + chunk_size] for start in range(0, len(order), chunk_size)]
+    return [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
 
 
 def collate_sft_chunks(rows: list[dict], pad_id: int, chunk_size: int) -> list[dict[str, torch.Tensor]]:
@@ -96,8 +98,11 @@ def collate_pair_chunks(rows: list[dict], pad_id: int, chunk_size: int) -> list[
 def collate_sft(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids, attention_mask and labels."""
     ids = [r["input_ids"] for r in rows]
-    return {"input_ids": _pad(ids, pad_id), "attention_mask": _mask(ids),
-            "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX)}
+    return {
+        "input_ids": _pad(ids, pad_id),
+        "attention_mask": _mask(ids),
+        "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX),
+    }
 
 
 def shared_prompt_pair_chunks(rows: list[dict], pad_id: int, chunk_size: int) -> list[dict[str, torch.Tensor]]:
@@ -149,16 +154,21 @@ def collate_shared_prompt_pairs(rows: list[dict], pad_id: int) -> dict[str, torc
         shared = shared_prefix_length(chosen, rejected)
         end = len(chosen) + len(rejected) - shared  # packed_pair_length
         ids[b, :end] = torch.tensor(chosen + rejected[shared:])
-        positions[b, :len(chosen)] = torch.arange(len(chosen))
-        positions[b, len(chosen):end] = torch.arange(shared, len(rejected))
-        segment[b, :shared], segment[b, shared:len(chosen)], segment[b, len(chosen):end] = SHARED, CHOSEN, REJECTED
+        positions[b, : len(chosen)] = torch.arange(len(chosen))
+        positions[b, len(chosen) : end] = torch.arange(shared, len(rejected))
+        segment[b, :shared], segment[b, shared : len(chosen)], segment[b, len(chosen) : end] = SHARED, CHOSEN, REJECTED
         chosen_at.append(pooled_index(chosen, pad_id))
         j = pooled_index(rejected, pad_id)
         rejected_at.append(j if j < shared else len(chosen) + j - shared)
         sequence_tokens += len(chosen) + len(rejected)
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": segment_attention(segment, shared=SHARED),
-            "chosen_at": torch.tensor(chosen_at), "rejected_at": torch.tensor(rejected_at),
-            "sequence_tokens": torch.tensor(sequence_tokens)}
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "attention_mask": segment_attention(segment, shared=SHARED),
+        "chosen_at": torch.tensor(chosen_at),
+        "rejected_at": torch.tensor(rejected_at),
+        "sequence_tokens": torch.tensor(sequence_tokens),
+    }
 
 
 def segment_attention(segment: torch.Tensor, shared: int | None = None) -> torch.Tensor:
@@ -201,9 +211,13 @@ def collate_packed_sft(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]
         labels.append([t for i in members for t in [IGNORE_INDEX] + rows[i]["labels"][1:]])
         positions.append([p for i in members for p in range(len(rows[i]["input_ids"]))])
         segments.append([k for k, i in enumerate(members) for _ in rows[i]["input_ids"]])
-    return {"input_ids": _pad(ids, pad_id), "labels": _pad(labels, IGNORE_INDEX), "position_ids": _pad(positions, 0),
-            "attention_mask": segment_attention(_pad(segments, PADDING)),
-            "sequence_tokens": torch.tensor(sum(lengths))}
+    return {
+        "input_ids": _pad(ids, pad_id),
+        "labels": _pad(labels, IGNORE_INDEX),
+        "position_ids": _pad(positions, 0),
+        "attention_mask": segment_attention(_pad(segments, PADDING)),
+        "sequence_tokens": torch.tensor(sum(lengths)),
+    }
 
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.formats import splits
@@ -37,20 +37,32 @@ def prepare_rows(config: Config, stage: str, tokenizer) -> tuple[list, list, str
     else:
         source, load, tokenize = data.preference, load_preference_pairs, batches.tokenize_pairs
     loaded = load(source.path, source.format, on_bad_row=data.on_bad_row, split=source.split, limit=source.limit)
-    parts = splits.partition(loaded.examples, seed=data.seed, eval_fraction=data.eval_fraction,
-                             test_fraction=data.test_fraction, train_part=data.train_part)
+    parts = splits.partition(
+        loaded.examples,
+        seed=data.seed,
+        eval_fraction=data.eval_fraction,
+        test_fraction=data.test_fraction,
+        train_part=data.train_part,
+    )
     lengths = LengthReport(data.overlong)  # every row is checked, also those this stage does not use
-    train, held_out, _, _ = (tokenize(parts[name], tokenizer, data.max_length, data.overlong, lengths)
-                             for name in ("train", "eval", "test", "other"))
-    unused = f"{len(parts['test'])} test" + (f" + {len(parts['other'])} in the other training half"
-                                              if data.train_part != "all" else "")
-    summary = (f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(loaded.examples)} examples; "
-               f"bad rows: {loaded.problems.summary()}; lengths: {lengths.summary()}; "
-               f"{len(train.rows)} train / {len(held_out.rows)} eval, {unused} not used (split by prompt)")
+    train, held_out, _, _ = (
+        tokenize(parts[name], tokenizer, data.max_length, data.overlong, lengths)
+        for name in ("train", "eval", "test", "other")
+    )
+    unused = f"{len(parts['test'])} test" + (
+        f" + {len(parts['other'])} in the other training half" if data.train_part != "all" else ""
+    )
+    summary = (
+        f"{source.path} ({loaded.format}): {loaded.rows_read} rows read, {len(loaded.examples)} examples; "
+        f"bad rows: {loaded.problems.summary()}; lengths: {lengths.summary()}; "
+        f"{len(train.rows)} train / {len(held_out.rows)} eval, {unused} not used (split by prompt)"
+    )
     check_enough_rows(len(train.rows), config, stage, summary)
     if data.eval_fraction > 0 and not held_out.rows:
-        raise ValueError(f"{stage}: no rows fell in the eval split (data.eval_fraction {data.eval_fraction} of "
-                         f"{len(loaded.examples)} examples, chosen by prompt); raise data.eval_fraction. Data: {summary}")
+        raise ValueError(
+            f"{stage}: no rows fell in the eval split (data.eval_fraction {data.eval_fraction} of "
+            f"{len(loaded.examples)} examples, chosen by prompt); raise data.eval_fraction. Data: {summary}"
+        )
     return train.rows, held_out.rows, summary
 
 
@@ -59,9 +71,11 @@ def check_enough_rows(n_train: int, config: Config, stage: str, summary: str) ->
     stage_config, workers = getattr(config, stage), config.resources.num_workers
     needed = stage_config.batch_size * stage_config.grad_accum * workers
     if n_train < needed:
-        raise ValueError(f"{stage}: {n_train} training rows are fewer than one optimizer step needs "
-                         f"({stage}.batch_size {stage_config.batch_size} x {stage}.grad_accum {stage_config.grad_accum} "
-                         f"x resources.num_workers {workers} = {needed}); data: {summary}")
+        raise ValueError(
+            f"{stage}: {n_train} training rows are fewer than one optimizer step needs "
+            f"({stage}.batch_size {stage_config.batch_size} x {stage}.grad_accum {stage_config.grad_accum} "
+            f"x resources.num_workers {workers} = {needed}); data: {summary}"
+        )
 
 
 def stage_model_paths(config: Config, base_model: str | None = None) -> tuple[Path, Path]:
@@ -71,8 +85,9 @@ def stage_model_paths(config: Config, base_model: str | None = None) -> tuple[Pa
     return model_path, tokenizer_path
 
 
-def run_stage(config: Config, stage: str, *, base_model: str | None = None,
-              after_step: Callable[[int, int], None] | None = None) -> StageResult:
+def run_stage(
+    config: Config, stage: str, *, base_model: str | None = None, after_step: Callable[[int, int], None] | None = None
+) -> StageResult:
     """Run the `sft` or `rm` job to completion (resuming a same-named run) and export its model.
 
     `after_step(step, rank)`, when given, runs in every worker after each optimizer step.
@@ -101,29 +116,44 @@ def run_stage(config: Config, stage: str, *, base_model: str | None = None,
     print(f"[{stage}] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
 
     loop_config = {
-        "config": _as_dict(config), "stage": stage, "deepspeed": ds, "output_dir": str(out),
-        "model_path": str(model_path), "tokenizer_path": str(tokenizer_path), "pad_id": tokenizer.pad_token_id,
-        "data": ray.put({"train": train, "eval": held_out}), "after_step": after_step,
+        "config": _as_dict(config),
+        "stage": stage,
+        "deepspeed": ds,
+        "output_dir": str(out),
+        "model_path": str(model_path),
+        "tokenizer_path": str(tokenizer_path),
+        "pad_id": tokenizer.pad_token_id,
+        "data": ray.put({"train": train, "eval": held_out}),
+        "after_step": after_step,
     }
     resources = config.resources
     trainer = TorchTrainer(
-        _resolve_data_ref_then(train_fn_per_worker), train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+        _resolve_data_ref_then(train_fn_per_worker),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker},
+        ),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-        run_config=RunConfig(name=stage, storage_path=str(out / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=stage_config.num_to_keep),
-                             failure_config=FailureConfig(max_failures=stage_config.max_failures)),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage_config.num_to_keep),
+            failure_config=FailureConfig(max_failures=stage_config.max_failures),
+        ),
     )
     result = trainer.fit()
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: {stage}")
     print(f"[{stage}] done: model {out / 'model'}" + (f", curves {png}" if png else ""), flush=True)
     evals = [row for row in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval_") for k in row)]
     if evals:
-        print(f"[{stage}] held-out eval at step {evals[-1]['step']}: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in evals[-1].items() if k.startswith("eval_")) + (
-            f" (step 0: {evals[0]['eval_accuracy']:.4g})" if "eval_accuracy" in evals[0] and len(evals) > 1 else ""),
-            flush=True)
+        print(
+            f"[{stage}] held-out eval at step {evals[-1]['step']}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k.startswith("eval_"))
+            + (f" (step 0: {evals[0]['eval_accuracy']:.4g})" if "eval_accuracy" in evals[0] and len(evals) > 1 else ""),
+            flush=True,
+        )
     return StageResult(out, out / "model", dict(result.metrics or {}))
 
 

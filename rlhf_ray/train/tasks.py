@@ -33,9 +33,13 @@ class Task(Protocol):
 
     def build_model(self, config: Config, model_path: str, pad_id: int) -> torch.nn.Module: ...
 
-    def collate(self, rows: list[dict], pad_id: int, chunk_size: int, config: Config) -> list[dict[str, torch.Tensor]]: ...
+    def collate(
+        self, rows: list[dict], pad_id: int, chunk_size: int, config: Config
+    ) -> list[dict[str, torch.Tensor]]: ...
 
-    def loss_and_sums(self, model, chunks: list[dict], config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def loss_and_sums(
+        self, model, chunks: list[dict], config: Config
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
@@ -93,8 +97,9 @@ class RMTask:
         model = build_reward_model(config, model_path, pad_id)
         problem = shared_prompt_problem(model, pad_id, config.data.max_length) if config.rm.shared_prompt else None
         if problem:
-            raise ValueError(f"rm.shared_prompt: {problem}. Set rm.shared_prompt=false to score each sequence in a "
-                             "pass of its own.")
+            raise ValueError(
+                f"rm.shared_prompt: {problem}. Set rm.shared_prompt=false to score each sequence in a pass of its own."
+            )
         return model
 
     def collate(self, rows, pad_id, chunk_size, config):
@@ -111,10 +116,15 @@ class RMTask:
         chosen, rejected = torch.cat(chosen_parts), torch.cat(rejected_parts)
         rewards = torch.cat([chosen, rejected])
         loss = pairwise_reward_loss(chosen, rejected, config.rm.margin)
-        sums = {"loss_sum": loss.detach() * chosen.numel(), "pairs": torch.tensor(float(chosen.numel())),
-                "correct": (chosen > rejected).float().sum().detach(), "margin_sum": (chosen - rejected).sum().detach(),
-                "reward_sum": rewards.sum().detach(), "reward_sq_sum": (rewards ** 2).sum().detach(),
-                "seq_tokens": sum(sequence_tokens(batch) for batch in chunks).float()}
+        sums = {
+            "loss_sum": loss.detach() * chosen.numel(),
+            "pairs": torch.tensor(float(chosen.numel())),
+            "correct": (chosen > rejected).float().sum().detach(),
+            "margin_sum": (chosen - rejected).sum().detach(),
+            "reward_sum": rewards.sum().detach(),
+            "reward_sq_sum": (rewards**2).sum().detach(),
+            "seq_tokens": sum(sequence_tokens(batch) for batch in chunks).float(),
+        }
         return loss, sums
 
     def train_metrics(self, sums):
@@ -124,8 +134,13 @@ class RMTask:
     def eval_metrics(self, sums):
         pairs = max(sums["pairs"], 1.0)
         mean, var = reward_moments(sums)
-        return {"eval_loss": sums["loss_sum"] / pairs, "eval_accuracy": sums["correct"] / pairs,
-                "eval_margin": sums["margin_sum"] / pairs, "eval_reward_mean": mean, "eval_reward_std": math.sqrt(var)}
+        return {
+            "eval_loss": sums["loss_sum"] / pairs,
+            "eval_accuracy": sums["correct"] / pairs,
+            "eval_margin": sums["margin_sum"] / pairs,
+            "eval_reward_mean": mean,
+            "eval_reward_std": math.sqrt(var),
+        }
 
     def export_extras(self, folder, eval_sums):
         """reward_stats.json: mean/std of held-out rewards, which PPO uses to normalise scores."""
@@ -156,8 +171,12 @@ def model_inputs(batch: dict[str, torch.Tensor], model) -> dict:
     dtype = transformers_model(model).get_input_embeddings().weight.dtype
     allowed = batch["attention_mask"]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
-            "use_cache": False}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": mask,
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
 
 
 def shared_prompt_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -171,15 +190,19 @@ def shared_prompt_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tens
 def made_up_tokens(model, pad_id: int, count: int) -> list[int]:
     """`count` distinct token ids other than `pad_id`, the same every time."""
     vocab = transformers_model(model).config.vocab_size
-    return [t for t in torch.randperm(vocab, generator=torch.Generator().manual_seed(0)).tolist() if t != pad_id][:count]
+    return [t for t in torch.randperm(vocab, generator=torch.Generator().manual_seed(0)).tolist() if t != pad_id][
+        :count
+    ]
 
 
 def sliding_window_problem(model, span: int) -> str | None:
     config = transformers_model(model).config
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < span:
-        return (f"the model's sliding-window attention ({window} tokens) is shorter than a packed row may be "
-                f"({span} tokens)")
+        return (
+            f"the model's sliding-window attention ({window} tokens) is shorter than a packed row may be "
+            f"({span} tokens)"
+        )
     return None
 
 
@@ -201,8 +224,10 @@ def layout_problem(model, packed_run, separate_run) -> str | None:
     error = float((packed - alone).norm() / alone.norm())
     tolerance = 1e-3 if transformers_model(model).dtype == torch.float32 else 5e-2
     if error > tolerance:
-        return (f"outputs of a test layout differ by {error:.2g} (relative) from separate passes; the "
-                "architecture does not honour position ids or a custom attention mask")
+        return (
+            f"outputs of a test layout differ by {error:.2g} (relative) from separate passes; the "
+            "architecture does not honour position ids or a custom attention mask"
+        )
     return None
 
 
@@ -217,12 +242,14 @@ def shared_prompt_problem(model, pad_id: int, max_length: int) -> str | None:
     separate = batches.collate_pairs([row], pad_id)
 
     def alone():
-        hidden = backbone(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"],
-                          use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=separate["input_ids"], attention_mask=separate["attention_mask"], use_cache=False
+        ).last_hidden_state
         return hidden[torch.arange(2), torch.tensor([39, 35])]
 
     return sliding_window_problem(model, 2 * max_length) or layout_problem(
-        model, lambda: shared_prompt_hidden(backbone, batches.collate_shared_prompt_pairs([row], pad_id)), alone)
+        model, lambda: shared_prompt_hidden(backbone, batches.collate_shared_prompt_pairs([row], pad_id)), alone
+    )
 
 
 def packing_problem(model, pad_id: int, max_length: int) -> str | None:
@@ -233,11 +260,14 @@ def packing_problem(model, pad_id: int, max_length: int) -> str | None:
     separate = batches.collate_sft(rows, pad_id)
 
     def alone():
-        logits = model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"], use_cache=False).logits
+        logits = model(
+            input_ids=separate["input_ids"], attention_mask=separate["attention_mask"], use_cache=False
+        ).logits
         return torch.cat([logits[0, :24], logits[1, :14], logits[2, :10]])
 
     return sliding_window_problem(model, max_length) or layout_problem(
-        model, lambda: model(**model_inputs(packed, model)).logits.flatten(0, 1), alone)
+        model, lambda: model(**model_inputs(packed, model)).logits.flatten(0, 1), alone
+    )
 
 
 def reward_moments(sums: dict[str, float]) -> tuple[float, float]:

@@ -27,6 +27,7 @@ from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
 from rlhf_ray.train.tasks import TASKS
 
+FP32 = Precision(False, "fp32")
 DS_TAG = "deepspeed"
 
 
@@ -57,8 +58,9 @@ def on_device(chunks: list[dict[str, torch.Tensor]], engine) -> list[dict[str, t
     return [{key: value.to(engine.device) for key, value in chunk.items()} for chunk in chunks]
 
 
-def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config,
-             precision: Precision = Precision(False, "fp32")) -> dict[str, float]:
+def evaluate(
+    engine, task, rows, rank, world, batch_size, pad_id, config, precision: Precision = FP32
+) -> dict[str, float]:
     """Eval sums over this worker's share of the held-out rows, all-reduced across workers.
 
     Every worker runs the same number of forward passes: under ZeRO-3 each one gathers parameters from
@@ -72,7 +74,7 @@ def evaluate(engine, task, rows, rank, world, batch_size, pad_id, config,
     passes = math.ceil(largest_share / batch_size)
     with torch.no_grad():
         for start in range(0, passes * batch_size, batch_size):
-            batch = mine[start:start + batch_size]
+            batch = mine[start : start + batch_size]
             chunks = on_device(task.collate(batch or rows[:1], pad_id, 0, config), engine)
             with autocast(precision, engine.device.type):
                 _, batch_sums = task.loss_and_sums(engine, chunks, config)
@@ -116,8 +118,10 @@ def usable_checkpoint(latest: Path, world: int, rank: int) -> Path:
             return candidate
         if rank == 0:
             print(f"WARNING: skipping checkpoint {candidate}: {problem}", flush=True)
-    raise CheckpointError(f"no complete checkpoint under {latest.parent} (see the warnings above); refusing to "
-                          "start over. Move the folder away to start afresh.")
+    raise CheckpointError(
+        f"no complete checkpoint under {latest.parent} (see the warnings above); refusing to "
+        "start over. Move the folder away to start afresh."
+    )
 
 
 def restore_checkpoint(engine, rank: int, world: int) -> Position:
@@ -163,39 +167,64 @@ class WorkerJob:
         micro = len(self._epoch_micro_batches(0, truncate=False))
         self.steps_per_epoch = micro // self.stage.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_rows)} training rows are fewer than one optimizer step needs "
-                             f"(batch_size {self.stage.batch_size} x grad_accum {self.stage.grad_accum} x {self.world} workers)")
+            raise ValueError(
+                f"{len(self.train_rows)} training rows are fewer than one optimizer step needs "
+                f"(batch_size {self.stage.batch_size} x grad_accum {self.stage.grad_accum} x {self.world} workers)"
+            )
         self.total_steps = self.stage.max_steps or self.stage.epochs * self.steps_per_epoch
         schedule = warmup_cosine(self.total_steps, self.stage.warmup_ratio)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=loop_config["deepspeed"],
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=loop_config["deepspeed"],
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
         skip_lone_allreduce(self.engine, self.world)
         self.position = restore_checkpoint(self.engine, self.rank, self.world)
         self.log = None
         on_cpu = self.engine.device.type == "cpu"
         # on GPUs DeepSpeed's own bf16 setting (deepspeed.bf16) casts the model; no autocast on top
-        self.precision = resolve_precision(self.config.model.precision) if on_cpu else Precision(False, "as deepspeed.bf16 sets it")
-        print(f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, precision {self.precision.why}, "
-              f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})", flush=True)
+        self.precision = (
+            resolve_precision(self.config.model.precision) if on_cpu else Precision(False, "as deepspeed.bf16 sets it")
+        )
+        print(
+            f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, "
+            f"precision {self.precision.why}, "
+            f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})",
+            flush=True,
+        )
         if self.rank == 0:
             from rlhf_ray.run_log import MetricsLog
 
             self.log = MetricsLog(loop_config["output_dir"], resume_step=self.position.step)
             if self.position.step:
-                print(f"[{self.task.name}] resumed from checkpoint at step {self.position.step} "
-                      f"(epoch {self.position.epoch})", flush=True)
+                print(
+                    f"[{self.task.name}] resumed from checkpoint at step {self.position.step} "
+                    f"(epoch {self.position.epoch})",
+                    flush=True,
+                )
         self.train_sums: dict[str, float] = {}
         self.eval_sums: dict[str, float] = {}
         self.since = time.perf_counter()  # start of the current logging interval (excludes eval and checkpoints)
 
     def _epoch_micro_batches(self, epoch: int, truncate: bool = True) -> list[list[int]]:
-        micro = epoch_batches(len(self.train_rows), self.stage.batch_size, self.rank, self.world, self.config.data.seed, epoch)
+        micro = epoch_batches(
+            len(self.train_rows), self.stage.batch_size, self.rank, self.world, self.config.data.seed, epoch
+        )
         return micro[: self.steps_per_epoch * self.stage.grad_accum] if truncate else micro
 
     def _evaluate(self) -> dict[str, float]:
-        self.eval_sums = evaluate(self.engine, self.task, self.eval_rows, self.rank, self.world,
-                                  self.stage.batch_size, self.pad_id, self.config, self.precision)
+        self.eval_sums = evaluate(
+            self.engine,
+            self.task,
+            self.eval_rows,
+            self.rank,
+            self.world,
+            self.stage.batch_size,
+            self.pad_id,
+            self.config,
+            self.precision,
+        )
         return self.task.eval_metrics(self.eval_sums)
 
     def _end_of_step(self, epoch_done: bool) -> dict:
@@ -205,8 +234,12 @@ class WorkerJob:
         metrics: dict = {}
         if position.step % stage.log_every == 0 or done:
             reduced = all_reduce_sums(self.train_sums)
-            metrics.update(self.task.train_metrics(reduced), lr=self.engine.get_lr()[0], epoch=position.epoch,
-                           tokens_per_s=reduced["seq_tokens"] / max(time.perf_counter() - self.since, 1e-9))
+            metrics.update(
+                self.task.train_metrics(reduced),
+                lr=self.engine.get_lr()[0],
+                epoch=position.epoch,
+                tokens_per_s=reduced["seq_tokens"] / max(time.perf_counter() - self.since, 1e-9),
+            )
             self.train_sums = {}
         if (stage.eval_every and position.step % stage.eval_every == 0 or done) and self.eval_rows:
             metrics.update(self._evaluate())
@@ -226,10 +259,12 @@ class WorkerJob:
         position, task = self.position, self.task
         if position.step == 0 and self.eval_rows and self.stage.eval_every:
             self._log_untrained_eval()
-        bar = tqdm(total=self.total_steps, initial=position.step, desc=task.name, disable=self.rank != 0, mininterval=2.0)
+        bar = tqdm(
+            total=self.total_steps, initial=position.step, desc=task.name, disable=self.rank != 0, mininterval=2.0
+        )
         while position.step < self.total_steps:
             micro = self._epoch_micro_batches(position.epoch)
-            for indices in micro[position.micro_in_epoch:]:
+            for indices in micro[position.micro_in_epoch :]:
                 rows = [self.train_rows[i] for i in indices]
                 chunks = on_device(task.collate(rows, self.pad_id, self.stage.chunk_size, self.config), self.engine)
                 with autocast(self.precision, self.engine.device.type):
