@@ -31,7 +31,8 @@ def _config_show(args) -> None:
     from rlhf_ray import typed_yaml
     from rlhf_ray.config import load_config
 
-    print(typed_yaml.dump(load_config(args.file, args.overrides)), end="")
+    config = load_config(args.file, args.overrides)
+    print(typed_yaml.dump_described(config) if args.describe else typed_yaml.dump(config), end="")
 
 
 def _data_inspect(args) -> None:
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print FILE with dotted overrides (ppo.kl_coef=0.05) applied and checked")
     show.add_argument("file")
     show.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    show.add_argument("--describe", action="store_true", help="say what each setting does, as YAML comments")
     show.set_defaults(run=_config_show)
 
     data = commands.add_parser("data", help="look at dataset files").add_subparsers(dest="action", required=True)

@@ -1,4 +1,4 @@
-"""Build nested dataclasses from YAML with strict keys and types.
+"""Load pydantic models from YAML with strict keys and types.
 
 Generic machinery only; the project's own config classes live in `config.py`.
 Every error names the dotted key and where the value came from (a file and
@@ -7,15 +7,15 @@ line, or a command-line override).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -56,6 +56,16 @@ class Origin:
         self.key_lines = key_lines or {}
         self.overrides: dict[str, str] = {}
 
+    def line_of(self, dotted: str) -> int:
+        """For ordering problems: the key's line in the file, after the file for an override."""
+        if any(key == dotted or key.startswith(dotted + ".") for key in self.overrides):
+            return 1 << 30
+        parts = dotted.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in self.key_lines:
+                return self.key_lines[".".join(parts[:end])]
+        return 0
+
     def describe(self, dotted: str) -> str:
         for key, override in self.overrides.items():
             if key == dotted or key.startswith(dotted + "."):
@@ -70,83 +80,112 @@ class Origin:
         return self.file
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, dotted: str, origin: Origin) -> Any:
-    """Check `value` against the annotation `tp`, recursing into dataclasses and lists."""
-    where = origin.describe(dotted)
-    kind = typing.get_origin(tp)
-    if kind in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, dotted, origin)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{where}: '{dotted}': {value!r} matches none of {_type_name(tp)}"
-        )
-    if kind is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where}: '{dotted}' must be one of {list(allowed)}, got {value!r}")
-        return value
-    if kind is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{dotted}' must be a list, got {type(value).__name__} {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item, item_tp, f"{dotted}[{i}]", origin) for i, item in enumerate(value)]
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{dotted}' must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, origin, prefix=dotted + ".")
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+def yaml11_float(value: Any) -> Any:
+    """PyYAML reads "1e-5" (no dot) as a string; give such a string back as the float it means."""
+    if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
         return float(value)
-    if tp is float and isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
-        return float(value)  # PyYAML reads "1e-5" (no dot) as a string
-    if tp in (int, float, str, bool):
-        if type(value) is not tp:
-            raise ConfigError(f"{where}: '{dotted}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{where}: '{dotted}' has an unsupported annotation {_type_name(tp)}")
+    return value
 
 
-def build(cls: type, data: Any, origin: Origin, prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    section = prefix.rstrip(".") or "<top level>"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{origin.describe(section)}: '{section}' must be a mapping, got {type(data).__name__} {data!r}"
-        )
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-            raise ConfigError(f"{origin.describe(dotted)}: unknown key '{dotted}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], dotted, origin)
+TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
+BOUND_SYMBOLS = {"ge": (">=", "["), "gt": (">", "("), "le": ("<=", "]"), "lt": ("<", ")")}
+
+
+def validate(cls: type[BaseModel], data: Any, origin: Origin) -> Any:
+    """`cls` validated from plain data; a problem raises ConfigError naming the key and where it came from.
+
+    With several problems, the one given first in the file is reported.
+    """
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:
-        culprit = next((n for n in names if str(err).startswith(n)), None)  # validation messages start with the field
-        where = origin.describe(f"{prefix}{culprit}" if culprit else section)
-        raise ConfigError(f"{where}: invalid '{section}': {err}") from err
+        return cls.model_validate({} if data is None else data)
+    except ValidationError as err:
+        problems = [_explain(cls, error, origin) for error in err.errors()]
+        raise ConfigError(min(problems)[1]) from None
+
+
+def _field_at(cls: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], FieldInfo | None]:
+    """The model holding the last named key of `loc`, and that key's field (None past the model tree)."""
+    model, info = cls, None
+    for part in loc:
+        if not isinstance(part, str) or model is None or part not in model.model_fields:
+            break
+        info = model.model_fields[part]
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model, info
+
+
+def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, str]:
+    """(line in the file, for ordering; the message) of one pydantic error."""
+    kind, value = error["type"], error.get("input")
+    keys = [part for part in error["loc"] if isinstance(part, str) and not part.startswith(("function-", "lax-"))]
+    names = [
+        str(part) if isinstance(part, str) else f"[{part}]"
+        for part in error["loc"]
+        if not (isinstance(part, str) and part.startswith(("function-", "lax-")))
+    ]
+    dotted = ".".join(names).replace(".[", "[") or "<top level>"
+    where = origin.describe(".".join(keys))
+    line = origin.line_of(".".join(keys))
+    section = ".".join(keys[:-1]) or "<top level>"
+    if kind == "extra_forbidden":
+        parent, _ = _field_at(cls, tuple(keys[:-1]))
+        known = list(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(keys[-1], known, n=1)
+        prefix = ".".join(keys[:-1]) + "." if len(keys) > 1 else ""
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+        return line, f"{where}: unknown key '{dotted}'{hint}"
+    if kind in TYPE_NAMES:
+        return line, f"{where}: '{dotted}' must be {TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        _, info = _field_at(cls, tuple(keys))
+        allowed = [a for a in typing.get_args(info.annotation)] if info is not None else error["ctx"]["expected"]
+        return line, f"{where}: '{dotted}' must be one of {allowed}, got {value!r}"
+    if kind == "list_type":
+        return line, f"{where}: '{dotted}' must be a list, got {type(value).__name__} {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return line, f"{where}: '{dotted}' must be a mapping, got {type(value).__name__} {value!r}"
+    if kind == "value_error":  # a validator's message, which starts with the field it is about
+        message = str(error["ctx"]["error"])
+        if not _is_leaf(cls, keys):  # a whole-section check: point at the field the message names
+            model, _ = _field_at(cls, tuple(keys))
+            culprit = next((name for name in model.model_fields if message.startswith(name)), None)
+            section = ".".join(keys) or "<top level>"
+            if culprit is not None:
+                where, line = origin.describe(".".join([*keys, culprit])), origin.line_of(".".join([*keys, culprit]))
+        return line, f"{where}: invalid '{section}': {message}"
+    if kind in ("finite_number", "too_short") or kind.startswith(("greater_than", "less_than")):
+        return line, f"{where}: invalid '{section}': {keys[-1]} {_bounds(cls, keys, kind)}, got {value!r}"
+    return line, f"{where}: '{dotted}': {error['msg']}, got {value!r}"
+
+
+def _is_leaf(cls: type[BaseModel], keys: list[str]) -> bool:
+    """True when `keys` names a plain value, not a section (nor the top level)."""
+    _, info = _field_at(cls, tuple(keys))
+    annotation = info.annotation if info is not None else None
+    return info is not None and not (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+
+
+def _bounds(cls: type[BaseModel], keys: list[str], kind: str) -> str:
+    """'must be > 0', 'must be in [0, 1)', 'must be finite' or 'must not be empty', from the field's constraints."""
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind == "too_short":
+        return "must not be empty"
+    _, info = _field_at(cls, tuple(keys))
+    bounds = {
+        name: getattr(item, name)
+        for item in (info.metadata if info else [])
+        for name in BOUND_SYMBOLS
+        if getattr(item, name, None) is not None
+    }
+    low = next(((name, bounds[name]) for name in ("ge", "gt") if name in bounds), None)
+    high = next(((name, bounds[name]) for name in ("le", "lt") if name in bounds), None)
+    if low and high:
+        return f"must be in {BOUND_SYMBOLS[low[0]][1]}{low[1]:g}, {high[1]:g}{BOUND_SYMBOLS[high[0]][1]}"
+    name, bound = low or high
+    return f"must be {BOUND_SYMBOLS[name][0]} {bound:g}"
 
 
 def apply_override(data: dict, override: str, origin: Origin) -> None:
@@ -190,8 +229,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return text
 
 
-def load(cls: type, path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Any:
-    """Load dataclass `cls` from a YAML file (or defaults when `path` is None) plus overrides."""
+def load(cls: type[BaseModel], path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Any:
+    """Load model `cls` from a YAML file (or defaults when `path` is None) plus overrides."""
     origin = Origin()
     data: dict = {}
     if path is not None:
@@ -213,12 +252,26 @@ def load(cls: type, path: str | Path | None, overrides: typing.Sequence[str] = (
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for override in overrides:
         apply_override(data, override, origin)
-    return build(cls, data, origin)
+    return validate(cls, data, origin)
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+def to_dict(obj: BaseModel) -> dict:
+    return obj.model_dump()
 
 
 def dump(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
+
+
+def dump_described(model: BaseModel, indent: str = "") -> str:
+    """`dump`, with each field's description as a comment on its line (the result loads back the same)."""
+    lines = []
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        comment = f"  # {info.description}" if info.description else ""
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:{comment}\n" + dump_described(value, indent + "  "))
+        else:
+            flow = yaml.safe_dump([value], default_flow_style=True, width=1 << 16).strip()[1:-1]
+            lines.append(f"{indent}{name}: {flow}{comment}\n")
+    return "".join(lines)

@@ -1,4 +1,7 @@
+import re
+
 import pytest
+from pydantic import BaseModel
 
 from rlhf_ray import typed_yaml
 from rlhf_ray.config import Config, ConfigError, load_config, save_config
@@ -107,3 +110,49 @@ def test_shipped_configs_load():
     assert configs, "no configs shipped"
     for path in configs:
         assert isinstance(load_config(path), Config), path
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("sft.lr=.inf", r"lr must be a finite number, got inf"),
+        ("ppo.max_grad_norm=.nan", r"max_grad_norm must be a finite number, got nan"),
+        ("ppo.temperature=.inf", r"temperature must be a finite number"),
+        ("ppo.reward_clip=-1", r"reward_clip must be > 0, got -1"),
+        ("sft.weight_decay=-5", r"weight_decay must be >= 0, got -5"),
+        ("ppo.vllm_kv_cache_gib=-1", r"vllm_kv_cache_gib must be > 0, got -1"),
+        ("sweep.lrs=[1e-5, x]", r"'sweep\.lrs\[1\]' must be float, got str 'x'"),
+        ("lora.target_modules=[]", r"target_modules must not be empty"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused(override, pattern):
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}'.*{pattern}"):
+        load_config(None, [override])
+
+
+def test_an_empty_section_means_its_defaults_and_sections_do_not_share_defaults(tmp_path):
+    config = load_config(write(tmp_path, "ppo:\nrun:\n  name: x\n"))
+    assert config.ppo == Config().ppo and config.run.name == "x"
+    config.data.sft.path = "elsewhere.jsonl"
+    assert Config().data.sft.path == "data/demo/sft.jsonl"
+
+
+def sections(model):
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        yield type(model).__name__, name, info
+        if isinstance(value, BaseModel):
+            yield from sections(value)
+
+
+def test_every_setting_has_a_description():
+    missing = [f"{owner}.{name}" for owner, name, info in sections(Config()) if not info.description]
+    assert not missing
+
+
+def test_described_config_loads_back_the_same_and_says_what_each_setting_does(tmp_path):
+    config = load_config(None, ["ppo.kl_coef=0.3", "sweep.lrs=[1.0e-6, 2.0e-6]", "model.tokenizer=null"])
+    text = typed_yaml.dump_described(config)
+    assert load_config(write(tmp_path, text)) == config
+    assert "  kl_coef: 0.3  # weight of the per-token KL penalty to the reference policy\n" in text
+    assert all("  # " in line for line in text.splitlines())
