@@ -21,7 +21,7 @@ from rlhf_ray.algo.ppo import policy_loss, value_loss
 from rlhf_ray.config import LoraConfig, PPOConfig
 from rlhf_ray.models.forward import ResponseOutputs
 from rlhf_ray.models.learner_backend import all_finite, make_backend
-from rlhf_ray.models.loading import default_device
+from rlhf_ray.models.loading import default_device, load_tokenizer
 from rlhf_ray.models.policy import (
     build_policy_with_value_head,
     has_dropout,
@@ -243,7 +243,6 @@ class PolicyLearner:
 
     def export_merged(self, folder: str | Path, tokenizer_path: str) -> None:
         """The merged policy (transformers format) and its adapter (peft format) for the final output."""
-        from rlhf_ray.models.loading import load_tokenizer
 
         folder = Path(folder)
         self.model.save_pretrained(folder / "adapter")

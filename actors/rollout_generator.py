@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlhf_ray.models.precision import resolve_precision
 from rlhf_ray.wire import AdapterPayload, MergedWeights, Rollout, SamplingSpec
 
 
@@ -48,8 +49,6 @@ class RolloutGenerator:
         precision: str = "fp32",
     ):
         import torch
-
-        from rlhf_ray.models.precision import resolve_precision
 
         # bf16 where the learner computes in bf16 (same device kind, same model.precision), so the two agree
         chosen = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")

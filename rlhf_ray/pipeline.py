@@ -7,8 +7,15 @@ import time
 from pathlib import Path
 
 from rlhf_ray.config import Config
+from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
 from rlhf_ray.models.export import is_exported
+from rlhf_ray.models.loading import load_tokenizer, require_safetensors
+from rlhf_ray.models.optim import deepspeed_config
+from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.ppo.prompts import load_prompt_set
+from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
+from rlhf_ray.train.launch import prepare_rows, run_stage, stage_model_paths
 
 STAGES = ("sft", "rm", "ppo")
 EVAL_RESULTS = Path("eval") / "policy" / "eval.json"  # the eval stage's output, under the run folder
@@ -18,9 +25,6 @@ def run_pipeline(config: Config) -> dict[str, Path]:
     """SFT on the base model, the reward model initialised from the SFT model (as in InstructGPT),
     then PPO from the SFT policy against that reward model. A finished stage is skipped; an
     interrupted PPO stage resumes from its newest complete checkpoint."""
-    from rlhf_ray.ppo.run import run_ppo
-    from rlhf_ray.train.launch import run_stage
-
     run_dir = config.run.path.resolve()
     pending = [stage for stage in STAGES if not is_exported(run_dir / stage / "model")]
     check_inputs(config, pending[1:])  # the first pending stage checks its own inputs before it starts
@@ -56,8 +60,6 @@ def run_pipeline(config: Config) -> dict[str, Path]:
 def run_eval_stage(config: Config) -> dict:
     """`eval policy` of the starting policy and the PPO policy on the test split of `data.prompts`
     (prompts no stage trained on), judged by the run's reward model and `eval.extra_reward_models`."""
-    from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
-
     request = run_start_vs_ppo(
         config, "test", config.eval.prompts_limit, config.eval.extra_reward_models, config.eval.samples_per_prompt
     )
@@ -71,12 +73,6 @@ def check_inputs(config: Config, stages: list[str]) -> None:
 
     The SFT, RM and PPO stages all tokenize with the base model's tokenizer (the SFT model keeps it).
     """
-    from rlhf_ray.models.loading import load_tokenizer, require_safetensors
-    from rlhf_ray.models.optim import deepspeed_config
-    from rlhf_ray.models.provision import resolve_model
-    from rlhf_ray.ppo.prompts import load_prompt_set
-    from rlhf_ray.train.launch import prepare_rows, stage_model_paths
-
     for judge in config.eval.extra_reward_models if config.eval.enabled else []:
         try:
             require_safetensors(resolve_model(judge))

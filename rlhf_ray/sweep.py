@@ -14,7 +14,10 @@ import csv
 import shutil
 from pathlib import Path
 
+from rlhf_ray import ray_session
 from rlhf_ray.config import Config, config_from_dict, save_config
+from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
+from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
 from rlhf_ray.typed_yaml import to_dict
 
@@ -46,8 +49,6 @@ def run_trial(params: dict) -> None:
     """Tune function trainable: one PPO run with this trial's kl_coef and lr."""
     from ray import tune
 
-    from rlhf_ray.ppo.run import run_ppo
-
     trial_name = f"{params['base']['run']['name']}-{tune.get_context().get_trial_id()}"
     config = trial_config(params["base"], params["kl_coef"], params["lr"], trial_name)
     checkpoint = tune.get_checkpoint()
@@ -72,8 +73,6 @@ HELDOUT_KEYS = ("heldout_gain", "heldout_kl", "heldout_win_rate")
 
 def heldout_metrics(config: Config) -> dict:
     """The trial's PPO policy against its start on `sweep.eval_prompts` prompts of the eval split, by the run's RM."""
-    from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
-
     request = run_start_vs_ppo(config, "eval", config.sweep.eval_prompts)
     if len(request.policies) < 2:
         raise RuntimeError(f"the trial exported no PPO model under {config.run.path / 'ppo'} to evaluate")
@@ -229,10 +228,8 @@ def _plot(rows: list[dict], png: Path) -> Path:
 
 
 def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
-    from rlhf_ray.ray_session import connect
-
     config = with_absolute_paths(config)
-    print(f"[sweep] Ray: {connect(config.resources)}", flush=True)
+    print(f"[sweep] Ray: {ray_session.connect(config.resources)}", flush=True)
     save_config(config, config.run.path.resolve())
     results = build_tuner(config, resume).fit()
     table, best, png = write_results(config, results)

@@ -1,3 +1,4 @@
+import ast
 import subprocess
 import sys
 
@@ -84,3 +85,30 @@ def test_every_package_has_a_layer():
 def test_packages_import_one_way():
     found = _violations()
     assert not found, "\n".join(found.values())
+
+
+def test_ray_is_started_only_through_the_ray_session_module_attribute():
+    """tests/test_bad_input.py replaces `rlhf_ray.ray_session.connect` to prove that bad input stops a run
+    before Ray starts; a module that bound `connect` by name at import would slip past that check."""
+    bound = [
+        f"{path}:{node.lineno}"
+        for path in import_graph.own_modules().values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "rlhf_ray.ray_session"
+        and any(alias.name == "connect" for alias in node.names)
+    ]
+    assert not bound, f"import the module (from rlhf_ray import ray_session), not connect: {bound}"
+
+
+# Own-module imports inside functions, where they are wanted: the CLI imports a subcommand's code only when
+# that subcommand runs (so `rlhf-ray --help` and `config show` stay quick); the SFT/RM driver does not load
+# the Ray Train worker's module (torch.distributed, DeepSpeed) in its own process.
+LOCAL_IMPORTS_ALLOWED = {"rlhf_ray.cli", "rlhf_ray.train.launch"}
+
+
+def test_own_modules_are_imported_at_the_top_except_where_laziness_is_wanted():
+    local = sorted(
+        edge.where for edge in import_graph.edges() if edge.local and edge.source not in LOCAL_IMPORTS_ALLOWED
+    )
+    assert not local, f"import these at the top of the module: {local}"

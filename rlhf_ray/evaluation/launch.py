@@ -11,11 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.reference_model import ReferenceModel
+from actors.reward_model import RewardModel
+from actors.rollout_generator import RolloutGenerator
+from rlhf_ray import ray_session
+from rlhf_ray.algo.evaluation import sequence_kl
 from rlhf_ray.config import Config
 from rlhf_ray.evaluation import policy_eval, rm_eval
+from rlhf_ray.models.export import is_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.ppo.launch import end_of_turn_suffix
+from rlhf_ray.ppo.prompts import load_prompt_set
+from rlhf_ray.ppo.run import resolve_model_paths
 from rlhf_ray.roles import GeneratorRole, ReferenceRole, RewardRole, remote_call
+from rlhf_ray.wire import SamplingSpec, pack
 
 GENERATE_CHUNK = 32  # prompts per generate call (a progress step)
 FORWARD_BATCH = 16  # sequences per reward / log-prob call
@@ -41,9 +51,6 @@ class RunModels:
 
 def run_models(config: Config) -> RunModels:
     """The models a run's stages made (or its config names), as `eval` uses them by default."""
-    from rlhf_ray.models.export import is_exported
-    from rlhf_ray.ppo.run import resolve_model_paths
-
     paths = resolve_model_paths(config)
     ppo_model = (config.run.path / "ppo" / "model").resolve()
     return RunModels([paths.policy] + ([ppo_model] if is_exported(ppo_model) else []), paths.reward)
@@ -113,15 +120,11 @@ def display_names(paths: list[str], given: list[str]) -> list[str]:
 def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: str, out: Path) -> dict:
     """Every reward model in `models` scores the pairs of `data` (narrowed to `split`); writes eval.json and
     report.md."""
-
-    from actors.reward_model import RewardModel
-    from rlhf_ray.ray_session import connect
-
     folders = [require_safetensors(resolve_model(m)).resolve() for m in models]
     tokenizer = load_tokenizer(folders[0], config.model.trust_remote_code)
     pair_set = rm_eval.load_pair_set(config, data, fmt, split, tokenizer)
     print(f"[eval rm] data: {pair_set.description}", flush=True)
-    print(f"[eval rm] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+    print(f"[eval rm] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     results = {"data": pair_set.description, "models": {}}
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
         scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
@@ -155,10 +158,6 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
 
 def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> dict:
     """Sample, score and compare the policies of `request`; writes eval.json, report.md and the samples tables."""
-    from rlhf_ray.ppo.launch import end_of_turn_suffix
-    from rlhf_ray.ppo.prompts import load_prompt_set
-    from rlhf_ray.ray_session import connect
-
     folders = [require_safetensors(resolve_model(p)).resolve() for p in request.policies]
     reward_folders = [require_safetensors(resolve_model(r)).resolve() for r in request.reward_models]
     tokenizer = load_tokenizer(folders[0], config.model.trust_remote_code)
@@ -170,7 +169,7 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
         for example in prompt_set.examples[: request.limit]
     ]
     print(f"[eval policy] prompts: {prompt_set.summary}; {len(prompt_ids)} evaluated", flush=True)
-    print(f"[eval policy] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+    print(f"[eval policy] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     names = display_names([str(f) for f in folders], request.names)
     policies = [
         _sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
@@ -219,9 +218,6 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
     import ray
     from tqdm import tqdm
 
-    from actors.rollout_generator import RolloutGenerator
-    from rlhf_ray.wire import SamplingSpec
-
     ppo, model = config.ppo, config.model
     spec = SamplingSpec(
         max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p, n=n, seed=config.run.seed
@@ -258,9 +254,6 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
     """(per sample) the response-token log-probs of `policy`'s samples under the model in `folder`."""
     import ray
 
-    from actors.reference_model import ReferenceModel
-    from rlhf_ray.wire import pack
-
     model = _actor(ReferenceModel, config, num_gpus=config.resources.reference_num_gpus).remote(
         str(folder),
         config.model.dtype,
@@ -286,8 +279,6 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
 
 def _kl_to_first(config: Config, folders: list[Path], policies: list, prompt_ids, tokenizer) -> None:
     """KL(policy || first policy) per sample, on the policy's own samples (0 for the first policy)."""
-    from rlhf_ray.algo.evaluation import sequence_kl
-
     policies[0].kl = [0.0] * len(policies[0].responses)
     for folder, policy in zip(folders[1:], policies[1:]):
         own = _logprobs(config, folder, policy, prompt_ids, tokenizer, f"log-probs of {policy.name} under itself")
@@ -300,8 +291,6 @@ def _kl_to_first(config: Config, folders: list[Path], policies: list, prompt_ids
 def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, tokenizer, suffix) -> None:
     """Raw scores of every policy's samples under one reward model."""
     import ray
-
-    from actors.reward_model import RewardModel
 
     scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
         str(folder),

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.policy_learner import PolicyLearner
+from actors.reference_model import ReferenceModel
+from actors.reward_model import RewardModel
+from actors.rollout_generator import RolloutGenerator
 from rlhf_ray.config import Config
 from rlhf_ray.models.optim import learner_deepspeed_config
 from rlhf_ray.ppo.crew import ActorCrew, RoleSpec, wait_until_names_free
 from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD
+from rlhf_ray.tokenization import response_ids
 
 
 @dataclass
@@ -19,8 +24,6 @@ class ModelPaths:
 
 def end_of_turn_suffix(tokenizer) -> list[int]:
     """Tokens the chat template puts after EOS at the end of an assistant turn (often a newline)."""
-    from rlhf_ray.tokenization import response_ids
-
     ids = response_ids(tokenizer, [{"role": "user", "content": "hi"}], "ok")
     eos = tokenizer.eos_token_id
     return ids[len(ids) - ids[::-1].index(eos) :] if eos in ids else []
@@ -28,11 +31,6 @@ def end_of_turn_suffix(tokenizer) -> list[int]:
 
 def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> list[RoleSpec]:
     """The four PPO roles, each a named actor with the resources the config gives it."""
-    from actors.policy_learner import PolicyLearner
-    from actors.reference_model import ReferenceModel
-    from actors.reward_model import RewardModel
-    from actors.rollout_generator import RolloutGenerator
-
     res, ppo, model = config.resources, config.ppo, config.model
     namespace = f"rlhf-ray-{config.run.name}"
 

@@ -8,9 +8,32 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray import (
+    dashboard_metrics,
+    ray_session,
+)
+from rlhf_ray.algo.ppo import AdaptiveKLController, FixedKLController, explained_variance
+from rlhf_ray.checkpoints import (
+    CheckpointError,
+    commit,
+    newest_valid,
+    problem_with,
+    prune,
+    read_manifest,
+    sha256_of,
+    write_manifest,
+)
 from rlhf_ray.config import Config, save_config
-from rlhf_ray.ppo.launch import ModelPaths
-from rlhf_ray.ppo.rollouts import PromptBatch
+from rlhf_ray.models.export import is_exported, mark_exported
+from rlhf_ray.models.loading import load_tokenizer, require_safetensors
+from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.ppo.crew import RoleLost
+from rlhf_ray.ppo.driver import GeneratorWeights, finite_only, ppo_step
+from rlhf_ray.ppo.launch import ModelPaths, actor_specs, launch_actors
+from rlhf_ray.ppo.prompts import load_prompt_set
+from rlhf_ray.ppo.rollouts import OverlappedRollouts, PromptBatch, SyncRollouts
+from rlhf_ray.roles import LEARNER, LearnerRole
+from rlhf_ray.run_log import MetricsLog, plot_curves, trim_jsonl
 from rlhf_ray.wire import SamplingSpec
 
 DRIVER_STATE = "driver_state.json"  # iteration, KL coefficient, samples seen, counters
@@ -39,10 +62,6 @@ class PPOResult:
 
 
 def resolve_model_paths(config: Config) -> ModelPaths:
-    from rlhf_ray.models.export import is_exported
-    from rlhf_ray.models.loading import require_safetensors
-    from rlhf_ray.models.provision import resolve_model
-
     run = config.run.path.resolve()
     if config.ppo.policy_model:
         policy = resolve_model(config.ppo.policy_model)
@@ -58,8 +77,6 @@ def resolve_model_paths(config: Config) -> ModelPaths:
 
 def model_identity(config: Config, paths: ModelPaths) -> dict:
     """What a checkpoint must match to be resumed: the starting policy's architecture and the LoRA shape."""
-    from rlhf_ray.checkpoints import sha256_of
-
     return {
         "policy_model": str(paths.policy),
         "policy_config_sha256": sha256_of(paths.policy / "config.json"),
@@ -74,8 +91,6 @@ IDENTITY_DEFAULTS = {"learner_backend": "torch"}
 
 
 def check_identity(checkpoint: Path, identity: dict) -> None:
-    from rlhf_ray.checkpoints import CheckpointError, read_manifest
-
     saved = read_manifest(checkpoint)
     saved = {**IDENTITY_DEFAULTS, **saved}
     different = [key for key in identity if key != "policy_model" and saved.get(key) != identity[key]]
@@ -90,8 +105,6 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
 
 def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:
     """The newest complete checkpoint under `folder`; an error if there are checkpoints but none is usable."""
-    from rlhf_ray.checkpoints import CheckpointError, newest_valid
-
     candidates = sorted(folder.glob("iter_*")) if folder.is_dir() else []
     chosen = newest_valid(folder, "iter_*", log=lambda line: print(f"[ppo] {line}", flush=True))
     if chosen is None and candidates:
@@ -109,8 +122,6 @@ def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:
 
 
 def _make_kl_controller(config: Config, value: float):
-    from rlhf_ray.algo.ppo import AdaptiveKLController, FixedKLController
-
     ppo = config.ppo
     if ppo.adaptive_kl:
         return AdaptiveKLController(value, ppo.target_kl, ppo.kl_horizon)
@@ -137,13 +148,6 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     """Run PPO to `ppo.iterations`. `resume` continues from this run's newest complete checkpoint;
     `checkpoint` names one explicitly (Tune trials). `on_iteration(iteration, metrics, saved_checkpoint)`
     is called after every iteration (saved_checkpoint is None when none was written)."""
-    from rlhf_ray.checkpoints import CheckpointError, problem_with
-    from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.ppo.launch import actor_specs, launch_actors
-    from rlhf_ray.ppo.prompts import load_prompt_set
-    from rlhf_ray.ray_session import connect
-    from rlhf_ray.run_log import plot_curves
-
     out = (config.run.path / "ppo").resolve()
     paths = resolve_model_paths(config)
     tokenizer = load_tokenizer(paths.policy, config.model.trust_remote_code)
@@ -161,7 +165,7 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     elif (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a PPO run; pass --resume to continue it or use another run.name")
     save_config(config, out)
-    print(f"[ppo] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+    print(f"[ppo] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
 
     max_model_len = config.data.max_prompt_length + config.ppo.max_new_tokens
     crew = launch_actors(config, actor_specs(config, paths, tokenizer, max_model_len))
@@ -191,9 +195,6 @@ class PPOLoop:
     """
 
     def __init__(self, config: Config, crew, prompts, tokenizer, out: Path, identity: dict, on_iteration=None):
-        from rlhf_ray.ppo.driver import GeneratorWeights
-        from rlhf_ray.ppo.rollouts import OverlappedRollouts, SyncRollouts
-
         self.config, self.crew, self.prompts, self.tokenizer = config, crew, prompts, tokenizer
         self.out, self.identity, self.on_iteration = out, identity, on_iteration
         self.weights = GeneratorWeights(crew, config.ppo.weight_sync)
@@ -209,8 +210,6 @@ class PPOLoop:
 
     def run(self, checkpoint: Path | None) -> tuple[dict, dict]:
         from tqdm import tqdm
-
-        from rlhf_ray.ppo.crew import RoleLost
 
         self._start_from(checkpoint)
         iterations = self.config.ppo.iterations
@@ -233,10 +232,6 @@ class PPOLoop:
 
     def _start_from(self, checkpoint: Path | None) -> None:
         """Learner, driver state and logs as of `checkpoint` (None: the beginning); generators get its weights."""
-        from rlhf_ray.ppo.crew import RoleLost
-        from rlhf_ray.roles import LEARNER, LearnerRole
-        from rlhf_ray.run_log import MetricsLog, trim_jsonl
-
         while True:
             try:
                 if checkpoint is not None:  # (from the start, the learner is fresh: just created or re-created)
@@ -273,10 +268,6 @@ class PPOLoop:
         return PromptBatch(iteration, ids, [self.prompts.token_ids[i] for i in ids], sampling)
 
     def _iterate(self) -> None:
-        from rlhf_ray import dashboard_metrics
-        from rlhf_ray.algo.ppo import explained_variance
-        from rlhf_ray.ppo.driver import finite_only, ppo_step
-
         ppo, state = self.config.ppo, self.state
         iteration = state["iteration"]
         batch = self.batch_of(iteration)
@@ -333,9 +324,6 @@ class PPOLoop:
 
     def _save_checkpoint(self) -> Path:
         """Learner state and driver state into a staging folder, manifest last, renamed into place."""
-        from rlhf_ray.checkpoints import commit, prune, write_manifest
-        from rlhf_ray.roles import LEARNER, LearnerRole
-
         folder = self.out / "checkpoints"
         target = folder / f"iter_{self.state['iteration']:06d}"
         staging = folder / f".tmp-{target.name}"
@@ -351,10 +339,6 @@ class PPOLoop:
 
     def export_final(self, paths: ModelPaths) -> None:
         """The merged model and the adapter, each renamed into place; `export.json` in the model last."""
-        from rlhf_ray.models.export import mark_exported
-        from rlhf_ray.ppo.crew import RoleLost
-        from rlhf_ray.roles import LEARNER, LearnerRole
-
         staging = self.out / ".export-tmp"
         while True:
             shutil.rmtree(staging, ignore_errors=True)

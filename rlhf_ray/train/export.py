@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from rlhf_ray.models.export import mark_exported
+from rlhf_ray.models.loading import load_tokenizer
 
 
 def gather_state_dict(engine, rank: int):
@@ -25,7 +26,6 @@ def export_model(engine, task, config, loop_config: dict, rank: int, eval_sums: 
     state = gather_state_dict(engine, rank)
     if rank != 0:
         return
-    from rlhf_ray.models.loading import load_tokenizer
 
     out = Path(loop_config["output_dir"])
     staging = out / ".export-tmp"

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray import ray_session
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
@@ -14,8 +15,10 @@ from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.optim import deepspeed_config
 from rlhf_ray.models.precision import resolve_precision
 from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.run_log import plot_curves, read_metrics
 from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
+from rlhf_ray.typed_yaml import to_dict
 
 
 @dataclass
@@ -96,8 +99,6 @@ def run_stage(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rlhf_ray.ray_session import connect
-    from rlhf_ray.run_log import plot_curves, read_metrics
     from rlhf_ray.train.worker import train_fn_per_worker
 
     stage_config = getattr(config, stage)
@@ -113,7 +114,7 @@ def run_stage(
         print(f"[{stage}] precision on this node's CPU: {chosen} (each worker prints its own)", flush=True)
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
-    print(f"[{stage}] Ray: {connect(config.resources)}; outputs in {out}", flush=True)
+    print(f"[{stage}] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
 
     loop_config = {
         "config": _as_dict(config),
@@ -158,8 +159,6 @@ def run_stage(
 
 
 def _as_dict(config: Config) -> dict:
-    from rlhf_ray.typed_yaml import to_dict
-
     return to_dict(config)
 
 

@@ -23,6 +23,7 @@ from rlhf_ray.checkpoints import CheckpointError, problem_with, write_manifest
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.models.optim import warmup_cosine
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
+from rlhf_ray.run_log import MetricsLog
 from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
 from rlhf_ray.train.tasks import TASKS
@@ -194,8 +195,6 @@ class WorkerJob:
             flush=True,
         )
         if self.rank == 0:
-            from rlhf_ray.run_log import MetricsLog
-
             self.log = MetricsLog(loop_config["output_dir"], resume_step=self.position.step)
             if self.position.step:
                 print(
