@@ -103,3 +103,11 @@ def test_the_driver_side_names_actor_methods_only_through_the_role_protocols():
             ):
                 problems.append(f"{where}: call actor methods with roles.remote_call")
     assert not problems, "\n".join(problems)
+
+
+def test_one_ppo_iteration_reads_as_its_numbered_phases_on_one_screen():
+    from rlhf_ray.ppo.driver import ppo_step
+
+    source = inspect.getsource(ppo_step)
+    assert len(source.splitlines()) < 60
+    assert all(f"{n}. " in source for n in range(1, 7))  # the phases, numbered in comments

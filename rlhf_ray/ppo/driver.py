@@ -126,6 +126,10 @@ class StepResult:
         return metrics
 
 
+# The parts of the experience that hold no NaN/inf before an update may run (on real tokens only).
+CHECKED_FOR_NONFINITE = ("scores", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+
+
 def ppo_step(
     crew: ActorCrew,
     weights: GeneratorWeights,
@@ -169,17 +173,7 @@ def ppo_step(
         if ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
     experience = Experience(packed, old_logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
-    nonfinite = nonfinite_names(
-        {
-            "scores": scores,
-            "old_logprobs": old_logprobs,
-            "ref_logprobs": ref_logprobs,
-            "values": values,
-            "advantages": advantages,
-            "returns": returns,
-        },
-        mask,
-    )
+    nonfinite = nonfinite_names({name: getattr(experience, name) for name in CHECKED_FOR_NONFINITE}, mask)
 
     # 5. update, unless the experience holds NaN/inf (an overlapping source samples the next batch meanwhile)
     update_calls = [] if nonfinite else [Call.to(LEARNER, LearnerRole.train_step, experience)]
