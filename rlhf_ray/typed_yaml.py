@@ -140,7 +140,7 @@ def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, st
         return line, f"{where}: '{dotted}' must be {TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}"
     if kind == "literal_error":
         _, info = _field_at(cls, tuple(keys))
-        allowed = [a for a in typing.get_args(info.annotation)] if info is not None else error["ctx"]["expected"]
+        allowed = list(typing.get_args(info.annotation)) if info is not None else error["ctx"]["expected"]
         return line, f"{where}: '{dotted}' must be one of {allowed}, got {value!r}"
     if kind == "list_type":
         return line, f"{where}: '{dotted}' must be a list, got {type(value).__name__} {value!r}"
