@@ -11,7 +11,7 @@ from bench.context import Context, System
 from bench.deps import trl_env
 from bench.settings import LORA_TARGETS, sizes
 from bench.suites_train import cli, print_settings
-from bench.summary import Metric, row, safe, table, target
+from bench.summary import Metric, row, safe, table, target, wall_time_metrics
 
 PHASES = ("generate", "score_reference_values", "advantages", "update", "push_weights")
 
@@ -162,14 +162,7 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
             True,
             safe(update_mfu),
         ),
-        Metric(
-            "call_s",
-            "wall s of the call (run_ppo / trainer set-up + train)",
-            "s",
-            False,
-            safe(lambda r: r.result["call_s"]),
-        ),
-        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+        *wall_time_metrics("run_ppo / trainer set-up + train"),
     ]
 
 

@@ -8,7 +8,7 @@ from bench.common import SHARED_DATA, rel
 from bench.context import Context, System
 from bench.deps import trl_env
 from bench.settings import sizes
-from bench.summary import Metric, row, safe, table, target
+from bench.summary import Metric, row, safe, table, target, wall_time_metrics
 
 
 def ceiling(ctx: Context) -> dict:
@@ -113,14 +113,7 @@ def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric
             safe(lambda r: r.result["rows_per_s"]),
         ),
         Metric("mfu", f"MFU (6N x tokens computed/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True, safe(mfu)),
-        Metric(
-            "call_s",
-            "wall s of the call (run_stage / trainer set-up to saved model)",
-            "s",
-            False,
-            safe(lambda r: r.result["call_s"]),
-        ),
-        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+        *wall_time_metrics("run_stage / trainer set-up to saved model"),
     ]
     if suite == "rm":
         metrics.append(
@@ -286,14 +279,7 @@ def rm_quality(ctx: Context) -> dict:
                 safe(lambda r: r.result.get("job_eval_accuracy")),
                 compare=False,
             ),
-            Metric(
-                "call_s",
-                "wall s of the call (run_stage / trainer set-up to saved model)",
-                "s",
-                False,
-                safe(lambda r: r.result["call_s"]),
-            ),
-            Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+            *wall_time_metrics("run_stage / trainer set-up to saved model"),
         ],
     )
     accuracy = row(rows, "accuracy")

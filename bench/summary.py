@@ -18,6 +18,14 @@ class Metric:
     compare: bool = True  # False for context figures (e.g. tokens per iteration): no "better" column
 
 
+def wall_time_metrics(call: str) -> list[Metric]:
+    """The call's wall seconds (`call` says what it spans) and the whole process's, imports included."""
+    return [
+        Metric("call_s", f"wall s of the call ({call})", "s", False, safe(lambda r: r.result["call_s"])),
+        Metric("process_s", "wall s of the whole process", "s", False, safe(lambda r: r.process_s)),
+    ]
+
+
 def advantage(ours: float | None, theirs: float | None, higher_better: bool) -> float | None:
     """How many times better rlhf-ray is: ours/theirs for rates, theirs/ours for durations (>1 = rlhf-ray better)."""
     if not ours or not theirs:
