@@ -24,7 +24,7 @@ Float = Annotated[float, BeforeValidator(yaml11_float)]
 class Section(BaseModel):
     """A config section: unknown keys and wrong types are errors; an empty section (`ppo:`) means defaults."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

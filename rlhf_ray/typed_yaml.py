@@ -97,7 +97,7 @@ def validate(cls: type[BaseModel], data: Any, origin: Origin) -> Any:
     With several problems, the one given first in the file is reported.
     """
     try:
-        return cls.model_validate({} if data is None else data)
+        return cls.model_validate(data)
     except ValidationError as err:
         problems = [_explain(cls, error, origin) for error in err.errors()]
         raise ConfigError(min(problems)[1]) from None
@@ -119,13 +119,8 @@ def _field_at(cls: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], FieldI
 def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, str]:
     """(line in the file, for ordering; the message) of one pydantic error."""
     kind, value = error["type"], error.get("input")
-    keys = [part for part in error["loc"] if isinstance(part, str) and not part.startswith(("function-", "lax-"))]
-    names = [
-        str(part) if isinstance(part, str) else f"[{part}]"
-        for part in error["loc"]
-        if not (isinstance(part, str) and part.startswith(("function-", "lax-")))
-    ]
-    dotted = ".".join(names).replace(".[", "[") or "<top level>"
+    keys = [part for part in error["loc"] if isinstance(part, str)]  # the rest are list indices
+    dotted = "".join(f".{part}" if isinstance(part, str) else f"[{part}]" for part in error["loc"])[1:] or "<top level>"
     where = origin.describe(".".join(keys))
     line = origin.line_of(".".join(keys))
     section = ".".join(keys[:-1]) or "<top level>"
@@ -144,7 +139,7 @@ def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, st
         return line, f"{where}: '{dotted}' must be one of {allowed}, got {value!r}"
     if kind == "list_type":
         return line, f"{where}: '{dotted}' must be a list, got {type(value).__name__} {value!r}"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
+    if kind == "model_type":
         return line, f"{where}: '{dotted}' must be a mapping, got {type(value).__name__} {value!r}"
     if kind == "value_error":  # a validator's message, which starts with the field it is about
         message = str(error["ctx"]["error"])
