@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from rlhf_ray import typed_yaml
+from rlhf_ray.algo.choices import GROUP_ESTIMATORS, AdvantageEstimator, KLEstimator, LossAggregationMode
 from rlhf_ray.formats.names import FORMATS_OF_KIND, Format
 from rlhf_ray.typed_yaml import ConfigError, yaml11_float
 
@@ -217,15 +218,49 @@ class PPOConfig(Section):
     temperature: Float = Field(1.0, gt=0, description="sampling temperature (log-probs are taken under it)")
     top_p: Float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     kl_coef: Float = Field(0.05, ge=0, description="weight of the per-token KL penalty to the reference policy")
-    kl_estimator: Literal["k1", "k3"] = Field(
-        "k1", description="per-token KL estimate (k1: log-ratio; k3: unbiased, non-negative)"
+    kl_estimator: KLEstimator = Field(
+        "k1",
+        description=(
+            "per-token KL estimate (k1: log-ratio, unbiased; k2: half its square, biased, low variance; "
+            "k3: unbiased, non-negative)"
+        ),
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description=(
+            "reward: kl_coef * KL is subtracted from every token's reward (InstructGPT). loss: the rewards carry no "
+            "KL and kl_coef * KL (kl_estimator; k3 is GRPO's choice) is added to the policy loss"
+        ),
     )
     adaptive_kl: bool = Field(False, description="adapt kl_coef towards target_kl (Ziegler et al. 2019)")
     target_kl: Float = Field(6.0, gt=0, description="target KL (nats per sequence) for the adaptive controller")
     kl_horizon: int = Field(10000, gt=0, description="adaptive controller horizon, in samples")
+    advantage_estimator: AdvantageEstimator = Field(
+        "gae",
+        description=(
+            "gae: PPO with a value head (critic). Critic-free, no value head: grpo (reward minus its prompt's mean, "
+            "over the prompt's std), dr_grpo (minus the mean only), rloo (minus the mean of the prompt's other "
+            "responses), reinforce_pp (per-token returns whitened over the batch). grpo, dr_grpo and rloo compare "
+            "the responses_per_prompt (>= 2) answers to one prompt"
+        ),
+    )
     gamma: Float = Field(1.0, ge=0, le=1, description="discount")
     lam: Float = Field(0.95, ge=0, le=1, description="GAE lambda")
-    clip_range: Float = Field(0.2, gt=0, description="policy ratio clip")
+    clip_range: Float = Field(0.2, gt=0, description="policy ratio clip: the ratio stays in [1 - c, 1 + c]")
+    clip_range_low: Float | None = Field(
+        None, gt=0, lt=1, description="the ratio's lower clip 1 - this; null = clip_range"
+    )
+    clip_range_high: Float | None = Field(
+        None, gt=0, description="the ratio's upper clip 1 + this; null = clip_range (DAPO's clip-higher: 0.28)"
+    )
+    loss_aggregation: LossAggregationMode = Field(
+        "token-mean",
+        description=(
+            "how per-token losses make a minibatch's loss. token-mean: over every token of the minibatch (DAPO). "
+            "seq-mean-token-mean: each response's token mean, then the mean over responses (GRPO paper). "
+            "seq-mean-token-sum-norm: each response's token sum / max_new_tokens, then the mean (Dr. GRPO)"
+        ),
+    )
     clip_range_value: Float = Field(0.2, gt=0, description="value prediction clip")
     vf_coef: Float = Field(0.1, ge=0, description="value-loss weight")
     ppo_epochs: int = Field(2, gt=0, description="passes over each batch of experience")
@@ -233,8 +268,14 @@ class PPOConfig(Section):
     micro_batch_size: int | None = Field(
         None, gt=0, description="sequences per forward/backward; null = minibatch_size (no accumulation)"
     )
-    whiten_advantages: bool = Field(True, description="normalise advantages to mean 0, std 1 over the batch")
-    lr: Float = Field(1e-5, gt=0, description="policy (LoRA + value head) learning rate")
+    whiten_advantages: bool = Field(
+        True,
+        description=(
+            "gae: normalise advantages to mean 0, std 1 over the batch (the critic-free estimators normalise, or "
+            "deliberately do not, by their own definition)"
+        ),
+    )
+    lr: Float = Field(1e-5, gt=0, description="policy (LoRA, and the value head with gae) learning rate")
     max_grad_norm: Float = Field(1.0, gt=0, description="gradient clipping")
     reward_clip: Float = Field(10.0, gt=0, description="clip normalised rewards to [-reward_clip, reward_clip]")
     normalize_reward: bool = Field(True, description="use the RM's saved mean/std")
@@ -278,8 +319,18 @@ class PPOConfig(Section):
         ),
     )
 
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE needs a value head."""
+        return self.advantage_estimator == "gae"
+
     @model_validator(mode="after")
     def _batch_sizes_fit(self):
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.responses_per_prompt < 2:
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator} compares the responses to one prompt: "
+                f"responses_per_prompt must be >= 2, got {self.responses_per_prompt}"
+            )
         if self.minibatch_size > self.rollout_batch_size * self.responses_per_prompt:
             raise ValueError("minibatch_size must be <= rollout_batch_size * responses_per_prompt")
         if self.micro_batch_size is not None and self.micro_batch_size > self.minibatch_size:

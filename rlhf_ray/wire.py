@@ -6,9 +6,10 @@ Every type here is plain data (tensors, lists, bytes), so it pickles through Ray
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Required, TypedDict
+from typing import Any, Required, TypedDict
 
 import torch
 
@@ -74,22 +75,22 @@ class Experience:
     batch: PackedBatch  # token ids and masks; (B, T) sequences, (B, A) responses
     old_logprobs: torch.Tensor  # (B, A) policy log-probs when the responses were collected
     ref_logprobs: torch.Tensor  # (B, A) reference-policy log-probs
-    values: torch.Tensor  # (B, A) value estimates when collected
-    scores: torch.Tensor  # (B,) reward-model scores (normalised, clipped)
-    rewards: torch.Tensor  # (B, A) KL-shaped per-token rewards
+    values: torch.Tensor | None  # (B, A) value estimates when collected; None without a critic
+    scores: torch.Tensor  # (B,) sequence rewards (the sources' weighted sum)
+    rewards: torch.Tensor  # (B, A) per-token rewards (KL-shaped unless the KL is a loss term)
     advantages: torch.Tensor  # (B, A)
-    returns: torch.Tensor  # (B, A)
+    returns: torch.Tensor | None  # (B, A) the value head's targets; None without a critic
 
     def select(self, rows: torch.Tensor) -> Experience:
-        return Experience(
-            **{name: value.select(rows) if name == "batch" else value[rows] for name, value in self._parts().items()}
-        )
+        return self._map(lambda name, value: value.select(rows) if name == "batch" else value[rows])
 
     def to(self, device: torch.device | str) -> Experience:
-        return Experience(**{name: value.to(device) for name, value in self._parts().items()})
+        return self._map(lambda name, value: value.to(device))
 
-    def _parts(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def _map(self, change: Callable[[str, Any], Any]) -> Experience:
+        """A new Experience with `change(name, value)` of every field that holds data (None stays None)."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Experience(**{name: None if value is None else change(name, value) for name, value in parts.items()})
 
 
 class UpdateStats(TypedDict, total=False):
@@ -99,11 +100,12 @@ class UpdateStats(TypedDict, total=False):
     """
 
     policy_loss: float
-    value_loss: float
+    value_loss: float  # with a critic (gae)
     entropy: float
     clip_fraction: float
     approx_kl: float
-    value_clip_fraction: float
+    value_clip_fraction: float  # with a critic (gae)
+    kl_loss: float  # with ppo.kl_in: loss
     grad_norm: float
     policy_version: Required[int]
     skipped_steps: Required[int]

@@ -15,6 +15,7 @@ IDENTITY = {
     "lora_r": 8,
     "lora_target_modules": ["q_proj"],
     "learner_backend": "torch",
+    "advantage_estimator": "gae",
 }
 
 
@@ -77,7 +78,7 @@ def test_resume_with_no_checkpoint_yet_starts_from_the_beginning_and_says_so(tmp
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     make_checkpoint(tmp_path, 3)
     other = {**IDENTITY, "policy_model": "/models/b", "policy_config_sha256": "def", "lora_r": 16}
-    with pytest.raises(CheckpointError, match="written for another model: policy_config_sha256, lora_r differ"):
+    with pytest.raises(CheckpointError, match="another model or algorithm: policy_config_sha256, lora_r differ"):
         find_resume_checkpoint(tmp_path, other)
 
 
@@ -86,9 +87,17 @@ def test_the_learner_backend_must_match_and_older_checkpoints_count_as_torch(tmp
     make_checkpoint(tmp_path, 1, older)
     assert find_resume_checkpoint(tmp_path, IDENTITY).name == "iter_000001"
     with pytest.raises(
-        CheckpointError, match="learner_backend differ .*learner_backend torch; .*learner_backend deepspeed"
+        CheckpointError, match="learner_backend differ .*learner_backend torch, .*learner_backend deepspeed"
     ):
         find_resume_checkpoint(tmp_path, {**IDENTITY, "learner_backend": "deepspeed"})
+
+
+def test_the_advantage_estimator_must_match_and_older_checkpoints_count_as_gae(tmp_path):
+    older = {key: value for key, value in IDENTITY.items() if key != "advantage_estimator"}  # written before the key
+    make_checkpoint(tmp_path, 1, older)
+    assert find_resume_checkpoint(tmp_path, {**IDENTITY, "advantage_estimator": "gae"}).name == "iter_000001"
+    with pytest.raises(CheckpointError, match="advantage_estimator differ .*estimator gae; .*estimator grpo"):
+        find_resume_checkpoint(tmp_path, {**IDENTITY, "advantage_estimator": "grpo"})
 
 
 def test_a_staging_folder_left_by_a_crash_is_never_picked(tmp_path):

@@ -1,6 +1,7 @@
 """PPO actor classes built directly (no Ray) on the tiny model."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -118,7 +119,8 @@ def test_train_step_changes_only_adapter_and_value_head(learner, tiny_model_dir)
     assert not torch.equal(head_before, learner.value_head.weight)
     assert stats["policy_version"] == 1 and learner.version == 1
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
-    assert set(stats) == UpdateStats.__required_keys__ | UpdateStats.__optional_keys__  # every field, none other
+    fields = UpdateStats.__required_keys__ | UpdateStats.__optional_keys__
+    assert set(stats) == fields - {"kl_loss"}  # every field but the KL loss term's (ppo.kl_in: reward), none other
     # the policy moved away from the frozen starting point
     batch = pack(PROMPTS, RESPONSES, pad_id=0)
     new_logprobs, _ = learner.logprobs_and_values(batch)
@@ -199,6 +201,64 @@ def test_merged_weights_give_the_trained_policy_in_a_plain_transformers_model(le
         logprobs[0, :3],
         atol=1e-3,
     )
+
+
+def test_a_critic_free_learner_has_no_value_head_and_saves_none(tiny_model_dir, tmp_path):
+    ppo = PPOConfig(advantage_estimator="grpo", responses_per_prompt=2, rollout_batch_size=1, minibatch_size=2, lr=1e-2)
+    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=0)
+    assert learner.value_head is None and learner.module.value_head is None
+    assert all("lora_" in name for name, p in learner.module.named_parameters() if p.requires_grad)
+    batch = pack(PROMPTS, RESPONSES, pad_id=0)
+    logprobs, values = learner.logprobs_and_values(batch)
+    assert values is None and logprobs.shape == (2, 5)
+    advantages = torch.tensor([[1.0], [-1.0]]) * batch.response_mask
+    experience = Experience(batch, logprobs, logprobs.clone(), None, torch.tensor([1.0, 0.0]), None, advantages, None)
+    stats = learner.train_step(experience)
+    assert stats["skipped_steps"] == 0 and learner.version == 1
+    assert "value_loss" not in stats and "value_clip_fraction" not in stats and "policy_loss" in stats
+    learner.save(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "value_head.safetensors").exists()
+    again = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=1)
+    again.load(tmp_path / "ckpt")
+    torch.testing.assert_close(again.logprobs_and_values(batch)[0], learner.logprobs_and_values(batch)[0])
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_give_the_update_of_one_pass_over_the_minibatch(tiny_model_dir, aggregation):
+    """Each micro-batch's loss share is normalised by the minibatch's totals, so accumulating two micro-batches
+    of one row changes the weights as one pass over both rows does, whatever the aggregation."""
+    updated = []
+    for micro in (1, None):
+        ppo = PPOConfig(
+            rollout_batch_size=2,
+            minibatch_size=2,
+            micro_batch_size=micro,
+            ppo_epochs=1,
+            lr=1e-2,
+            loss_aggregation=aggregation,
+        )
+        learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=0, reuse_first_forward=False)
+        stats = learner.train_step(make_experience(learner, pack(PROMPTS, RESPONSES, pad_id=0)))
+        updated.append((stats, trainable_state(learner)))
+    (micro_stats, micro_state), (whole_stats, whole_state) = updated
+    assert micro_stats["policy_loss"] == pytest.approx(whole_stats["policy_loss"], rel=1e-5, abs=1e-7)
+    for name in whole_state:
+        torch.testing.assert_close(micro_state[name], whole_state[name], atol=1e-5, rtol=1e-4)
+
+
+def test_kl_as_a_loss_term_is_reported_and_pulls_towards_the_reference(tiny_model_dir):
+    ppo = PPOConfig(rollout_batch_size=2, minibatch_size=2, ppo_epochs=1, lr=1e-2, kl_in="loss", kl_estimator="k3")
+    learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, seed=0)
+    batch, mask = pack(PROMPTS, RESPONSES, pad_id=0), pack(PROMPTS, RESPONSES, pad_id=0).response_mask
+    experience = make_experience(learner, batch)
+    experience.advantages = torch.zeros_like(experience.advantages)  # only the KL term moves the policy
+    experience.ref_logprobs = experience.old_logprobs - 0.5 * mask  # the reference likes the responses less
+    stats = learner.train_step(experience, kl_coef=1.0)
+    # one epoch of one minibatch: the loss is taken at the old weights, where k3 at r = -0.5 is exp(-0.5) - 1 + 0.5
+    assert stats["kl_loss"] == pytest.approx(math.exp(-0.5) - 0.5, rel=1e-5)
+    new_logprobs, _ = learner.logprobs_and_values(batch)
+    assert ((new_logprobs - experience.old_logprobs) * mask).sum() < 0  # moved towards the reference
+    assert "kl_loss" not in learner.train_step(make_experience(learner, batch), kl_coef=0.0)
 
 
 def deepspeed_learner(tiny_model_dir, ppo, seed=0, zero_stage=2):
@@ -293,7 +353,7 @@ def test_update_uses_the_update_threads_and_gives_them_back(tiny_model_dir, monk
     learner = PolicyLearner(str(tiny_model_dir), LoraConfig(r=8, alpha=16), ppo, update_threads=3)
     seen = []
     original = learner._train_epochs
-    monkeypatch.setattr(learner, "_train_epochs", lambda exp: seen.append(torch.get_num_threads()) or original(exp))
+    monkeypatch.setattr(learner, "_train_epochs", lambda *args: seen.append(torch.get_num_threads()) or original(*args))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

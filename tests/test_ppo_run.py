@@ -193,4 +193,4 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(
         main(["ppo", "configs/tiny.yaml", *overrides, "run.name=killed", "lora.r=4", "ppo.iterations=6", "--resume"])
         == 2
     )
-    assert "was written for another model: lora_r differ" in capfd.readouterr().err
+    assert "was written for another model or algorithm: lora_r differ" in capfd.readouterr().err

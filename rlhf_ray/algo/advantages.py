@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.algo.choices import ESTIMATORS
 from rlhf_ray.algo.ppo import whiten
 
-ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 GRPO_EPS = 1e-6
 
 

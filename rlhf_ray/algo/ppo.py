@@ -16,13 +16,13 @@ References (formulas only):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from rlhf_ray.algo.choices import KL_ESTIMATORS
 from rlhf_ray.algo.losses import last_token_index, masked_mean
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -117,20 +117,28 @@ def policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     clip_range: float,
+    *,
+    clip_range_low: float | None = None,
+    clip_range_high: float | None = None,
+    aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_mean,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017), masked mean over tokens. All inputs (B, A).
+    """PPO clipped surrogate loss (Schulman et al. 2017). All inputs (B, A).
 
-    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))), ratio = exp(logprobs - old_logprobs).
-    Gradient flows through `logprobs` only. Stats (0-d, detached): `clip_fraction`, the share of
-    real tokens where the clipped term is strictly larger (binds), and `approx_kl`, the masked
-    mean of 0.5 * (logprobs - old_logprobs)^2.
+    Per token: max(-A * ratio, -A * clip(ratio, 1 - low, 1 + high)) with ratio = exp(logprobs - old_logprobs)
+    and low = high = `clip_range` unless `clip_range_low` / `clip_range_high` set one side (DAPO's
+    asymmetric "clip-higher"); reduced by `aggregate` (default: the mean over real tokens; see
+    `algo/aggregation.py`). Gradient flows through `logprobs` only. Stats (0-d, detached, means over
+    real tokens): `clip_fraction`, the share where the clipped term is strictly larger (binds), and
+    `approx_kl`, the mean of 0.5 * (logprobs - old_logprobs)^2.
     """
+    low = clip_range if clip_range_low is None else clip_range_low
+    high = clip_range if clip_range_high is None else clip_range_high
     advantages = advantages.detach()
     log_ratio = logprobs - old_logprobs.detach()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), response_mask)
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(logprobs.dtype), response_mask),
@@ -139,14 +147,29 @@ def policy_loss(
     return loss, stats
 
 
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: str,
+    aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_mean,
+) -> torch.Tensor:
+    """KL(policy || reference) as a loss term (`ppo.kl_in: loss`, as GRPO does): the per-token `estimator`
+    (see `kl_penalty`) reduced by `aggregate`. Gradient flows through `logprobs` only. Inputs (B, A)."""
+    return aggregate(kl_penalty(logprobs, ref_logprobs.detach(), estimator), response_mask)
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
     response_mask: torch.Tensor,
     clip_range_value: float,
+    aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_mean,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: 0.5 * masked mean of max((v - R)^2, (clip(v, old - c, old + c) - R)^2). Inputs (B, A).
+    """Clipped value loss: 0.5 * `aggregate` of max((v - R)^2, (clip(v, old - c, old + c) - R)^2). Inputs (B, A).
+
+    `aggregate` defaults to the mean over real tokens (see `algo/aggregation.py`).
 
     Gradient flows through `values` only. Stats (0-d, detached): `value_clip_fraction`, the
     share of real tokens where the clipped error is strictly larger (binds).
@@ -155,7 +178,7 @@ def value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_error = (values - returns).square()
     clipped_error = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), response_mask)
+    loss = 0.5 * aggregate(torch.maximum(unclipped_error, clipped_error), response_mask)
     with torch.no_grad():
         binds = (clipped_error > unclipped_error).to(values.dtype)
         stats = {"value_clip_fraction": masked_mean(binds, response_mask)}

@@ -1,4 +1,4 @@
-"""The PPO policy: the SFT model with a LoRA adapter, and a value head on its last hidden state."""
+"""The PPO learner's model: the SFT model with a LoRA adapter, and for a critic a value head on its hidden state."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from rlhf_ray.config import LoraConfig
 from rlhf_ray.models.build import apply_lora
-from rlhf_ray.models.forward import response_forward
+from rlhf_ray.models.forward import ResponseOutputs, response_forward
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.wire import PackedBatch
 
@@ -16,30 +16,43 @@ def checkpoint_name(peft_name: str) -> str:
     return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-class PolicyWithValueHead(torch.nn.Module):
-    """The LoRA policy and its value head as one module, so one optimizer (or DeepSpeed engine) owns both."""
+class LearnerModule(torch.nn.Module):
+    """The LoRA policy and its value head (None for critic-free estimators) as one module, so one optimizer
+    (or DeepSpeed engine) owns both."""
 
-    def __init__(self, policy, value_head: torch.nn.Linear, temperature: float):
+    def __init__(self, policy, value_head: torch.nn.Linear | None, temperature: float):
         super().__init__()
         self.policy, self.value_head, self.temperature = policy, value_head, temperature
 
-    def forward(self, batch: PackedBatch, entropy: bool = False):
-        """Response log-probs (and entropy) plus values; `batch` must already be on the module's device."""
-        out = response_forward(self.policy, batch, entropy=entropy, hidden=True, temperature=self.temperature)
-        values = self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
-        return out, values
+    def forward(self, batch: PackedBatch, entropy: bool = False) -> tuple[ResponseOutputs, torch.Tensor | None]:
+        """Response log-probs (and entropy) plus values (None without a value head); `batch` must already be on
+        the module's device."""
+        critic = self.value_head is not None
+        out = response_forward(self.policy, batch, entropy=entropy, hidden=critic, temperature=self.temperature)
+        if not critic:
+            return out, None
+        return out, self.value_head(out.hidden).squeeze(-1).float() * batch.response_mask
 
 
-def build_policy_with_value_head(
-    model_path: str, lora: LoraConfig, temperature: float, *, dtype: str, trust_remote_code: bool, device: torch.device
-) -> PolicyWithValueHead:
-    """The base model with a fresh LoRA adapter, and a value head initialised small (seed torch first)."""
+def build_learner_module(
+    model_path: str,
+    lora: LoraConfig,
+    temperature: float,
+    *,
+    value_head: bool,
+    dtype: str,
+    trust_remote_code: bool,
+    device: torch.device,
+) -> LearnerModule:
+    """The base model with a fresh LoRA adapter and, if asked, a value head initialised small (seed torch first)."""
     base = load_causal_lm(model_path, dtype, trust_remote_code).to(device)
     policy = apply_lora(base, lora, "CAUSAL_LM")
-    value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=base.dtype, device=device)
-    torch.nn.init.normal_(value_head.weight, std=1.0 / (base.config.hidden_size + 1))
-    torch.nn.init.zeros_(value_head.bias)
-    return PolicyWithValueHead(policy, value_head, temperature)
+    head = None
+    if value_head:
+        head = torch.nn.Linear(base.config.hidden_size, 1, dtype=base.dtype, device=device)
+        torch.nn.init.normal_(head.weight, std=1.0 / (base.config.hidden_size + 1))
+        torch.nn.init.zeros_(head.bias)
+    return LearnerModule(policy, head, temperature)
 
 
 def has_dropout(model: torch.nn.Module) -> bool:

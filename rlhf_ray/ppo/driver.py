@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_ray.algo.advantages import critic_free_advantages, zero_advantage_groups
 from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import gae_advantages, nonfinite_names, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
@@ -92,6 +93,7 @@ class StepResult:
     kl_coef: float
     generator_versions: list[int]
     seconds: dict[str, float]  # seconds_<phase>
+    zero_advantage_groups: int | None = None  # prompts whose responses all scored the same (groups of >= 2)
 
     @property
     def update_skipped(self) -> bool:
@@ -112,7 +114,6 @@ class StepResult:
             "response_length": float(lengths.mean()),
             "finished_fraction": sum(r.finished for r in self.rollouts) / len(self.rollouts),
             "advantage_mean": float(masked_mean(exp.advantages, mask)),
-            "return_mean": float(masked_mean(exp.returns, mask)),
             "generator_logprob_gap": generator_logprob_gap(self.rollouts, exp.old_logprobs),
             "generator_versions_min": min(self.generator_versions),
             "generator_versions_max": max(self.generator_versions),
@@ -120,6 +121,10 @@ class StepResult:
             "update_skipped": float(self.update_skipped),
             **self.seconds,
         }
+        if exp.returns is not None:
+            metrics["return_mean"] = float(masked_mean(exp.returns, mask))
+        if self.zero_advantage_groups is not None:
+            metrics["zero_advantage_groups"] = self.zero_advantage_groups
         if "seconds_generate" in self.seconds:  # (an overlapped generation has no time of its own)
             metrics["generated_tokens_per_s"] = float(lengths.sum()) / max(self.seconds["seconds_generate"], 1e-9)
         metrics["seconds_iteration"] = sum(self.seconds.values())
@@ -128,6 +133,38 @@ class StepResult:
 
 # The parts of the experience that hold no NaN/inf before an update may run (on real tokens only).
 CHECKED_FOR_NONFINITE = ("scores", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+
+
+def advantages_of(
+    scores: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor | None,
+    mask: torch.Tensor,
+    kl_coef: float,
+    ppo: PPOConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token rewards (KL-shaped when `ppo.kl_in` is `reward`), then `ppo.advantage_estimator`'s advantages.
+
+    Returns (rewards, kl, advantages, returns), all (B, A); returns is None for a critic-free estimator.
+    """
+    reward_kl_coef = kl_coef if ppo.kl_in == "reward" else 0.0
+    rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, ppo.kl_estimator)
+    if not ppo.uses_critic:
+        group = ppo.responses_per_prompt
+        return rewards, kl, critic_free_advantages(ppo.advantage_estimator, rewards, mask, group, ppo.gamma), None
+    advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return rewards, kl, advantages, returns
+
+
+def check_grouped(rollouts: list[Rollout], group_size: int) -> None:
+    """The group estimators read rows [g*k, (g+1)*k) as prompt g's k responses; a RuntimeError if they are not."""
+    found = [r.prompt_index for r in rollouts]
+    expected = [row // group_size for row in range(len(rollouts))]
+    if found != expected:
+        raise RuntimeError(f"rollouts are not grouped by prompt in groups of {group_size}: prompt indices {found}")
 
 
 def ppo_step(
@@ -149,6 +186,9 @@ def ppo_step(
     timer = PhaseTimer()
     # 1. generate, split across the generator replicas (or take what the source sampled ahead)
     rollouts = source.collect(batch, timer)
+    group = batch.sampling.n
+    if group > 1:
+        check_grouped(rollouts, group)
     prompts = [batch.prompts[r.prompt_index] for r in rollouts]
     responses = [r.token_ids for r in rollouts]
     packed = pack(prompts, responses, pad_id)
@@ -166,17 +206,15 @@ def ppo_step(
             ],
         )
 
-    # 4. advantages: KL-shaped per-token rewards, then GAE
+    # 4. advantages: per-token rewards, then GAE with the values, or a critic-free estimator
     with timer("advantages"):
-        rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl_estimator)
-        advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        rewards, kl, advantages, returns = advantages_of(scores, old_logprobs, ref_logprobs, values, mask, kl_coef, ppo)
     experience = Experience(packed, old_logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
-    nonfinite = nonfinite_names({name: getattr(experience, name) for name in CHECKED_FOR_NONFINITE}, mask)
+    checked = {name: getattr(experience, name) for name in CHECKED_FOR_NONFINITE}
+    nonfinite = nonfinite_names({name: value for name, value in checked.items() if value is not None}, mask)
 
     # 5. update, unless the experience holds NaN/inf (an overlapping source samples the next batch meanwhile)
-    update_calls = [] if nonfinite else [Call.to(LEARNER, LearnerRole.train_step, experience)]
+    update_calls = [] if nonfinite else [Call.to(LEARNER, LearnerRole.train_step, experience, kl_coef)]
     update = next(iter(source.alongside(update_calls, timer)), None)
 
     # 6. push weights
@@ -184,7 +222,8 @@ def ppo_step(
     if update is not None and not update["update_skipped"]:
         with timer("push_weights"):
             versions = weights.push_from_learner()
-    return StepResult(experience, rollouts, update, nonfinite, kl, kl_coef, versions, dict(timer.seconds))
+    zero_groups = zero_advantage_groups(scores, group) if group > 1 else None
+    return StepResult(experience, rollouts, update, nonfinite, kl, kl_coef, versions, dict(timer.seconds), zero_groups)
 
 
 def finite_only(metrics: dict) -> dict:

@@ -83,11 +83,12 @@ def model_identity(config: Config, paths: ModelPaths) -> dict:
         "lora_r": config.lora.r,
         "lora_target_modules": sorted(config.lora.target_modules),
         "learner_backend": config.ppo.learner_backend,
+        "advantage_estimator": config.ppo.advantage_estimator,
     }
 
 
 # Identity keys added after the first release: checkpoints written before them had these values.
-IDENTITY_DEFAULTS = {"learner_backend": "torch"}
+IDENTITY_DEFAULTS = {"learner_backend": "torch", "advantage_estimator": "gae"}
 
 
 def check_identity(checkpoint: Path, identity: dict) -> None:
@@ -96,10 +97,12 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
     different = [key for key in identity if key != "policy_model" and saved.get(key) != identity[key]]
     if different:
         raise CheckpointError(
-            f"checkpoint {checkpoint} was written for another model: {', '.join(different)} differ "
+            f"checkpoint {checkpoint} was written for another model or algorithm: {', '.join(different)} differ "
             f"(checkpoint: policy {saved.get('policy_model')}, LoRA r={saved.get('lora_r')}, "
-            f"learner_backend {saved.get('learner_backend')}; this run: policy {identity['policy_model']}, "
-            f"LoRA r={identity['lora_r']}, learner_backend {identity.get('learner_backend')})"
+            f"learner_backend {saved.get('learner_backend')}, advantage_estimator {saved.get('advantage_estimator')}; "
+            f"this run: policy {identity['policy_model']}, LoRA r={identity['lora_r']}, "
+            f"learner_backend {identity.get('learner_backend')}, "
+            f"advantage_estimator {identity.get('advantage_estimator')})"
         )
 
 
@@ -293,9 +296,10 @@ class PPOLoop:
         else:
             state["nonfinite_in_a_row"] = 0
             self.kl_controller.update(result.mean_kl, len(rollouts))
-        metrics["explained_variance"] = float(
-            explained_variance(experience.values, experience.returns, experience.batch.response_mask)
-        )
+        if experience.values is not None:
+            metrics["explained_variance"] = float(
+                explained_variance(experience.values, experience.returns, experience.batch.response_mask)
+            )
         state.update(
             {
                 "iteration": iteration + 1,
