@@ -9,6 +9,7 @@ import torch
 
 from rlhf_ray.models.loading import default_device, torch_dtype
 from rlhf_ray.models.precision import autocast, resolve_precision
+from rlhf_ray.wire import PromptRow
 
 
 class RewardModel:
@@ -53,8 +54,10 @@ class RewardModel:
         self.clip = clip
 
     @torch.no_grad()
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        """(B,) rewards: (raw - mean) / std, clipped to [-clip, clip]."""
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], rows: list[PromptRow] | None = None
+    ) -> torch.Tensor:
+        """(B,) rewards: (raw - mean) / std, clipped to [-clip, clip]. The model reads tokens only (not `rows`)."""
         sequences = [
             p + r + (self.suffix if r and r[-1] == self.eos_token_id else []) for p, r in zip(prompts, responses)
         ]

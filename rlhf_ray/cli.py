@@ -243,8 +243,9 @@ def _run_failures() -> tuple[type, ...]:
     """A run that cannot go on, for a reason its message explains fully (no traceback needed)."""
     from rlhf_ray.ppo.crew import ActorCallTimeout, RoleKeepsDying
     from rlhf_ray.ppo.run import NonFiniteError
+    from rlhf_ray.rewards.checks import RewardError
 
-    return (NonFiniteError, RoleKeepsDying, ActorCallTimeout)
+    return (NonFiniteError, RoleKeepsDying, ActorCallTimeout, RewardError)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,48 @@ class RMConfig(TrainStageConfig):
     )
 
 
+class RewardSourceConfig(Section):
+    """One source of the sequence reward; a run's reward is the weighted sum of its sources."""
+
+    kind: Literal["model", "function", "http"] = Field(
+        "model",
+        description=(
+            "model: the trained reward model (ppo.reward_model). function: a Python function (`function`). "
+            "http: a remote server (`url`)"
+        ),
+    )
+    weight: Float = Field(1.0, description="this source's weight in the sum")
+    function: str | None = Field(
+        None,
+        description=(
+            "kind function: `package.module:function` or `path/to/file.py:function`, called as "
+            "f(prompt, response, fields) -> number (see rlhf_ray/rewards/function.py)"
+        ),
+    )
+    batched: bool = Field(False, description="kind function: call it once per batch with lists, not once per row")
+    url: str | None = Field(None, description="kind http: the endpoint POSTed to (see rlhf_ray/rewards/http.py)")
+    timeout_s: Float = Field(30.0, gt=0, description="kind http: seconds one request may take")
+    max_retries: int = Field(3, ge=0, description="kind http: retries after a connection error, timeout or 5xx")
+    backoff_s: Float = Field(1.0, ge=0, description="kind http: wait before the first retry, doubling each time")
+
+    @model_validator(mode="after")
+    def _has_what_its_kind_needs(self):
+        needs = {"function": "function", "http": "url"}.get(self.kind)
+        if needs and not getattr(self, needs):
+            raise ValueError(f"a reward source of kind {self.kind} needs `{needs}`")
+        if self.kind == "function" and ":" not in self.function:
+            raise ValueError(f"function {self.function!r}: expected 'package.module:function' or 'file.py:function'")
+        if self.kind == "http" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r}: expected http:// or https://")
+        return self
+
+    @property
+    def label(self) -> str:
+        return {"model": "reward model", "function": f"function {self.function}", "http": f"server {self.url}"}[
+            self.kind
+        ]
+
+
 class PPOConfig(Section):
     policy_model: str | None = Field(
         None, description="starting policy; null = this run's SFT model if exported, else model.name_or_path"
@@ -279,6 +321,14 @@ class PPOConfig(Section):
     max_grad_norm: Float = Field(1.0, gt=0, description="gradient clipping")
     reward_clip: Float = Field(10.0, gt=0, description="clip normalised rewards to [-reward_clip, reward_clip]")
     normalize_reward: bool = Field(True, description="use the RM's saved mean/std")
+    rewards: list[RewardSourceConfig] = Field(
+        default_factory=lambda: [RewardSourceConfig()],
+        min_length=1,
+        description=(
+            "the reward's sources, summed with their weights: the trained RM (kind model, at most one), Python "
+            "functions and HTTP servers. A run with no model source needs no reward model"
+        ),
+    )
     sample_every: int = Field(5, ge=0, description="iterations between saved sample generations (0 = none)")
     checkpoint_every: int = Field(5, ge=0, description="iterations between checkpoints (0 = only at the end)")
     vllm_enforce_eager: bool = Field(
@@ -324,8 +374,14 @@ class PPOConfig(Section):
         """Only GAE needs a value head."""
         return self.advantage_estimator == "gae"
 
+    @property
+    def uses_reward_model(self) -> bool:
+        return any(source.kind == "model" for source in self.rewards)
+
     @model_validator(mode="after")
     def _batch_sizes_fit(self):
+        if sum(source.kind == "model" for source in self.rewards) > 1:
+            raise ValueError("rewards: at most one source of kind model (the trained reward model)")
         if self.advantage_estimator in GROUP_ESTIMATORS and self.responses_per_prompt < 2:
             raise ValueError(
                 f"advantage_estimator {self.advantage_estimator} compares the responses to one prompt: "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rlhf_ray.formats.load import Loaded, detect_format, load_examples
 from rlhf_ray.formats.names import KIND_OF_FORMAT
 from rlhf_ray.formats.rows import RowProblems
@@ -42,6 +44,15 @@ def token_lengths(loaded: Loaded, tokenizer) -> dict[str, list[int]]:
     return {name: sorted(values) for name, values in columns.items()}
 
 
+def extra_fields(loaded: Loaded) -> dict[str, int]:
+    """How many prompt rows carry each extra field (prompts format), in order of first appearance."""
+    counts: dict[str, int] = {}
+    for ex in loaded.examples:
+        for key in getattr(ex, "fields", {}):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def inspect_source(source: str, fmt: str, tokenizer, max_length: int | None = None, split: str = "train") -> str:
     """A printable report; bad rows are listed as problems rather than raised."""
     fmt = resolve_format(source, fmt, split)
@@ -65,5 +76,11 @@ def inspect_source(source: str, fmt: str, tokenizer, max_length: int | None = No
         total = columns.get("longest_total") or columns.get("total") or columns["prompt"]
         over = sum(1 for n in total if n > max_length)
         lines.append(f"over max_length {max_length}: {over} of {len(total)}")
+    fields = extra_fields(loaded)
+    if fields:
+        counts = ", ".join(f"{key} ({n} rows)" for key, n in fields.items())
+        lines.append(f"extra fields (reach reward functions): {counts}")
+        example = next(ex for ex in loaded.examples if getattr(ex, "fields", None))
+        lines.append(f"  e.g. {example.ref}: {json.dumps(example.fields, ensure_ascii=False)[:200]}")
     lines.append("problems: " + loaded.problems.summary())
     return "\n".join(lines)

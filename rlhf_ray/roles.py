@@ -14,12 +14,26 @@ from typing import Any, Protocol
 
 import torch
 
-from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch, Rollout, SamplingSpec, UpdateStats
+from rlhf_ray.wire import (
+    AdapterPayload,
+    Experience,
+    MergedWeights,
+    PackedBatch,
+    PromptRow,
+    Rollout,
+    SamplingSpec,
+    UpdateStats,
+)
 
 GENERATOR_PREFIX = "rollout-generator-"
 LEARNER = "policy-learner"
-REWARD = "reward-model"
+REWARD = "reward-model"  # the trained reward model
 REFERENCE = "reference-model"
+
+
+def reward_role(kind: str, index: int) -> str:
+    """The actor name of `ppo.rewards[index]`: the trained RM is `REWARD`, the others are numbered by position."""
+    return REWARD if kind == "model" else f"reward-{kind}-{index}"
 
 
 class GeneratorRole(Protocol):
@@ -49,7 +63,13 @@ class LearnerRole(Protocol):
 
 
 class RewardRole(Protocol):
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor: ...
+    """Every reward source: the trained RM (`REWARD`), and the function and HTTP sources (`reward_role`)."""
+
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], rows: list[PromptRow] | None = None
+    ) -> torch.Tensor:
+        """(B,) rewards. `rows` (the prompts' text and extra fields) is what function and HTTP sources read."""
+        ...
 
 
 class ReferenceRole(Protocol):

@@ -36,6 +36,10 @@ def with_absolute_paths(config: Config) -> Config:
     data["model"]["tokenizer"] = pin(data["model"]["tokenizer"])
     data["ppo"]["policy_model"] = pin(data["ppo"]["policy_model"])
     data["ppo"]["reward_model"] = pin(data["ppo"]["reward_model"])
+    for source in data["ppo"]["rewards"]:  # a reward function given as path/to/file.py:function
+        module, _, function = (source["function"] or "").rpartition(":")
+        if module.endswith(".py"):
+            source["function"] = f"{pin(module)}:{function}"
     data["run"]["output_dir"] = str(Path(data["run"]["output_dir"]).resolve())
     return config_from_dict(data)
 
@@ -107,7 +111,10 @@ def trial_resources(config: Config):
     actor = {"CPU": res.actor_num_cpus}
     bundles = [{"CPU": 0.1}]
     bundles += [{**actor, "GPU": res.generator_num_gpus} if res.generator_num_gpus else actor] * res.generator_replicas
-    for gpus in (res.learner_num_gpus, res.reward_num_gpus, res.reference_num_gpus):
+    gpus_of_roles = [res.learner_num_gpus, res.reference_num_gpus]
+    if config.ppo.uses_reward_model:  # (function and HTTP reward actors take no resources)
+        gpus_of_roles.append(res.reward_num_gpus)
+    for gpus in gpus_of_roles:
         bundles.append({**actor, "GPU": gpus} if gpus else actor)
     return tune.PlacementGroupFactory(bundles, strategy="PACK")
 
@@ -228,6 +235,11 @@ def _plot(rows: list[dict], png: Path) -> Path:
 
 
 def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
+    if config.sweep.rank_by == "heldout" and not config.ppo.uses_reward_model:
+        raise ValueError(
+            "sweep.rank_by=heldout judges trials with the run's reward model, but ppo.rewards has none (kind model); "
+            "use sweep.rank_by=metric"
+        )
     config = with_absolute_paths(config)
     print(f"[sweep] Ray: {ray_session.connect(config.resources)}", flush=True)
     save_config(config, config.run.path.resolve())

@@ -56,9 +56,16 @@ class Origin:
         self.key_lines = key_lines or {}
         self.overrides: dict[str, str] = {}
 
+    def _override_of(self, dotted: str) -> str | None:
+        """The override that set `dotted`, a key inside it, or a section holding it."""
+        for key, override in self.overrides.items():
+            if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+                return override
+        return None
+
     def line_of(self, dotted: str) -> int:
         """For ordering problems: the key's line in the file, after the file for an override."""
-        if any(key == dotted or key.startswith(dotted + ".") for key in self.overrides):
+        if self._override_of(dotted) is not None:
             return 1 << 30
         parts = dotted.split(".")
         for end in range(len(parts), 0, -1):
@@ -67,9 +74,9 @@ class Origin:
         return 0
 
     def describe(self, dotted: str) -> str:
-        for key, override in self.overrides.items():
-            if key == dotted or key.startswith(dotted + "."):
-                return f"command-line override '{override}'"
+        override = self._override_of(dotted)
+        if override is not None:
+            return f"command-line override '{override}'"
         if self.file is None:
             return "<defaults>"
         parts = dotted.split(".")
@@ -103,16 +110,24 @@ def validate(cls: type[BaseModel], data: Any, origin: Origin) -> Any:
         raise ConfigError(min(problems)[1]) from None
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: `Model`, or the item of `list[Model]`; None for a plain value."""
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _field_at(cls: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], FieldInfo | None]:
-    """The model holding the last named key of `loc`, and that key's field (None past the model tree)."""
+    """The model holding the last named key of `loc`, and that key's field (None past the model tree).
+    A list index steps into the list's item model."""
     model, info = cls, None
     for part in loc:
-        if not isinstance(part, str) or model is None or part not in model.model_fields:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
             break
         info = model.model_fields[part]
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        model = _section_model(info.annotation) or model
     return model, info
 
 
@@ -123,12 +138,12 @@ def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, st
     dotted = "".join(f".{part}" if isinstance(part, str) else f"[{part}]" for part in error["loc"])[1:] or "<top level>"
     where = origin.describe(".".join(keys))
     line = origin.line_of(".".join(keys))
-    section = ".".join(keys[:-1]) or "<top level>"
+    section = dotted.rpartition(".")[0] or "<top level>"  # the key's section, with list indices
     if kind == "extra_forbidden":
         parent, _ = _field_at(cls, tuple(keys[:-1]))
         known = list(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(keys[-1], known, n=1)
-        prefix = ".".join(keys[:-1]) + "." if len(keys) > 1 else ""
+        prefix = section + "." if len(keys) > 1 else ""
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
         return line, f"{where}: unknown key '{dotted}'{hint}"
     if kind in TYPE_NAMES:
@@ -144,9 +159,9 @@ def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, st
     if kind == "value_error":  # a validator's message, which starts with the field it is about
         message = str(error["ctx"]["error"])
         if not _is_leaf(cls, keys):  # a whole-section check: point at the field the message names
-            model, _ = _field_at(cls, tuple(keys))
+            model, _ = _field_at(cls, error["loc"])
             culprit = next((name for name in model.model_fields if message.startswith(name)), None)
-            section = ".".join(keys) or "<top level>"
+            section = dotted if keys else "<top level>"
             if culprit is not None:
                 where, line = origin.describe(".".join([*keys, culprit])), origin.line_of(".".join([*keys, culprit]))
         return line, f"{where}: invalid '{section}': {message}"
@@ -156,10 +171,9 @@ def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, st
 
 
 def _is_leaf(cls: type[BaseModel], keys: list[str]) -> bool:
-    """True when `keys` names a plain value, not a section (nor the top level)."""
+    """True when `keys` names a plain value, not a section or a list of them (nor the top level)."""
     _, info = _field_at(cls, tuple(keys))
-    annotation = info.annotation if info is not None else None
-    return info is not None and not (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+    return info is not None and _section_model(info.annotation) is None
 
 
 def _bounds(cls: type[BaseModel], keys: list[str], kind: str) -> str:
@@ -267,6 +281,8 @@ def dump_described(model: BaseModel, indent: str = "") -> str:
         if isinstance(value, BaseModel):
             lines.append(f"{indent}{name}:{comment}\n" + dump_described(value, indent + "  "))
         else:
+            if isinstance(value, list):  # a list of sections is written as plain mappings, in one line
+                value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
             flow = yaml.safe_dump([value], default_flow_style=True, width=1 << 16).strip()[1:-1]
             lines.append(f"{indent}{name}: {flow}{comment}\n")
     return "".join(lines)

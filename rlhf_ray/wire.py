@@ -114,6 +114,15 @@ class UpdateStats(TypedDict, total=False):
 
 
 @dataclass
+class PromptRow:
+    """What a reward function or server sees of a prompt besides its tokens."""
+
+    text: str  # the prompt's last message
+    fields: dict[str, Any]  # the row's extra JSON fields (e.g. a reference `answer`)
+    ref: str  # file:line of the row, for error messages
+
+
+@dataclass
 class SamplingSpec:
     max_new_tokens: int
     temperature: float = 1.0

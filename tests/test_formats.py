@@ -156,6 +156,19 @@ def test_prompt_completion_and_prompts(tmp_path):
         load_prompts(str(write_jsonl(tmp_path / "p2.jsonl", [{"prompt": [{"role": "assistant", "content": "x"}]}])))
 
 
+def test_a_prompt_rows_other_fields_are_kept_for_reward_functions(tmp_path, tiny_tokenizer):
+    from rlhf_ray.data_inspect import inspect_source
+
+    rows = [{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": "Hi"}, {"prompt": "4+4?", "answer": 8, "level": 2}]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    loaded = load_prompts(str(path))
+    assert loaded.format == "prompts"
+    assert [ex.fields for ex in loaded.examples] == [{"answer": "5"}, {}, {"answer": 8, "level": 2}]
+    report = inspect_source(str(path), "auto", tiny_tokenizer)
+    assert "extra fields (reach reward functions): answer (2 rows), level (1 rows)" in report
+    assert 'q.jsonl:1: {"answer": "5"}' in report
+
+
 def test_gz_files_folders_and_limit(tmp_path):
     folder = tmp_path / "data"
     (folder / "sub").mkdir(parents=True)

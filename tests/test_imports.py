@@ -33,7 +33,7 @@ def test_library_imports_without_ray_deepspeed_vllm(module):
 
 # Layers, lowest first: a node imports only from nodes of lower layers, so no package imports itself
 # back through another. Actors are plain classes that the driver side wraps with ray.remote; they see
-# only the wire types, model building, pure math and the config.
+# only the wire types, model building, pure math, the reward sources' checks and the config.
 LAYERS = [
     {
         "rlhf_ray",
@@ -45,7 +45,7 @@ LAYERS = [
         "rlhf_ray.run_log",
         "rlhf_ray.dashboard_metrics",
     },
-    {"rlhf_ray.config", "rlhf_ray.tokenization", "rlhf_ray.roles"},
+    {"rlhf_ray.config", "rlhf_ray.tokenization", "rlhf_ray.roles", "rlhf_ray.rewards"},
     {"rlhf_ray.models", "rlhf_ray.ray_session"},
     {"actors", "rlhf_ray.train"},
     {"rlhf_ray.ppo"},
@@ -54,7 +54,7 @@ LAYERS = [
     {"cli"},
 ]
 LAYER_OF = {node: level for level, nodes in enumerate(LAYERS) for node in nodes}
-ACTORS_MAY_IMPORT = {"rlhf_ray.wire", "rlhf_ray.models", "rlhf_ray.algo", "rlhf_ray.config"}
+ACTORS_MAY_IMPORT = {"rlhf_ray.wire", "rlhf_ray.models", "rlhf_ray.algo", "rlhf_ray.config", "rlhf_ray.rewards"}
 NEVER = {("rlhf_ray.ppo", "rlhf_ray.train")}  # PPO builds its models through rlhf_ray.models, not the SFT/RM jobs
 
 

@@ -86,6 +86,85 @@ def test_three_iterations_end_to_end(ray_local, tmp_path, tiny_model_dir, tiny_r
     assert merged.config.vocab_size == base.config.vocab_size
 
 
+def test_grpo_with_a_reward_function_beside_the_reward_model_runs_without_a_critic(
+    ray_local, tmp_path, tiny_model_dir, tiny_reward_dir
+):
+    """Critic-free GRPO: no value head anywhere, the reward is the weighted sum of the RM and a function
+    (each source's mean logged beside it), and the checkpoint records the estimator."""
+    from rlhf_ray.checkpoints import read_manifest
+    from rlhf_ray.ppo.run import run_ppo
+
+    rewards = '[{kind: model, weight: 0.5}, {kind: function, function: "rlhf_ray.rewards.examples:brevity"}]'
+    config = ppo_config(
+        tmp_path,
+        tiny_model_dir,
+        tiny_reward_dir,
+        "grpo",
+        "ppo.iterations=2",
+        "ppo.rollout_batch_size=2",
+        "ppo.responses_per_prompt=4",
+        "ppo.minibatch_size=4",
+        "ppo.checkpoint_every=1",
+        "ppo.sample_every=0",
+        "ppo.advantage_estimator=grpo",
+        "ppo.kl_in=loss",
+        "ppo.kl_estimator=k3",
+        "ppo.loss_aggregation=seq-mean-token-mean",
+        "ppo.clip_range_high=0.28",
+        f"ppo.rewards={rewards}",
+        "ppo.lr=1e-2",
+    )
+    result = run_ppo(config)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["reward_mean"] == pytest.approx(0.5 * row["reward_mean_model"] + row["reward_mean_function_1"])
+        assert 0 < row["reward_mean_function_1"] <= 1  # brevity is in (0, 1]
+        assert 0 <= row["zero_advantage_groups"] <= 2 and "kl_loss" in row
+        assert not {"value_loss", "explained_variance", "return_mean", "value_clip_fraction"} & set(row), row
+    checkpoint = result.output_dir / "checkpoints" / "iter_000002"
+    assert read_manifest(checkpoint)["advantage_estimator"] == "grpo"
+    assert not (checkpoint / "value_head.safetensors").exists()
+    assert json.loads((result.output_dir / "model" / "export.json").read_text())["advantage_estimator"] == "grpo"
+
+
+def test_a_reward_function_that_fails_stops_the_run_naming_the_function_and_the_row(
+    ray_local, tmp_path, tiny_model_dir, capfd
+):
+    """No reward model at all: the only source is a function from a file, which raises on the second prompt."""
+    from rlhf_ray.cli import main
+
+    source = tmp_path / "picky_reward.py"
+    source.write_text(
+        "def picky(prompt, response, fields):\n"
+        "    if fields.get('id') == 2:\n"
+        "        raise ValueError('cannot judge this one')\n"
+        "    return 1.0\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "id": i}) + "\n" for i in range(4)))
+    code = main(
+        [
+            "ppo",
+            "configs/tiny.yaml",
+            f"run.output_dir={tmp_path}",
+            "run.name=picky",
+            f"ppo.policy_model={tiny_model_dir}",
+            f"data.prompts.path={prompts}",
+            "data.eval_fraction=0",
+            "data.test_fraction=0",
+            "ppo.rollout_batch_size=4",
+            "ppo.minibatch_size=4",
+            f"ppo.rewards=[{{kind: function, function: '{source}:picky'}}]",
+        ]
+    )
+    err = capfd.readouterr().err
+    assert code == 1
+    assert f"rlhf-ray: run stopped: reward function {source}:picky raised ValueError: cannot judge this one" in err
+    assert f"{prompts}:3)" in err  # the row with id 2 is line 3 of the file
+    assert "Traceback" not in err
+
+
 def test_overlapped_generation_samples_the_next_batch_with_the_weights_before_the_update(
     ray_local, tmp_path, tiny_model_dir, tiny_reward_dir
 ):

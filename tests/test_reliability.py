@@ -176,8 +176,8 @@ class InfRewardModel(RewardModel):
         super().__init__(*args, **kwargs)
         self.calls, self.poisoned = 0, set(poisoned_calls)
 
-    def score(self, prompts, responses):
-        scores = super().score(prompts, responses)
+    def score(self, prompts, responses, rows=None):
+        scores = super().score(prompts, responses, rows)
         self.calls += 1
         if self.calls in self.poisoned:
             scores[0] = float("inf")

@@ -10,6 +10,7 @@ import pytest
 from actors.policy_learner import PolicyLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_model import RewardModel
+from actors.reward_sources import FunctionReward, HttpReward
 from actors.rollout_generator import RolloutGenerator
 from rlhf_ray.ppo.crew import Call
 from rlhf_ray.roles import LEARNER, GeneratorRole, LearnerRole, ReferenceRole, RewardRole, remote_call
@@ -21,6 +22,8 @@ CONTRACTS = [
     (GeneratorRole, RolloutGenerator),
     (LearnerRole, PolicyLearner),
     (RewardRole, RewardModel),
+    (RewardRole, FunctionReward),
+    (RewardRole, HttpReward),
     (ReferenceRole, ReferenceModel),
 ]
 
@@ -51,7 +54,7 @@ def test_a_call_with_arguments_that_do_not_fit_fails_where_it_is_built():
     with pytest.raises(TypeError, match=r"LearnerRole.train_step: missing a required argument: 'experience'"):
         Call.to(LEARNER, LearnerRole.train_step)
     with pytest.raises(TypeError, match=r"RewardRole.score: too many positional arguments"):
-        Call.to("reward", RewardRole.score, [[1]], [[2]], 3)
+        Call.to("reward", RewardRole.score, [[1]], [[2]], [], 3)
     call = Call.to("generator", GeneratorRole.generate, [[1, 2]], None, index_offset=4)
     assert (call.method, call.args, call.kwargs) == ("generate", ([[1, 2]], None), {"index_offset": 4})
 

@@ -52,6 +52,11 @@ class RunModels:
 def run_models(config: Config) -> RunModels:
     """The models a run's stages made (or its config names), as `eval` uses them by default."""
     paths = resolve_model_paths(config)
+    if paths.reward is None:
+        raise ValueError(
+            "ppo.rewards has no reward model (kind model), and evaluation judges with reward models: "
+            "name one with --reward-model (eval policy) or --model (eval rm)"
+        )
     ppo_model = (config.run.path / "ppo" / "model").resolve()
     return RunModels([paths.policy] + ([ppo_model] if is_exported(ppo_model) else []), paths.reward)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlhf_ray.formats.hh_rlhf import split_transcript
 from rlhf_ray.formats.rows import (
@@ -35,6 +35,7 @@ class SFTExample:
 class PromptExample:
     prompt: list[Message]
     ref: RowRef
+    fields: dict = field(default_factory=dict)  # the row's other keys (prompts format), e.g. a reference `answer`
 
 
 def _require(row: dict, ref: RowRef, *keys: str) -> None:
@@ -116,5 +117,7 @@ def prompt_completion_example(row: dict, ref: RowRef) -> SFTExample:
 
 
 def prompt_only(row: dict, ref: RowRef) -> PromptExample:
+    """A `prompts` row: `prompt`, and any other keys as fields for reward functions."""
     _require(row, ref, "prompt")
-    return PromptExample(as_messages(row["prompt"], ref, "prompt"), ref)
+    fields = {key: value for key, value in row.items() if key != "prompt"}
+    return PromptExample(as_messages(row["prompt"], ref, "prompt"), ref, fields)

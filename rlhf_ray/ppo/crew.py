@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec
 
+from rlhf_ray.rewards.checks import RewardError
 from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, check_arguments
 
 P = ParamSpec("P")
@@ -71,6 +72,10 @@ class RoleLost(RuntimeError):
     def __init__(self, role: str, phase: str, cause: str):
         super().__init__(f"{role} died during {phase}: {cause}")
         self.role, self.phase = role, phase
+
+
+# Errors raised inside an actor whose message names what went wrong and where (a reward function's row).
+SELF_EXPLAINING = (RewardError,)
 
 
 class RoleKeepsDying(RuntimeError):
@@ -205,6 +210,10 @@ class ActorCrew:
             call = calls[index]
             try:
                 results[index] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, SELF_EXPLAINING):  # its message says all; the remote traceback would not
+                    raise err.cause from None
+                raise
             except deaths as err:
                 cause = type(err).__name__
                 self.restart(call.role, phase, cause)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,14 +17,14 @@ from rlhf_ray.roles import (
     GENERATOR_PREFIX,
     LEARNER,
     REFERENCE,
-    REWARD,
     GeneratorRole,
     LearnerRole,
     ReferenceRole,
     RewardRole,
     remote_call,
+    reward_role,
 )
-from rlhf_ray.wire import Experience, Rollout, UpdateStats, pack
+from rlhf_ray.wire import Experience, PackedBatch, PromptRow, Rollout, UpdateStats, pack
 
 # ppo.weight_sync -> (the learner's export method, the generators' load method)
 WEIGHT_SYNC_METHODS = {
@@ -94,6 +94,7 @@ class StepResult:
     generator_versions: list[int]
     seconds: dict[str, float]  # seconds_<phase>
     zero_advantage_groups: int | None = None  # prompts whose responses all scored the same (groups of >= 2)
+    source_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) per reward source, by actor name
 
     @property
     def update_skipped(self) -> bool:
@@ -123,6 +124,9 @@ class StepResult:
         }
         if exp.returns is not None:
             metrics["return_mean"] = float(masked_mean(exp.returns, mask))
+        if len(self.source_scores) > 1:  # the weighted sum is reward_mean; each source's own mean beside it
+            for role, scores in self.source_scores.items():
+                metrics[f"reward_mean_{role.removeprefix('reward-').replace('-', '_')}"] = float(scores.mean())
         if self.zero_advantage_groups is not None:
             metrics["zero_advantage_groups"] = self.zero_advantage_groups
         if "seconds_generate" in self.seconds:  # (an overlapped generation has no time of its own)
@@ -167,6 +171,36 @@ def check_grouped(rollouts: list[Rollout], group_size: int) -> None:
         raise RuntimeError(f"rollouts are not grouped by prompt in groups of {group_size}: prompt indices {found}")
 
 
+def reward_sources(ppo: PPOConfig) -> list[tuple[str, float]]:
+    """(actor name, weight) of each `ppo.rewards` source."""
+    return [(reward_role(source.kind, i), source.weight) for i, source in enumerate(ppo.rewards)]
+
+
+def score_reference_values(
+    crew: ActorCrew,
+    packed: PackedBatch,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    rows: list[PromptRow] | None,
+    ppo: PPOConfig,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every reward source's (B,) scores by actor name, the reference's log-probs and the learner's
+    (log-probs, values), computed concurrently."""
+    import ray
+
+    packed_ref = ray.put(packed)  # (Ray resolves an object ref passed as a top-level argument)
+    roles = [role for role, _ in reward_sources(ppo)]
+    *scores, ref_logprobs, logprobs_and_values = crew.run(
+        "score_reference_values",
+        [
+            *(Call.to(role, RewardRole.score, prompts, responses, rows) for role in roles),
+            Call.to(REFERENCE, ReferenceRole.logprobs, packed_ref),
+            Call.to(LEARNER, LearnerRole.logprobs_and_values, packed_ref),
+        ],
+    )
+    return dict(zip(roles, scores)), ref_logprobs, logprobs_and_values
+
+
 def ppo_step(
     crew: ActorCrew,
     weights: GeneratorWeights,
@@ -181,7 +215,6 @@ def ppo_step(
     If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
     (weights unchanged); the learner itself skips any optimizer step whose loss or gradients are not finite.
     """
-    import ray
 
     timer = PhaseTimer()
     # 1. generate, split across the generator replicas (or take what the source sampled ahead)
@@ -194,17 +227,13 @@ def ppo_step(
     packed = pack(prompts, responses, pad_id)
     mask = packed.response_mask
 
-    # 2. score, 3. reference log-probs, and the learner's old log-probs/values, all at once
+    # 2. score by every reward source, 3. reference log-probs, and the learner's old log-probs/values, all at once
     with timer("score_reference_values"):
-        packed_ref = ray.put(packed)  # (Ray resolves an object ref passed as a top-level argument)
-        scores, ref_logprobs, (old_logprobs, values) = crew.run(
-            "score_reference_values",
-            [
-                Call.to(REWARD, RewardRole.score, prompts, responses),
-                Call.to(REFERENCE, ReferenceRole.logprobs, packed_ref),
-                Call.to(LEARNER, LearnerRole.logprobs_and_values, packed_ref),
-            ],
+        rows = [batch.rows[r.prompt_index] for r in rollouts] if batch.rows is not None else None
+        source_scores, ref_logprobs, (old_logprobs, values) = score_reference_values(
+            crew, packed, prompts, responses, rows, ppo
         )
+        scores = sum(weight * source_scores[role] for role, weight in reward_sources(ppo))
 
     # 4. advantages: per-token rewards, then GAE with the values, or a critic-free estimator
     with timer("advantages"):
@@ -223,7 +252,9 @@ def ppo_step(
         with timer("push_weights"):
             versions = weights.push_from_learner()
     zero_groups = zero_advantage_groups(scores, group) if group > 1 else None
-    return StepResult(experience, rollouts, update, nonfinite, kl, kl_coef, versions, dict(timer.seconds), zero_groups)
+    return StepResult(
+        experience, rollouts, update, nonfinite, kl, kl_coef, versions, dict(timer.seconds), zero_groups, source_scores
+    )
 
 
 def finite_only(metrics: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The four PPO roles as named Ray actors with resources from the config."""
+"""The PPO roles as named Ray actors with resources from the config: generators, learner, reference, and one
+actor per reward source."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ from pathlib import Path
 from actors.policy_learner import PolicyLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_model import RewardModel
+from actors.reward_sources import FunctionReward, HttpReward
 from actors.rollout_generator import RolloutGenerator
 from rlhf_ray.config import Config
 from rlhf_ray.models.optim import learner_deepspeed_config
 from rlhf_ray.ppo.crew import ActorCrew, RoleSpec, wait_until_names_free
-from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD
+from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, reward_role
 from rlhf_ray.tokenization import response_ids
 
 
 @dataclass
 class ModelPaths:
     policy: Path  # starting policy (SFT model): generator base, learner base, reference
-    reward: Path  # reward model folder (with reward_stats.json)
+    reward: Path | None  # reward model folder (with reward_stats.json); None when no reward source is the RM
 
 
 def end_of_turn_suffix(tokenizer) -> list[int]:
@@ -29,8 +31,49 @@ def end_of_turn_suffix(tokenizer) -> list[int]:
     return ids[len(ids) - ids[::-1].index(eos) :] if eos in ids else []
 
 
+def reward_specs(config: Config, paths: ModelPaths, tokenizer, options: dict) -> list[RoleSpec]:
+    """One actor per `ppo.rewards` source."""
+    ppo, model = config.ppo, config.model
+    specs = []
+    for index, source in enumerate(ppo.rewards):
+        name = reward_role(source.kind, index)
+        if source.kind == "model":
+            kwargs = dict(
+                dtype=model.dtype,
+                normalize=ppo.normalize_reward,
+                clip=ppo.reward_clip,
+                eos_token_id=tokenizer.eos_token_id,
+                end_of_turn_suffix=end_of_turn_suffix(tokenizer),
+                trust_remote_code=model.trust_remote_code,
+                precision=model.precision,
+            )
+            specs.append(RoleSpec(name, RewardModel, (str(paths.reward),), kwargs, dict(options)))
+        elif source.kind == "function":
+            kwargs = dict(batched=source.batched, trust_remote_code=model.trust_remote_code)
+            spec = RoleSpec(name, FunctionReward, (function_name(source.function), str(paths.policy)), kwargs)
+            specs.append(spec)
+        else:
+            kwargs = dict(
+                timeout_s=source.timeout_s,
+                max_retries=source.max_retries,
+                backoff_s=source.backoff_s,
+                trust_remote_code=model.trust_remote_code,
+            )
+            specs.append(RoleSpec(name, HttpReward, (source.url, str(paths.policy)), kwargs))
+    for spec in specs:
+        if spec.cls is not RewardModel:  # light actors: no model, no GPU
+            spec.options = {"namespace": options["namespace"], "num_cpus": 0}
+    return specs
+
+
+def function_name(name: str) -> str:
+    """`file.py:function` with the file made absolute (the actor may start in another directory)."""
+    module, _, function = name.rpartition(":")
+    return f"{Path(module).resolve()}:{function}" if module.endswith(".py") else name
+
+
 def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> list[RoleSpec]:
-    """The four PPO roles, each a named actor with the resources the config gives it."""
+    """The PPO roles, each a named actor with the resources the config gives it."""
     res, ppo, model = config.resources, config.ppo, config.model
     namespace = f"rlhf-ray-{config.run.name}"
 
@@ -75,21 +118,6 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
         ),
         options(res.learner_num_gpus),
     )
-    reward = RoleSpec(
-        REWARD,
-        RewardModel,
-        (str(paths.reward),),
-        dict(
-            dtype=model.dtype,
-            normalize=ppo.normalize_reward,
-            clip=ppo.reward_clip,
-            eos_token_id=tokenizer.eos_token_id,
-            end_of_turn_suffix=end_of_turn_suffix(tokenizer),
-            trust_remote_code=model.trust_remote_code,
-            precision=model.precision,
-        ),
-        options(res.reward_num_gpus),
-    )
     reference = RoleSpec(
         REFERENCE,
         ReferenceModel,
@@ -97,7 +125,8 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
         dict(precision=model.precision),
         options(res.reference_num_gpus),
     )
-    specs = [*generators, learner, reward, reference]
+    rewards = reward_specs(config, paths, tokenizer, options(res.reward_num_gpus))
+    specs = [*generators, learner, *rewards, reference]
     for spec in specs:
         spec.options["name"] = spec.name
     return specs

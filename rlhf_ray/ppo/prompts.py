@@ -11,6 +11,7 @@ from rlhf_ray.formats.load import load_prompts
 from rlhf_ray.formats.parsers import PromptExample
 from rlhf_ray.formats.splits import SplitOrAll
 from rlhf_ray.tokenization import LengthReport, fit_length, prompt_ids
+from rlhf_ray.wire import PromptRow
 
 
 @dataclass
@@ -18,6 +19,11 @@ class PromptSet:
     examples: list[PromptExample]
     token_ids: list[list[int]]
     summary: str
+
+    def row(self, index: int) -> PromptRow:
+        """What reward functions see of prompt `index`: its last message's text and the row's extra fields."""
+        example = self.examples[index]
+        return PromptRow(example.prompt[-1]["content"], example.fields, str(example.ref))
 
     def batch(self, iteration: int, size: int, seed: int) -> list[int]:
         """Prompt indices of `iteration`: a stream of per-epoch seeded permutations, cut into batches."""

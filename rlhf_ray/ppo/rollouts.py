@@ -15,7 +15,7 @@ from typing import Protocol
 
 from rlhf_ray.ppo.crew import ActorCrew, Call
 from rlhf_ray.roles import GeneratorRole
-from rlhf_ray.wire import Rollout, SamplingSpec
+from rlhf_ray.wire import PromptRow, Rollout, SamplingSpec
 
 
 @dataclass
@@ -26,6 +26,7 @@ class PromptBatch:
     prompt_ids: list[int]  # indices into the prompt set (named when a run stops on NaN)
     prompts: list[list[int]]  # token ids
     sampling: SamplingSpec
+    rows: list[PromptRow] | None = None  # the prompts' text and extra fields, for function and HTTP rewards
 
 
 class PhaseTimer:

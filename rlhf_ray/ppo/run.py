@@ -29,9 +29,10 @@ from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.ppo.crew import RoleLost
 from rlhf_ray.ppo.driver import GeneratorWeights, finite_only, ppo_step
-from rlhf_ray.ppo.launch import ModelPaths, actor_specs, launch_actors
+from rlhf_ray.ppo.launch import ModelPaths, actor_specs, function_name, launch_actors
 from rlhf_ray.ppo.prompts import load_prompt_set
 from rlhf_ray.ppo.rollouts import OverlappedRollouts, PromptBatch, SyncRollouts
+from rlhf_ray.rewards.function import load_function
 from rlhf_ray.roles import LEARNER, LearnerRole
 from rlhf_ray.run_log import MetricsLog, plot_curves, trim_jsonl
 from rlhf_ray.wire import SamplingSpec
@@ -69,6 +70,8 @@ def resolve_model_paths(config: Config) -> ModelPaths:
         policy = run / "sft" / "model"
     else:
         policy = resolve_model(config.model.name_or_path)
+    if not config.ppo.uses_reward_model:
+        return ModelPaths(require_safetensors(policy).resolve(), None)
     reward = Path(config.ppo.reward_model) if config.ppo.reward_model else run / "rm" / "model"
     if not (reward / "config.json").is_file():
         raise FileNotFoundError(f"reward model not found at {reward}: run `rlhf-ray rm` first or set ppo.reward_model")
@@ -156,7 +159,11 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     tokenizer = load_tokenizer(paths.policy, config.model.trust_remote_code)
     prompts = load_prompt_set(config, tokenizer)
     print(f"[ppo] prompts: {prompts.summary}", flush=True)
-    print(f"[ppo] policy {paths.policy}; reward model {paths.reward}", flush=True)
+    rewards = " + ".join(f"{source.weight:g} x {source.label}" for source in config.ppo.rewards)
+    print(f"[ppo] policy {paths.policy}; reward {rewards}" + (f" ({paths.reward})" if paths.reward else ""), flush=True)
+    for source in config.ppo.rewards:  # a function that cannot be imported fails here, before any actor starts
+        if source.kind == "function":
+            load_function(function_name(source.function))
     identity = model_identity(config, paths)
     if checkpoint is not None:
         problem = problem_with(checkpoint)
@@ -268,7 +275,8 @@ class PPOLoop:
         sampling = SamplingSpec(
             ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt, seed=seed * 1_000 + iteration
         )
-        return PromptBatch(iteration, ids, [self.prompts.token_ids[i] for i in ids], sampling)
+        rows = [self.prompts.row(i) for i in ids]
+        return PromptBatch(iteration, ids, [self.prompts.token_ids[i] for i in ids], sampling, rows)
 
     def _iterate(self) -> None:
         ppo, state = self.config.ppo, self.state
@@ -356,5 +364,12 @@ class PPOLoop:
             shutil.rmtree(self.out / name, ignore_errors=True)
             os.replace(staging / name, self.out / name)
         shutil.rmtree(staging, ignore_errors=True)
-        summary = {"stage": "ppo", "lora": True, "base_model": str(paths.policy), "reward_model": str(paths.reward)}
+        summary = {
+            "stage": "ppo",
+            "lora": True,
+            "base_model": str(paths.policy),
+            "reward_model": str(paths.reward) if paths.reward else None,
+            "rewards": [source.label for source in self.config.ppo.rewards],
+            "advantage_estimator": self.config.ppo.advantage_estimator,
+        }
         mark_exported(self.out / "model", summary)
