@@ -94,6 +94,7 @@ def suite_section(result: dict) -> list[str]:
         "rm": "Reward-model training",
         "sft": "SFT training",
         "ppo": "PPO iteration",
+        "grpo": "GRPO iteration, and what the critic costs",
         "rollout": "Rollout generation",
         "scaling": "PPO scaling on this machine",
     }
@@ -107,6 +108,9 @@ def suite_section(result: dict) -> list[str]:
         lines += scaling_section(result)
     else:
         lines += ab_table(result)
+    if result.get("update_s"):
+        phases = ", ".join(f"{name} {num(seconds)} s" for name, seconds in result["update_s"].items())
+        lines += ["", f"Update phase (median seconds, first iteration dropped): {phases}."]
     if result.get("targets"):
         lines += ["", "Targets:", "", *target_lines(result["targets"])]
     if failures(result):

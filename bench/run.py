@@ -25,13 +25,14 @@ from bench.common import BENCH, OUT, Progress, fmt_duration, rel
 from bench.context import Context
 from bench.settings import PRECISION
 
-SUITES = ("ceiling", "rm", "rm-quality", "sft", "ppo", "rollout", "rollout-bf16", "scaling")
-NEEDS_TRL = {"rm", "rm-quality", "sft", "ppo"}
+SUITES = ("ceiling", "rm", "rm-quality", "sft", "ppo", "grpo", "rollout", "rollout-bf16", "scaling")
+NEEDS_TRL = {"rm", "rm-quality", "sft", "ppo", "grpo"}
 SYSTEMS = {
     "rm": ["rlhf-ray", "trl"],
     "rm-quality": ["rlhf-ray", "trl"],
     "sft": ["rlhf-ray", "trl"],
     "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
+    "grpo": ["rlhf-ray-grpo", "trl-grpo", "rlhf-ray-gae"],
     "rollout": ["rlhf-ray", "transformers", "rlhf-ray-adapter"],
     "rollout-bf16": ["rlhf-ray", "transformers"],
 }
@@ -102,6 +103,7 @@ def run_suite(ctx: Context, suite: str) -> dict:
         "rm-quality": suites_train.rm_quality,
         "sft": lambda c: suites_train.training_suite(c, "sft"),
         "ppo": suites_ppo.ppo,
+        "grpo": suites_ppo.grpo,
         "rollout": suites_rollout.rollout,
         "rollout-bf16": lambda c: suites_rollout.rollout(c, "bfloat16"),
         "scaling": suites_ppo.scaling,

@@ -69,6 +69,7 @@ FULL: dict[str, dict] = {
         "lora_r": 16,
     },
     "scaling": {"batches": [8, 16, 32], "replicas": [1, 2], "replica_batch": 16, "iterations": 4},
+    "grpo": {"group": 4},  # the rest as the ppo suite: 16 responses = 4 prompts x 4
 }
 
 QUICK_CHANGES: dict[str, dict] = {
@@ -79,6 +80,7 @@ QUICK_CHANGES: dict[str, dict] = {
     "ppo": {"iterations": 2, "rollout_batch": 4, "minibatch": 2, "epochs": 2, "max_new_tokens": 8},
     "rollout": {"batches": [4, 8], "max_new_tokens": 8, "kv_cache_gib": 1},
     "scaling": {"batches": [4], "replicas": [1, 2], "replica_batch": 4, "iterations": 2},
+    "grpo": {"group": 2},
 }
 
 DEFAULT_REPEATS = {
@@ -87,6 +89,7 @@ DEFAULT_REPEATS = {
     "rm-quality": 1,
     "sft": 3,
     "ppo": 3,
+    "grpo": 3,
     "rollout": 3,
     "rollout-bf16": 3,
     "scaling": 1,
@@ -105,6 +108,9 @@ ESTIMATE_S = {
     "ppo:rlhf-ray": 245,
     "ppo:trl-ppo": 220,
     "ppo:trl-rloo": 150,
+    "grpo:rlhf-ray-grpo": 230,
+    "grpo:trl-grpo": 150,
+    "grpo:rlhf-ray-gae": 245,
     "rollout:rlhf-ray": 200,
     "rollout:transformers": 110,
     "rollout:rlhf-ray-adapter": 290,

@@ -1,4 +1,5 @@
-"""The ppo suite (rlhf-ray vs TRL PPOTrainer and RLOOTrainer) and the scaling suite (rlhf-ray alone)."""
+"""The ppo suite (rlhf-ray vs TRL PPOTrainer and RLOOTrainer), the grpo suite (rlhf-ray's GRPO, and its PPO with a
+critic on the same batch, vs TRL GRPOTrainer) and the scaling suite (rlhf-ray alone)."""
 
 from __future__ import annotations
 
@@ -220,6 +221,86 @@ def ppo(ctx: Context) -> dict:
         "systems": names,
         "runs": [r.to_dict() for r in runs],
         "rows": rows,
+        "targets": targets,
+    }
+
+
+def grpo_overrides(s: dict, ctx: Context, name: str, shared: dict, estimator: str) -> list[str]:
+    """The ppo suite's overrides with the batch as prompts x group, and GRPO's objective: KL as a k3 loss term."""
+    return [
+        *ppo_overrides(s, ctx, name, shared, s["rollout_batch"]),
+        f"ppo.rollout_batch_size={s['rollout_batch'] // s['group']}",
+        f"ppo.responses_per_prompt={s['group']}",
+        f"ppo.minibatch_size={s['minibatch']}",
+        f"ppo.advantage_estimator={estimator}",
+        "ppo.kl_in=loss",
+        "ppo.kl_estimator=k3",
+        "ppo.loss_aggregation=token-mean",
+    ]
+
+
+def grpo(ctx: Context) -> dict:
+    """rlhf-ray GRPO against TRL's GRPOTrainer on one workload; rlhf-ray's PPO with a value head on the same
+    batch shows what the critic costs."""
+    s = {**sizes("ppo", ctx.quick), **sizes("grpo", ctx.quick)}
+    shared = prep_prompts(ctx, "grpo", s, reward_model=True)
+    batch, group = s["rollout_batch"], s["group"]
+    settings = {
+        **ppo_settings(s, shared, ctx),
+        "responses per iteration": f"{batch} ({batch // group} prompts x {group}) for every system",
+        "objective": "clipped ratio 0.2, KL to the reference as a k3 loss term (TRL beta), token-mean loss "
+        "(TRL loss_type dapo), advantages scaled by the group std (TRL scale_rewards group)",
+        "rlhf-ray run (CLI equivalent of repeat 1)": cli("ppo", grpo_overrides(s, ctx, "bench-grpo-0", shared, "grpo")),
+    }
+    print_settings("grpo", settings)
+    trl_spec = {
+        "model_path": shared["model_path"],
+        "reward_model": str(ctx.work / "reward-model"),
+        "data": shared["data"],
+        **{key: s[key] for key in ("rollout_batch", "minibatch", "epochs", "max_new_tokens", "iterations", "lr")},
+        **{key: s[key] for key in ("kl_coef", "lora_r", "lora_alpha", "group")},
+        "lora_target_modules": LORA_TARGETS,
+    }
+
+    def ours(estimator: str) -> System:
+        return System(
+            f"rlhf-ray-{estimator}",
+            "bench.workers.ppo_rlhf",
+            lambda i: {
+                "config": "configs/demo.yaml",
+                "overrides": grpo_overrides(s, ctx, f"bench-grpo-{estimator}-{i}", shared, estimator),
+            },
+        )
+
+    systems = [
+        ours("grpo"),
+        System("trl-grpo", "bench.workers.rl_trl", lambda i: {**trl_spec, "trainer": "grpo"}, trl_env()),
+        ours("gae"),
+    ]
+    runs = ctx.alternate("grpo", systems)
+    names = [system.name for system in systems]
+    metrics = [m for m in ppo_metrics(s, shared, ctx.peak.get("float32")) if m.key not in ("mfu", "update_mfu")]
+    rows = table(runs, names, metrics)
+    update_s = {
+        name: median_or_none(
+            [median_or_none(r.result["phase_s"]["update"][1:]) for r in runs if r.system == name and r.ok]
+        )
+        for name in ("rlhf-ray-grpo", "rlhf-ray-gae")
+    }
+    targets = [
+        target(
+            "GRPO seconds per iteration >= 2x faster than TRL GRPOTrainer",
+            row(rows, "s_per_iter")["advantage"]["trl-grpo"],
+            2.0,
+        ),
+    ]
+    return {
+        "suite": "grpo",
+        "settings": settings,
+        "systems": names,
+        "runs": [r.to_dict() for r in runs],
+        "rows": rows,
+        "update_s": update_s,
         "targets": targets,
     }
 

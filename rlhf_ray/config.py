@@ -329,6 +329,16 @@ class PPOConfig(Section):
             "functions and HTTP servers. A run with no model source needs no reward model"
         ),
     )
+    dynamic_sampling: bool = Field(
+        False,
+        description=(
+            "DAPO's dynamic sampling: score each sampled batch first, set aside the prompts whose responses all got "
+            "the same reward (no advantage for a group estimator), and sample more prompts until rollout_batch_size "
+            "informative ones are found or max_sampling_rounds have run (then fill up with set-aside ones). Needs "
+            "responses_per_prompt >= 2; not with overlap_generation"
+        ),
+    )
+    max_sampling_rounds: int = Field(3, gt=0, description="dynamic sampling: batches sampled per iteration at most")
     sample_every: int = Field(5, ge=0, description="iterations between saved sample generations (0 = none)")
     checkpoint_every: int = Field(5, ge=0, description="iterations between checkpoints (0 = only at the end)")
     vllm_enforce_eager: bool = Field(
@@ -380,6 +390,11 @@ class PPOConfig(Section):
 
     @model_validator(mode="after")
     def _batch_sizes_fit(self):
+        if self.dynamic_sampling and (self.responses_per_prompt < 2 or self.overlap_generation):
+            raise ValueError(
+                "dynamic_sampling compares the responses to one prompt and samples more before the update: it needs "
+                "responses_per_prompt >= 2 and overlap_generation false"
+            )
         if sum(source.kind == "model" for source in self.rewards) > 1:
             raise ValueError("rewards: at most one source of kind model (the trained reward model)")
         if self.advantage_estimator in GROUP_ESTIMATORS and self.responses_per_prompt < 2:

@@ -89,6 +89,44 @@ def test_merged_weight_sync_refuses_adapters_on_the_embeddings():
     assert load_config(None, ["lora.target_modules=[q_proj, lm_head]", "ppo.weight_sync=adapter"]).lora.target_modules
 
 
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (
+            ["ppo.advantage_estimator=grpo"],
+            r"advantage_estimator grpo compares .*responses_per_prompt must be >= 2, got 1",
+        ),
+        (["ppo.advantage_estimator=ppo"], r"'ppo\.advantage_estimator' must be one of \['gae', 'grpo'"),
+        (
+            ["ppo.responses_per_prompt=2", "ppo.dynamic_sampling=true", "ppo.overlap_generation=true"],
+            r"dynamic_sampling .* needs responses_per_prompt >= 2 and overlap_generation false",
+        ),
+        (["ppo.rewards=[{kind: http}]"], r"invalid 'ppo\.rewards\[0\]': a reward source of kind http needs `url`"),
+        (
+            ["ppo.rewards=[{kind: function, function: nocolon}]"],
+            r"function 'nocolon': expected 'package\.module:function'",
+        ),
+        (["ppo.rewards=[{kind: http, url: 'ftp://x'}]"], r"url 'ftp://x': expected http:// or https://"),
+        (["ppo.rewards=[{kind: model}, {kind: model}]"], r"at most one source of kind model"),
+        (
+            ["ppo.rewards=[{kind: model}, {kind: function, functoin: x}]"],
+            r"unknown key 'ppo\.rewards\[1\]\.functoin' \(did you mean 'ppo\.rewards\[1\]\.function'\?\)",
+        ),
+        (["ppo.clip_range_low=1.5"], r"clip_range_low must be in \(0, 1\), got 1\.5"),
+    ],
+)
+def test_estimator_and_reward_settings_are_checked(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_reward_sources_and_critic_follow_the_settings():
+    ppo = load_config(None, ["ppo.advantage_estimator=rloo", "ppo.responses_per_prompt=2"]).ppo
+    assert not ppo.uses_critic and ppo.uses_reward_model  # the default source is the trained RM
+    ppo = load_config(None, ['ppo.rewards=[{kind: function, function: "a.b:c", weight: 2}]']).ppo
+    assert ppo.uses_critic and not ppo.uses_reward_model and ppo.rewards[0].label == "function a.b:c"
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")

@@ -19,8 +19,20 @@ def test_demo_files_load_cleanly():
     assert len(prompts) == 200 and not pair_prompts & {p.prompt[0]["content"] for p in prompts}  # held out
 
 
-def test_generator_reproduces_the_committed_files(tmp_path):
-    script = DEMO.parent / "make_demo.py"
+def test_arithmetic_prompts_carry_their_answers():
+    from rlhf_ray.rewards.examples import exact_answer
+
+    examples = load_prompts(str(DEMO / "arithmetic.jsonl")).examples
+    assert len(examples) == 300 and all(set(ex.fields) == {"answer"} for ex in examples)
+    for ex in examples[:20]:
+        a, op, b = ex.prompt[0]["content"].removeprefix("What is ").split("?")[0].split()
+        result = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert exact_answer("", f"It is {result}.", ex.fields) == 1.0
+
+
+@pytest.mark.parametrize("script", ["make_demo.py", "make_arithmetic.py"])
+def test_generator_reproduces_the_committed_files(script):
+    script = DEMO.parent / script
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in DEMO.glob("*.jsonl")}
     subprocess.run([sys.executable, str(script)], check=True, capture_output=True)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in DEMO.glob("*.jsonl")}

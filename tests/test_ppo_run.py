@@ -165,6 +165,53 @@ def test_a_reward_function_that_fails_stops_the_run_naming_the_function_and_the_
     assert "Traceback" not in err
 
 
+def test_dynamic_sampling_trains_only_on_prompts_whose_responses_scored_differently(
+    ray_local, tmp_path, tiny_model_dir
+):
+    """A reward that is the same for every response to an even-numbered prompt: dynamic sampling sets those
+    aside and samples more rounds, so the prompts trained on are odd-numbered."""
+    from rlhf_ray.ppo.run import run_ppo
+
+    source = tmp_path / "parity_reward.py"
+    source.write_text(
+        "def parity(prompt, response, fields):\n    return 1.0 if fields['id'] % 2 == 0 else float(len(response))\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "id": i}) + "\n" for i in range(16)))
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=dynamic",
+            f"ppo.policy_model={tiny_model_dir}",
+            f"data.prompts.path={prompts}",
+            "data.eval_fraction=0",
+            "data.test_fraction=0",
+            "ppo.iterations=2",
+            "ppo.rollout_batch_size=4",
+            "ppo.responses_per_prompt=2",
+            "ppo.minibatch_size=8",
+            "ppo.advantage_estimator=rloo",
+            "ppo.dynamic_sampling=true",
+            "ppo.max_sampling_rounds=4",
+            "ppo.checkpoint_every=1",
+            f"ppo.rewards=[{{kind: function, function: '{source}:parity'}}]",
+        ],
+    )
+    result = run_ppo(config)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["sampling_rounds"] >= 2 and row["discarded_groups"] >= 2, row  # a batch of 4 has 2 even ids
+        assert row["zero_advantage_groups"] == row["filled_zero_advantage_groups"] == 0, row
+        assert "seconds_score" in row and row["samples_seen"] % 8 == 0
+    for iteration in (1, 2):
+        state = json.loads(
+            (result.output_dir / "checkpoints" / f"iter_{iteration:06d}" / "driver_state.json").read_text()
+        )
+        ids = [json.loads(line)["id"] for line in prompts.read_text().splitlines()]
+        assert len(state["prompt_ids"]) == 4 and all(ids[i] % 2 == 1 for i in state["prompt_ids"]), state
+
+
 def test_overlapped_generation_samples_the_next_batch_with_the_weights_before_the_update(
     ray_local, tmp_path, tiny_model_dir, tiny_reward_dir
 ):

@@ -1,9 +1,6 @@
 """Reward functions and HTTP reward servers: results checked row by row, failures named; a real server on 127.0.0.1."""
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,6 +9,7 @@ from rlhf_ray.rewards.checks import RewardError
 from rlhf_ray.rewards.function import call_function, load_function
 from rlhf_ray.rewards.http import score_over_http, with_retries
 from rlhf_ray.wire import PromptRow
+from tests.reward_server import RewardServer
 
 pytestmark = pytest.mark.unit
 
@@ -83,40 +81,6 @@ def test_the_example_verifiers():
         examples.exact_answer("q", "5", {})
     assert examples.one_word("q", "Paris.", {}) == 1.0 and examples.one_word("q", "It is Paris", {}) == 0.0
     assert examples.brevity("q", "a b c", {}) == 0.25
-
-
-class RewardServer:
-    """A real HTTP reward server on 127.0.0.1: answers with `reply(payload)`, or fails first `failures` times."""
-
-    def __init__(self, reply, failures: int = 0, status: int = 503):
-        self.requests, self.failures, self.status = [], failures, status
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(payload)
-                if len(outer.requests) <= outer.failures:
-                    self.send_response(outer.status)
-                    self.end_headers()
-                    self.wfile.write(b"not now")
-                    return
-                body = json.dumps(reply(payload)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""TRL side of the ppo suite: trl.experimental.ppo.PPOTrainer, and RLOOTrainer as a second peer.
+"""TRL side of the ppo suite (trl.experimental.ppo.PPOTrainer, and RLOOTrainer as a second peer) and of the
+grpo suite (GRPOTrainer).
 
 Same policy (SmolLM2, LoRA on the same modules and rank), same bench reward model, same prompt
 tokens, response length, batch of 16 responses, 2 epochs of 2 minibatches, lr, KL coefficient,
@@ -162,6 +163,51 @@ def rloo_trainer(spec: dict, data: dict, folder: str, clock):
     return trainer, steps_per_iteration
 
 
+def grpo_trainer(spec: dict, data: dict, folder: str, clock):
+    """GRPOTrainer on the grpo suite's workload: `group` responses per prompt, the batch's responses in
+    minibatches, `epochs` passes (num_iterations), KL to the reference as a k3 loss term (beta), the
+    token-mean loss (loss_type dapo, TRL's default) and group-std scaling (scale_rewards group)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    batch, mini = spec["rollout_batch"], spec["minibatch"]
+    steps_per_iteration = (batch // mini) * spec["epochs"]
+    args = GRPOConfig(
+        **common_args(spec, folder),
+        per_device_train_batch_size=mini,
+        steps_per_generation=batch // mini,
+        num_generations=spec["group"],
+        num_iterations=spec["epochs"],
+        max_completion_length=spec["max_new_tokens"],
+        top_p=1.0,
+        top_k=0,
+        beta=spec["kl_coef"],
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        max_steps=spec["iterations"] * steps_per_iteration,
+        max_grad_norm=1.0,
+        model_init_kwargs={"dtype": "float32"},
+        log_completions=False,
+    )
+    prompts = Dataset.from_list([{"prompt": messages} for messages in data["messages"]])
+    trainer = GRPOTrainer(
+        model=spec["model_path"],
+        reward_funcs=spec["reward_model"],
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=lora(spec),
+        callbacks=[clock],
+    )
+    return trainer, steps_per_iteration
+
+
+TRAINERS = {"ppo": ppo_trainer, "rloo": rloo_trainer, "grpo": grpo_trainer}
+
+
 def run(spec: dict) -> dict:
     import trl
 
@@ -171,8 +217,7 @@ def run(spec: dict) -> dict:
     clock = step_clock()
     with tempfile.TemporaryDirectory(prefix="bench-trl-rl-") as folder:
         start = time.perf_counter()
-        build = ppo_trainer if spec["trainer"] == "ppo" else rloo_trainer
-        trainer, steps_per_iteration = build(spec, data, folder, clock)
+        trainer, steps_per_iteration = TRAINERS[spec["trainer"]](spec, data, folder, clock)
         trainer.train()
         call_s = time.perf_counter() - start
     ends = [t for t, _ in clock.marks][::steps_per_iteration]  # train start, then the end of each iteration

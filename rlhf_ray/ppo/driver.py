@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ from rlhf_ray.algo.losses import masked_mean
 from rlhf_ray.algo.ppo import gae_advantages, nonfinite_names, token_rewards, whiten
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.ppo.crew import ActorCrew, Call
+from rlhf_ray.ppo.dynamic_sampling import Sampled, informative_groups
 from rlhf_ray.ppo.rollouts import PhaseTimer, PromptBatch, RolloutSource
 from rlhf_ray.roles import (
     GENERATOR_PREFIX,
@@ -24,7 +26,7 @@ from rlhf_ray.roles import (
     remote_call,
     reward_role,
 )
-from rlhf_ray.wire import Experience, PackedBatch, PromptRow, Rollout, UpdateStats, pack
+from rlhf_ray.wire import Experience, PackedBatch, Rollout, UpdateStats, pack
 
 # ppo.weight_sync -> (the learner's export method, the generators' load method)
 WEIGHT_SYNC_METHODS = {
@@ -93,8 +95,9 @@ class StepResult:
     kl_coef: float
     generator_versions: list[int]
     seconds: dict[str, float]  # seconds_<phase>
-    zero_advantage_groups: int | None = None  # prompts whose responses all scored the same (groups of >= 2)
+    group_size: int = 1  # responses per prompt
     source_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) per reward source, by actor name
+    sampled: Sampled | None = None  # what dynamic sampling did (ppo.dynamic_sampling)
 
     @property
     def update_skipped(self) -> bool:
@@ -127,8 +130,10 @@ class StepResult:
         if len(self.source_scores) > 1:  # the weighted sum is reward_mean; each source's own mean beside it
             for role, scores in self.source_scores.items():
                 metrics[f"reward_mean_{role.removeprefix('reward-').replace('-', '_')}"] = float(scores.mean())
-        if self.zero_advantage_groups is not None:
-            metrics["zero_advantage_groups"] = self.zero_advantage_groups
+        if self.sampled is not None:
+            metrics.update(self.sampled.metrics)
+        if self.group_size > 1:  # prompts whose responses all scored the same: no advantage for a group estimator
+            metrics["zero_advantage_groups"] = zero_advantage_groups(exp.scores, self.group_size)
         if "seconds_generate" in self.seconds:  # (an overlapped generation has no time of its own)
             metrics["generated_tokens_per_s"] = float(lengths.sum()) / max(self.seconds["seconds_generate"], 1e-9)
         metrics["seconds_iteration"] = sum(self.seconds.values())
@@ -163,12 +168,14 @@ def advantages_of(
     return rewards, kl, advantages, returns
 
 
-def check_grouped(rollouts: list[Rollout], group_size: int) -> None:
-    """The group estimators read rows [g*k, (g+1)*k) as prompt g's k responses; a RuntimeError if they are not."""
+def check_grouped(rollouts: list[Rollout], group_size: int) -> int:
+    """The group estimators read rows [g*k, (g+1)*k) as prompt g's k responses; a RuntimeError if they are not.
+    Returns `group_size`."""
     found = [r.prompt_index for r in rollouts]
     expected = [row // group_size for row in range(len(rollouts))]
     if found != expected:
         raise RuntimeError(f"rollouts are not grouped by prompt in groups of {group_size}: prompt indices {found}")
+    return group_size
 
 
 def reward_sources(ppo: PPOConfig) -> list[tuple[str, float]]:
@@ -176,29 +183,53 @@ def reward_sources(ppo: PPOConfig) -> list[tuple[str, float]]:
     return [(reward_role(source.kind, i), source.weight) for i, source in enumerate(ppo.rewards)]
 
 
+def score_calls(batch: PromptBatch, rollouts: list[Rollout], roles: list[str]) -> list[Call]:
+    """One `score` call per reward source over the rollouts (with each one's prompt tokens and row)."""
+    prompts = [batch.prompts[r.prompt_index] for r in rollouts]
+    rows = [batch.rows[r.prompt_index] for r in rollouts] if batch.rows is not None else None
+    return [Call.to(role, RewardRole.score, prompts, [r.token_ids for r in rollouts], rows) for role in roles]
+
+
 def score_reference_values(
-    crew: ActorCrew,
-    packed: PackedBatch,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    rows: list[PromptRow] | None,
-    ppo: PPOConfig,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Every reward source's (B,) scores by actor name, the reference's log-probs and the learner's
-    (log-probs, values), computed concurrently."""
+    crew: ActorCrew, packed: PackedBatch, scoring: list[Call]
+) -> tuple[list[torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The `scoring` calls' (B,) scores, the reference's log-probs and the learner's (log-probs, values),
+    computed concurrently."""
     import ray
 
     packed_ref = ray.put(packed)  # (Ray resolves an object ref passed as a top-level argument)
-    roles = [role for role, _ in reward_sources(ppo)]
     *scores, ref_logprobs, logprobs_and_values = crew.run(
         "score_reference_values",
         [
-            *(Call.to(role, RewardRole.score, prompts, responses, rows) for role in roles),
+            *scoring,
             Call.to(REFERENCE, ReferenceRole.logprobs, packed_ref),
             Call.to(LEARNER, LearnerRole.logprobs_and_values, packed_ref),
         ],
     )
-    return dict(zip(roles, scores)), ref_logprobs, logprobs_and_values
+    return scores, ref_logprobs, logprobs_and_values
+
+
+def sample_informative(
+    crew: ActorCrew,
+    source: RolloutSource,
+    first: tuple[PromptBatch, list[Rollout]],
+    more_prompts: Callable[[int], PromptBatch] | None,
+    ppo: PPOConfig,
+    timer: PhaseTimer,
+) -> Sampled:
+    """Dynamic sampling (`ppo.dynamic_sampling`): score rounds of rollouts, keep the informative groups."""
+    weights = dict(reward_sources(ppo))
+
+    def score(batch: PromptBatch, rollouts: list[Rollout]) -> dict[str, torch.Tensor]:
+        with timer("score"):
+            return dict(zip(weights, crew.run("score", score_calls(batch, rollouts, list(weights)))))
+
+    def sample_round(round_index: int) -> tuple[PromptBatch, list[Rollout]]:
+        batch = more_prompts(round_index)
+        return batch, source.collect(batch, timer)
+
+    max_rounds = ppo.max_sampling_rounds if more_prompts is not None else 1
+    return informative_groups(first, sample_round, score, weights, max_rounds)
 
 
 def ppo_step(
@@ -209,30 +240,34 @@ def ppo_step(
     kl_coef: float,
     ppo: PPOConfig,
     pad_id: int,
+    more_prompts: Callable[[int], PromptBatch] | None = None,
 ) -> StepResult:
     """Collect one batch of experience, update the policy, push the new weights to the generators.
 
+    With `ppo.dynamic_sampling`, `more_prompts(r)` gives round r's extra prompts of this iteration.
     If any reward, log-prob, value or advantage is NaN/inf, the update and the push are skipped
     (weights unchanged); the learner itself skips any optimizer step whose loss or gradients are not finite.
     """
-
     timer = PhaseTimer()
-    # 1. generate, split across the generator replicas (or take what the source sampled ahead)
+    # 1. generate, split across the generator replicas (or take what the source sampled ahead);
+    #    dynamic sampling scores each round and sets aside the prompts whose responses all scored the same
     rollouts = source.collect(batch, timer)
-    group = batch.sampling.n
-    if group > 1:
-        check_grouped(rollouts, group)
-    prompts = [batch.prompts[r.prompt_index] for r in rollouts]
-    responses = [r.token_ids for r in rollouts]
-    packed = pack(prompts, responses, pad_id)
+    sampled = (
+        sample_informative(crew, source, (batch, rollouts), more_prompts, ppo, timer) if ppo.dynamic_sampling else None
+    )
+    if sampled is not None:
+        batch, rollouts = sampled.batch, sampled.rollouts
+    group = check_grouped(rollouts, batch.sampling.n)
+    packed = pack([batch.prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts], pad_id)
     mask = packed.response_mask
 
-    # 2. score by every reward source, 3. reference log-probs, and the learner's old log-probs/values, all at once
+    # 2. score by every reward source (unless already scored), 3. reference log-probs, and the learner's
+    #    old log-probs/values, all at once
     with timer("score_reference_values"):
-        rows = [batch.rows[r.prompt_index] for r in rollouts] if batch.rows is not None else None
-        source_scores, ref_logprobs, (old_logprobs, values) = score_reference_values(
-            crew, packed, prompts, responses, rows, ppo
-        )
+        roles = [role for role, _ in reward_sources(ppo)]
+        scoring = score_calls(batch, rollouts, roles) if sampled is None else []
+        scored, ref_logprobs, (old_logprobs, values) = score_reference_values(crew, packed, scoring)
+        source_scores = sampled.scores if sampled is not None else dict(zip(roles, scored))
         scores = sum(weight * source_scores[role] for role, weight in reward_sources(ppo))
 
     # 4. advantages: per-token rewards, then GAE with the values, or a critic-free estimator
@@ -251,9 +286,8 @@ def ppo_step(
     if update is not None and not update["update_skipped"]:
         with timer("push_weights"):
             versions = weights.push_from_learner()
-    zero_groups = zero_advantage_groups(scores, group) if group > 1 else None
     return StepResult(
-        experience, rollouts, update, nonfinite, kl, kl_coef, versions, dict(timer.seconds), zero_groups, source_scores
+        experience, rollouts, update, nonfinite, kl, kl_coef, versions, timer.seconds, group, source_scores, sampled
     )
 
 

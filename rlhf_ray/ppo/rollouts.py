@@ -39,7 +39,8 @@ class PhaseTimer:
     def __call__(self, phase: str):
         start = time.perf_counter()
         yield
-        self.seconds[f"seconds_{phase}"] = time.perf_counter() - start
+        key = f"seconds_{phase}"
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start  # (a phase may run twice)
 
 
 class RolloutSource(Protocol):

@@ -39,6 +39,7 @@ from rlhf_ray.wire import SamplingSpec
 
 DRIVER_STATE = "driver_state.json"  # iteration, KL coefficient, samples seen, counters
 CHECKPOINTS_KEPT = 2
+EXTRA_ROUND_SEED = 7_919  # dynamic sampling's round r draws prompts and sampling seeds from seed + this * r
 PLOTTED = [
     "reward_mean",
     "reward_std",
@@ -268,12 +269,17 @@ class PPOLoop:
             self.log.close()
         self.log = MetricsLog(self.out, resume_step=self.state["iteration"])
 
-    def batch_of(self, iteration: int) -> PromptBatch:
-        """Prompts and sampling of `iteration`: they depend on nothing else."""
+    def batch_of(self, iteration: int, sampling_round: int = 0) -> PromptBatch:
+        """Prompts and sampling of `iteration` (and of its extra rounds of dynamic sampling): they depend on
+        nothing else."""
         ppo, seed = self.config.ppo, self.config.run.seed
-        ids = self.prompts.batch(iteration, ppo.rollout_batch_size, seed)
+        ids = self.prompts.batch(iteration, ppo.rollout_batch_size, seed + EXTRA_ROUND_SEED * sampling_round)
         sampling = SamplingSpec(
-            ppo.max_new_tokens, ppo.temperature, ppo.top_p, ppo.responses_per_prompt, seed=seed * 1_000 + iteration
+            ppo.max_new_tokens,
+            ppo.temperature,
+            ppo.top_p,
+            ppo.responses_per_prompt,
+            seed=seed * 1_000 + iteration + EXTRA_ROUND_SEED * sampling_round,
         )
         rows = [self.prompts.row(i) for i in ids]
         return PromptBatch(iteration, ids, [self.prompts.token_ids[i] for i in ids], sampling, rows)
@@ -283,9 +289,18 @@ class PPOLoop:
         iteration = state["iteration"]
         batch = self.batch_of(iteration)
         result = ppo_step(
-            self.crew, self.weights, self.source, batch, self.kl_controller.value, ppo, self.tokenizer.pad_token_id
+            self.crew,
+            self.weights,
+            self.source,
+            batch,
+            self.kl_controller.value,
+            ppo,
+            self.tokenizer.pad_token_id,
+            more_prompts=lambda sampling_round: self.batch_of(iteration, sampling_round),
         )
         experience, rollouts, metrics = result.experience, result.rollouts, result.metrics()
+        if result.sampled is not None:  # dynamic sampling: the prompts trained on come from several rounds
+            batch = result.sampled.batch
         nonfinite = ", ".join(result.nonfinite_in) or "loss or gradients"
         if result.update_skipped:
             state["skipped_updates"] += 1
