@@ -1,4 +1,4 @@
-"""Generate data/demo/arithmetic.jsonl: addition and subtraction prompts with a reference `answer`.
+"""Generate data/demo/arithmetic.jsonl: one-digit additions and subtractions with a reference `answer`.
 
 The prompt set of configs/grpo-arithmetic.yaml, where the reward is a rule checked against the answer
 (`rlhf_ray.rewards.examples:exact_answer`), not a trained reward model. Made by the rlhf-ray authors
@@ -12,26 +12,23 @@ import random
 from pathlib import Path
 
 SEED = 2024
-N_ROWS = 300
 OUT = Path(__file__).resolve().parent / "demo" / "arithmetic.jsonl"
 
 
-def question(rng: random.Random) -> dict:
-    a, b = rng.randint(10, 60), rng.randint(2, 40)
-    if rng.random() < 0.5:
-        return {"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)}
-    a, b = max(a, b), min(a, b)
-    return {"prompt": f"What is {a} - {b}? Reply with the number only.", "answer": str(a - b)}
+def questions() -> list[dict]:
+    """Every sum of two digits 1-9, and every difference of two such digits that is not negative."""
+    rows = []
+    for a in range(1, 10):
+        for b in range(1, 10):
+            rows.append({"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)})
+            if a >= b:
+                rows.append({"prompt": f"What is {a} - {b}? Reply with the number only.", "answer": str(a - b)})
+    return rows
 
 
 def main():
-    rng = random.Random(SEED)
-    rows, seen = [], set()
-    while len(rows) < N_ROWS:
-        row = question(rng)
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
+    rows = questions()
+    random.Random(SEED).shuffle(rows)
     with open(OUT, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
