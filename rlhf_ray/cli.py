@@ -244,8 +244,9 @@ def _run_failures() -> tuple[type, ...]:
     from rlhf_ray.ppo.crew import ActorCallTimeout, RoleKeepsDying
     from rlhf_ray.ppo.run import NonFiniteError
     from rlhf_ray.rewards.checks import RewardError
+    from rlhf_ray.train.launch import NonFiniteTraining
 
-    return (NonFiniteError, RoleKeepsDying, ActorCallTimeout, RewardError)
+    return (NonFiniteError, RoleKeepsDying, ActorCallTimeout, RewardError, NonFiniteTraining)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,14 @@ class TrainStageConfig(Section):
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept")
     max_failures: int = Field(1, ge=0, description="worker-group restarts Ray Train may do before giving up")
     log_every: int = Field(1, gt=0, description="optimizer steps between metric lines")
+    max_nonfinite_in_a_row: int = Field(
+        3,
+        gt=0,
+        description=(
+            "a micro-batch whose loss is NaN/inf adds no gradient and its step is counted (nonfinite_steps); this many "
+            "such steps in a row stop the job without exporting"
+        ),
+    )
 
 
 class SFTConfig(TrainStageConfig):

@@ -45,3 +45,28 @@ def test_heldout_row_reads_the_ppo_policy_of_an_eval_policy_result():
         }
     }
     assert heldout_row(results) == {"heldout_gain": 0.7, "heldout_kl": 1.25, "heldout_win_rate": 0.64}
+
+
+RULE_REWARD = "ppo.rewards=[{kind: function, function: 'my_reward.py:score'}]"
+
+
+def test_a_sweep_of_a_run_without_a_reward_model_must_rank_by_a_training_metric():
+    import pytest
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.sweep import run_sweep
+
+    with pytest.raises(ValueError, match="rank_by=heldout judges trials with the run's reward model.*rank_by=metric"):
+        run_sweep(load_config("configs/sweep.yaml", [RULE_REWARD]))
+
+
+def test_trials_get_reward_functions_from_files_by_absolute_path(tmp_path, monkeypatch):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.sweep import with_absolute_paths
+
+    (tmp_path / "my_reward.py").write_text("def score(prompt, response, fields):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    config = with_absolute_paths(
+        load_config(None, [RULE_REWARD, "ppo.advantage_estimator=rloo", "ppo.responses_per_prompt=2"])
+    )
+    assert config.ppo.rewards[0].function == f"{tmp_path / 'my_reward.py'}:score"

@@ -207,6 +207,47 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     assert max((reference[k] - other[k]).abs().max().item() for k in reference) <= 1e-6
 
 
+def test_nan_losses_stop_the_job_after_k_steps_in_a_row_and_nothing_is_exported(
+    ray_local, tmp_path, tiny_model_dir, capfd
+):
+    """A model with an inf in its final norm: every loss is NaN, on both workers. Each such micro-batch adds no
+    gradient and its step is counted; the third in a row stops the job, with one line and exit 1, unexported."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from rlhf_ray.cli import main
+
+    poisoned = tmp_path / "poisoned-model"
+    shutil.copytree(tiny_model_dir, poisoned)
+    state = weights(poisoned)
+    state["model.norm.weight"][0] = float("inf")
+    save_file(state, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    code = main(
+        ["sft", "configs/tiny.yaml", f"model.name_or_path={poisoned}", f"run.output_dir={tmp_path}", "run.name=nan"]
+    )
+    err = capfd.readouterr().err
+    assert code == 1
+    assert (
+        "rlhf-ray: run stopped: sft: the loss was not finite (NaN/inf) in 3 optimizer steps in a row, up to step 3 "
+        "(sft.max_nonfinite_in_a_row=3); nothing was exported" in err
+    )
+    out = tmp_path / "nan" / "sft"
+    assert not (out / "model").exists() and not is_exported(out / "model")
+
+
+def test_weights_with_nan_or_inf_are_named():
+    from rlhf_ray.train.export import nonfinite_tensors
+
+    state = {
+        "a": torch.ones(2),
+        "b": torch.tensor([1.0, float("nan")]),
+        "c": torch.tensor([1, 2]),
+        "d": torch.full((1,), -math.inf),
+    }
+    assert nonfinite_tensors(state) == ["b", "d"]
+
+
 def test_a_second_local_run_on_the_same_machine_stays_apart(ray_local, tmp_path, tiny_model_dir):
     """A CLI run started while another local Ray runs (this suite's) starts its own cluster: it says so,
     finishes, and neither its helpers nor ours reach into the other cluster ("Found multiple active Ray

@@ -127,19 +127,32 @@ def ppo_trainer(spec: dict, data: dict, folder: str, clock):
     return trainer, 1  # one trainer step per PPO iteration
 
 
-def rloo_trainer(spec: dict, data: dict, folder: str, clock):
+def group_trainer(spec: dict, data: dict, folder: str, clock, kind: str):
+    """RLOOTrainer (2 samples per prompt) or GRPOTrainer (the grpo suite's `group`) on the same workload: the
+    batch's responses in minibatches, `epochs` passes (num_iterations), KL to the reference as a loss term
+    (beta). GRPO also sets its objective to the one rlhf-ray's grpo run uses: token-mean loss (loss_type dapo,
+    TRL's default) and group-std scaling (scale_rewards group)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     batch, mini = spec["rollout_batch"], spec["minibatch"]
     steps_per_iteration = (batch // mini) * spec["epochs"]
-    args = RLOOConfig(
+    config, trainer_class, extra = (
+        (
+            GRPOConfig,
+            GRPOTrainer,
+            dict(num_generations=spec["group"], epsilon=0.2, loss_type="dapo", scale_rewards="group"),
+        )
+        if kind == "grpo"
+        else (RLOOConfig, RLOOTrainer, dict(num_generations=2))
+    )
+    args = config(
         **common_args(spec, folder),
+        **extra,
         per_device_train_batch_size=mini,
         steps_per_generation=batch // mini,
-        num_generations=2,
         num_iterations=spec["epochs"],
         max_completion_length=spec["max_new_tokens"],
         top_p=1.0,
@@ -151,7 +164,7 @@ def rloo_trainer(spec: dict, data: dict, folder: str, clock):
         log_completions=False,
     )
     prompts = Dataset.from_list([{"prompt": messages} for messages in data["messages"]])
-    trainer = RLOOTrainer(
+    trainer = trainer_class(
         model=spec["model_path"],
         reward_funcs=spec["reward_model"],
         args=args,
@@ -163,49 +176,11 @@ def rloo_trainer(spec: dict, data: dict, folder: str, clock):
     return trainer, steps_per_iteration
 
 
-def grpo_trainer(spec: dict, data: dict, folder: str, clock):
-    """GRPOTrainer on the grpo suite's workload: `group` responses per prompt, the batch's responses in
-    minibatches, `epochs` passes (num_iterations), KL to the reference as a k3 loss term (beta), the
-    token-mean loss (loss_type dapo, TRL's default) and group-std scaling (scale_rewards group)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    batch, mini = spec["rollout_batch"], spec["minibatch"]
-    steps_per_iteration = (batch // mini) * spec["epochs"]
-    args = GRPOConfig(
-        **common_args(spec, folder),
-        per_device_train_batch_size=mini,
-        steps_per_generation=batch // mini,
-        num_generations=spec["group"],
-        num_iterations=spec["epochs"],
-        max_completion_length=spec["max_new_tokens"],
-        top_p=1.0,
-        top_k=0,
-        beta=spec["kl_coef"],
-        epsilon=0.2,
-        loss_type="dapo",
-        scale_rewards="group",
-        max_steps=spec["iterations"] * steps_per_iteration,
-        max_grad_norm=1.0,
-        model_init_kwargs={"dtype": "float32"},
-        log_completions=False,
-    )
-    prompts = Dataset.from_list([{"prompt": messages} for messages in data["messages"]])
-    trainer = GRPOTrainer(
-        model=spec["model_path"],
-        reward_funcs=spec["reward_model"],
-        args=args,
-        train_dataset=prompts,
-        processing_class=tokenizer,
-        peft_config=lora(spec),
-        callbacks=[clock],
-    )
-    return trainer, steps_per_iteration
-
-
-TRAINERS = {"ppo": ppo_trainer, "rloo": rloo_trainer, "grpo": grpo_trainer}
+TRAINERS = {
+    "ppo": ppo_trainer,
+    "rloo": lambda *args: group_trainer(*args, "rloo"),
+    "grpo": lambda *args: group_trainer(*args, "grpo"),
+}
 
 
 def run(spec: dict) -> dict:

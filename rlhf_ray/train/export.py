@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from rlhf_ray.models.export import mark_exported
 from rlhf_ray.models.loading import load_tokenizer
 
@@ -17,15 +19,29 @@ def gather_state_dict(engine, rank: int):
     return engine.module.state_dict() if rank == 0 else None
 
 
-def export_model(engine, task, config, loop_config: dict, rank: int, eval_sums: dict) -> None:
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or inf."""
+    return [
+        name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def export_model(engine, task, config, loop_config: dict, rank: int, eval_sums: dict) -> str | None:
     """Rank 0 rebuilds the model, loads the trained weights and writes `<output_dir>/model` atomically.
 
     With LoRA, `<output_dir>/adapter` holds the PEFT adapter and `model` the merged weights,
-    so both plain transformers and peft load the result.
+    so both plain transformers and peft load the result. Weights holding NaN/inf are not exported:
+    the reason is returned instead (None when exported, and on the other ranks).
     """
     state = gather_state_dict(engine, rank)
     if rank != 0:
-        return
+        return None
+    bad = nonfinite_tensors(state)
+    if bad:
+        return (
+            f"{task.name}: {len(bad)} of {len(state)} weight tensors hold NaN/inf (first: {bad[0]}); "
+            "the model was not exported"
+        )
 
     out = Path(loop_config["output_dir"])
     staging = out / ".export-tmp"
@@ -48,3 +64,4 @@ def export_model(engine, task, config, loop_config: dict, rank: int, eval_sums: 
     summary = {"stage": task.name, "lora": config.lora.enabled, "base_model": str(loop_config["model_path"])}
     mark_exported(out / "model", summary)
     print(f"[{task.name}] exported {out / 'model'}", flush=True)
+    return None

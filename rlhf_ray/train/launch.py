@@ -88,6 +88,10 @@ def stage_model_paths(config: Config, base_model: str | None = None) -> tuple[Pa
     return model_path, tokenizer_path
 
 
+class NonFiniteTraining(RuntimeError):
+    """An SFT or RM job stopped on NaN/inf losses or weights; nothing was exported."""
+
+
 def run_stage(
     config: Config, stage: str, *, base_model: str | None = None, after_step: Callable[[int, int], None] | None = None
 ) -> StageResult:
@@ -99,7 +103,7 @@ def run_stage(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rlhf_ray.train.worker import train_fn_per_worker
+    from rlhf_ray.train.worker import STOPPED, train_fn_per_worker
 
     stage_config = getattr(config, stage)
     out = (config.run.path / stage).resolve()
@@ -144,7 +148,11 @@ def run_stage(
             failure_config=FailureConfig(max_failures=stage_config.max_failures),
         ),
     )
+    stopped = out / STOPPED
+    stopped.unlink(missing_ok=True)  # (a reason left by an earlier attempt of this run)
     result = trainer.fit()
+    if stopped.is_file():
+        raise NonFiniteTraining(json.loads(stopped.read_text())["reason"])
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: {stage}")
     print(f"[{stage}] done: model {out / 'model'}" + (f", curves {png}" if png else ""), flush=True)
     evals = [row for row in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval_") for k in row)]

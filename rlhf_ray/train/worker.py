@@ -54,6 +54,20 @@ def add_sums(total: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
         total[key] = total.get(key, 0.0) + float(value)
 
 
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every worker (all workers skip a micro-batch together, or none does)."""
+    flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def zero_gradient_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss of 0 whose gradient is exactly 0 for every trainable parameter: what a skipped micro-batch
+    backpropagates, so the engine's accumulation and its gradient reduction across workers go on unchanged."""
+    return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+
+
 def on_device(chunks: list[dict[str, torch.Tensor]], engine) -> list[dict[str, torch.Tensor]]:
     """Move a micro-batch's collated chunks to the engine's device (the worker's GPU, or the CPU)."""
     return [{key: value.to(engine.device) for key, value in chunk.items()} for chunk in chunks]
@@ -204,6 +218,9 @@ class WorkerJob:
                 )
         self.train_sums: dict[str, float] = {}
         self.eval_sums: dict[str, float] = {}
+        self.nonfinite_steps = 0  # optimizer steps with a micro-batch whose loss was not finite (this process)
+        self.nonfinite_in_a_row = 0
+        self.stopped: str | None = None  # why training stopped early (then nothing is exported)
         self.since = time.perf_counter()  # start of the current logging interval (excludes eval and checkpoints)
 
     def _epoch_micro_batches(self, epoch: int, truncate: bool = True) -> list[list[int]]:
@@ -231,13 +248,14 @@ class WorkerJob:
         position, stage = self.position, self.stage
         done = position.step == self.total_steps
         metrics: dict = {}
-        if position.step % stage.log_every == 0 or done:
+        if (position.step % stage.log_every == 0 or done) and self.train_sums:  # (empty: all skipped)
             reduced = all_reduce_sums(self.train_sums)
             metrics.update(
                 self.task.train_metrics(reduced),
                 lr=self.engine.get_lr()[0],
                 epoch=position.epoch,
                 tokens_per_s=reduced["seq_tokens"] / max(time.perf_counter() - self.since, 1e-9),
+                nonfinite_steps=self.nonfinite_steps,
             )
             self.train_sums = {}
         if (stage.eval_every and position.step % stage.eval_every == 0 or done) and self.eval_rows:
@@ -261,20 +279,28 @@ class WorkerJob:
         bar = tqdm(
             total=self.total_steps, initial=position.step, desc=task.name, disable=self.rank != 0, mininterval=2.0
         )
-        while position.step < self.total_steps:
+        step_skipped_a_micro_batch = False
+        while position.step < self.total_steps and self.stopped is None:
             micro = self._epoch_micro_batches(position.epoch)
             for indices in micro[position.micro_in_epoch :]:
                 rows = [self.train_rows[i] for i in indices]
                 chunks = on_device(task.collate(rows, self.pad_id, self.stage.chunk_size, self.config), self.engine)
                 with autocast(self.precision, self.engine.device.type):
                     loss, sums = task.loss_and_sums(self.engine, chunks, self.config)
+                if all_ranks_finite(loss):
+                    add_sums(self.train_sums, sums)
+                else:  # NaN/inf: this micro-batch adds no gradient
+                    loss, step_skipped_a_micro_batch = zero_gradient_loss(self.engine.module), True
                 self.engine.backward(loss)
                 self.engine.step()
-                add_sums(self.train_sums, sums)
                 position.micro_in_epoch += 1
                 if position.micro_in_epoch % self.stage.grad_accum:
                     continue
                 position.step += 1
+                self._count_nonfinite(step_skipped_a_micro_batch)
+                step_skipped_a_micro_batch = False
+                if self.stopped is not None:
+                    break
                 if self.loop_config.get("after_step") is not None:  # an observer (tests inject faults here)
                     self.loop_config["after_step"](position.step, self.rank)
                 epoch_done = position.micro_in_epoch == len(micro)
@@ -284,6 +310,18 @@ class WorkerJob:
                 if epoch_done or position.step == self.total_steps:
                     break
         bar.close()
+
+    def _count_nonfinite(self, skipped: bool) -> None:
+        """Count a step that skipped a micro-batch for NaN/inf; stop after `max_nonfinite_in_a_row` in a row."""
+        self.nonfinite_steps += skipped
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        limit = self.stage.max_nonfinite_in_a_row
+        if self.nonfinite_in_a_row >= limit:
+            self.stopped = (
+                f"{self.task.name}: the loss was not finite (NaN/inf) in {limit} optimizer steps in a row, up to step "
+                f"{self.position.step} ({self.task.name}.max_nonfinite_in_a_row={limit}); nothing was exported. "
+                f"Lower {self.task.name}.lr, check the data and the model's weights"
+            )
 
     def _log_untrained_eval(self) -> None:
         """Eval before the first step, logged at step 0, so the curves start from the untrained value."""
@@ -299,14 +337,22 @@ class WorkerJob:
             dashboard_metrics.publish(metrics, self.config.run.name, self.task.name)
 
     def finish(self) -> None:
-        if not self.eval_sums and self.eval_rows:
-            self._evaluate()
-        export_model(self.engine, self.task, self.config, self.loop_config, self.rank, self.eval_sums)
+        """Export the model, unless training stopped early or a weight is not finite: then rank 0 writes the
+        reason to `stopped.json` in the stage folder, where the driver reads it."""
+        if self.stopped is None:
+            if not self.eval_sums and self.eval_rows:
+                self._evaluate()
+            self.stopped = export_model(
+                self.engine, self.task, self.config, self.loop_config, self.rank, self.eval_sums
+            )
+        if self.stopped is not None and self.rank == 0:
+            Path(self.loop_config["output_dir"], STOPPED).write_text(json.dumps({"reason": self.stopped}) + "\n")
         if self.log is not None:
             self.log.close()
 
 
 PROGRESS_KEYS = ("loss", "tokens_per_s", "eval_loss", "eval_accuracy")
+STOPPED = "stopped.json"  # why a stage stopped without exporting (NaN/inf), for the driver
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
