@@ -48,14 +48,24 @@ def test_groups_with_equal_rewards_are_replaced_by_informative_ones_from_later_r
     assert [r.token_ids[0] for r in result.rollouts] == [0, 1, 3, 4, 6, 7]
     assert result.scores["reward-model"].tolist() == [0, 1, 3, 4, 6, 7]
     assert result.scores["reward-function-1"].tolist() == [1.0] * 6
-    assert result.metrics == {"sampling_rounds": 3, "discarded_groups": 6, "filled_zero_advantage_groups": 0}
+    assert result.metrics == {
+        "sampling_rounds": 3,
+        "discarded_groups": 6,
+        "filled_zero_advantage_groups": 0,
+        "sampled_tokens": 18,  # every response sampled in the three rounds (one token each), used or not
+    }
 
 
 def test_after_the_last_round_the_batch_is_filled_with_set_aside_groups_in_sampling_order():
     first = sampled(0, [1, 1, 0, 1, 2, 2])
     result = informative_groups(first, lambda r: sampled(10, [5, 5, 5, 5, 5, 5]), score, WEIGHTS, max_rounds=2)
     assert result.batch.prompt_ids == [1, 0, 2]  # the informative one, then the set-aside ones in order
-    assert result.metrics == {"sampling_rounds": 2, "discarded_groups": 3, "filled_zero_advantage_groups": 2}
+    assert result.metrics == {
+        "sampling_rounds": 2,
+        "discarded_groups": 3,
+        "filled_zero_advantage_groups": 2,
+        "sampled_tokens": 12,
+    }
 
 
 def test_one_round_with_enough_informative_groups_samples_nothing_more():

@@ -135,7 +135,8 @@ class StepResult:
         if self.group_size > 1:  # prompts whose responses all scored the same: no advantage for a group estimator
             metrics["zero_advantage_groups"] = zero_advantage_groups(exp.scores, self.group_size)
         if "seconds_generate" in self.seconds:  # (an overlapped generation has no time of its own)
-            metrics["generated_tokens_per_s"] = float(lengths.sum()) / max(self.seconds["seconds_generate"], 1e-9)
+            generated = self.sampled.metrics["sampled_tokens"] if self.sampled is not None else float(lengths.sum())
+            metrics["generated_tokens_per_s"] = generated / max(self.seconds["seconds_generate"], 1e-9)
         metrics["seconds_iteration"] = sum(self.seconds.values())
         return metrics
 

@@ -110,5 +110,6 @@ def informative_groups(
         "sampling_rounds": rounds,
         "discarded_groups": sampled_groups - wanted,
         "filled_zero_advantage_groups": max(wanted - len(kept), 0),
+        "sampled_tokens": sum(len(r.token_ids) for group in kept + set_aside for r in group.rollouts),
     }
     return Sampled(batch, rollouts, scores, metrics)
