@@ -35,6 +35,17 @@ def _config_show(args) -> None:
     print(typed_yaml.dump_described(config) if args.describe else typed_yaml.dump(config), end="")
 
 
+def _config_docs(args) -> None:
+    from rlhf_ray.config_reference import reference_markdown
+
+    text = reference_markdown()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+
+
 def _data_inspect(args) -> None:
     from rlhf_ray.data_inspect import inspect_source
     from rlhf_ray.models.loading import load_tokenizer
@@ -167,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
     show.add_argument("--describe", action="store_true", help="say what each setting does, as YAML comments")
     show.set_defaults(run=_config_show)
+    docs = config.add_parser("docs", help="the configuration reference (every setting, its type, default and meaning)")
+    docs.add_argument("--out", help="write it to this file (docs/configuration.md) instead of printing it")
+    docs.set_defaults(run=_config_docs)
 
     data = commands.add_parser("data", help="look at dataset files").add_subparsers(dest="action", required=True)
     inspect = data.add_parser("inspect", help="counts, token-length percentiles and problems of a dataset")

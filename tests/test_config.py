@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -194,3 +195,23 @@ def test_described_config_loads_back_the_same_and_says_what_each_setting_does(tm
     assert load_config(write(tmp_path, text)) == config
     assert "  kl_coef: 0.3  # weight of the per-token KL penalty to the reference policy\n" in text
     assert all("  # " in line for line in text.splitlines())
+
+
+def test_the_committed_configuration_reference_is_current():
+    from rlhf_ray.config_reference import reference_markdown
+
+    committed = Path(__file__).parents[1] / "docs" / "configuration.md"
+    assert committed.read_text() == reference_markdown(), (
+        "docs/configuration.md is stale: run `rlhf-ray config docs --out docs/configuration.md`"
+    )
+
+
+def test_the_reference_lists_every_setting_with_its_type_bounds_and_default():
+    from rlhf_ray.config_reference import reference_markdown
+
+    text = reference_markdown()
+    for owner, name, _ in sections(Config()):  # a setting is a row, a section a heading
+        assert f"{name}` |" in text or f"{name}`: " in text, f"{owner}.{name}"
+    assert "| `ppo.kl_coef` | float (>= 0) | `0.05` | weight of the per-token KL penalty" in text
+    assert "| `data.prompts.path` | str | `data/demo/prompts.jsonl` |" in text  # the parent section's default
+    assert "| `ppo.rewards[].url` | str or null | `null` |" in text

@@ -46,7 +46,7 @@ LAYERS = [
         "rlhf_ray.dashboard_metrics",
     },
     {"rlhf_ray.config", "rlhf_ray.tokenization", "rlhf_ray.roles", "rlhf_ray.rewards"},
-    {"rlhf_ray.models", "rlhf_ray.ray_session"},
+    {"rlhf_ray.models", "rlhf_ray.ray_session", "rlhf_ray.config_reference"},
     {"actors", "rlhf_ray.train"},
     {"rlhf_ray.ppo"},
     {"rlhf_ray.evaluation", "rlhf_ray.data_inspect"},
