@@ -61,6 +61,32 @@ def copy_model_without_safetensors(tmp: Path, model_dir: Path) -> None:
     (tmp / "bin-model" / "pytorch_model.bin").write_bytes(b"pickled weights would go here")
 
 
+def copy_model(tmp: Path, model_dir: Path, name: str, change: Callable[[Path], None]) -> None:
+    shutil.copytree(model_dir, tmp / name)
+    change(tmp / name)
+
+
+def truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def set_architecture(name: str) -> Callable[[Path], None]:
+    def change(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": [name]}))
+
+    return change
+
+
+AS_REWARD_MODEL = set_architecture("LlamaForSequenceClassification")  # (no reward_stats.json)
+
+
+def drop_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -220,6 +246,49 @@ CASES = [
         ["sft", "{config}", "model.name_or_path={tmp}/bin-model"],
         ["bin-model has no .safetensors weights (['pytorch_model.bin'])"],
         setup=copy_model_without_safetensors,
+    ),
+    Case(
+        "sft-model-weights-truncated",
+        ["sft", "{config}", "model.name_or_path={tmp}/cut-model"],
+        ["cut-model/model.safetensors cannot be loaded:", "(truncated or padded)"],
+        setup=lambda tmp, model: copy_model(tmp, model, "cut-model", truncate_weights),
+    ),
+    Case(
+        "ppo-policy-weights-truncated",
+        ["ppo", "{config}", "ppo.policy_model={tmp}/cut-model"],
+        ["cut-model/model.safetensors cannot be loaded:"],
+        setup=lambda tmp, model: copy_model(tmp, model, "cut-model", truncate_weights),
+    ),
+    Case(
+        "rm-model-config-not-json",
+        ["rm", "{config}", "model.name_or_path={tmp}/bad-config"],
+        ["bad-config/config.json: not a valid JSON config"],
+        setup=lambda tmp, model: copy_model(
+            tmp, model, "bad-config", lambda folder: (folder / "config.json").write_text("{not json")
+        ),
+    ),
+    Case(
+        "sft-model-without-tokenizer",
+        ["sft", "{config}", "model.name_or_path={tmp}/no-tokenizer"],
+        ["no-tokenizer has no tokenizer files", "set model.tokenizer"],
+        setup=lambda tmp, model: copy_model(tmp, model, "no-tokenizer", drop_tokenizer),
+    ),
+    Case(
+        "ppo-policy-is-a-reward-model",
+        ["ppo", "{config}", "ppo.policy_model={tmp}/scorer"],
+        ["scorer holds a LlamaForSequenceClassification, but the policy must be a ...ForCausalLM"],
+        setup=lambda tmp, model: copy_model(tmp, model, "scorer", AS_REWARD_MODEL),
+    ),
+    Case(
+        "ppo-reward-model-is-a-causal-lm",
+        ["ppo", "{config}", "ppo.reward_model={model}"],
+        ["holds a LlamaForCausalLM, but the reward model must be a ...ForSequenceClassification"],
+    ),
+    Case(
+        "ppo-reward-model-without-reward-stats",
+        ["ppo", "{config}", "ppo.reward_model={tmp}/rm-no-stats"],
+        ["rm-no-stats/reward_stats.json not found", "or set ppo.normalize_reward=false"],
+        setup=lambda tmp, model: copy_model(tmp, model, "rm-no-stats", AS_REWARD_MODEL),
     ),
     Case(
         "ppo-reward-model-missing",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_ray.models.checks import check_weights, read_config
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,16 +47,19 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def require_safetensors(path: str | Path) -> Path:
-    """`path` as a model folder with a config.json and safetensors weights, or a ValueError saying what is missing.
+    """`path` as a model folder with a readable config.json and whole safetensors weights, or a ValueError saying
+    what is missing or broken.
 
     Pickled weights (pytorch_model.bin) can run code when loaded, so they are refused.
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a model folder (no config.json)")
+    read_config(folder)
     if not any(folder.glob("*.safetensors")):
         found = sorted(p.name for p in folder.glob("*.bin")) or "no weight files"
         raise ValueError(f"{folder} has no .safetensors weights ({found}); only safetensors checkpoints are loaded")
+    check_weights(folder)
     return folder
 
 

@@ -24,6 +24,7 @@ from rlhf_ray.checkpoints import (
     write_manifest,
 )
 from rlhf_ray.config import Config, save_config
+from rlhf_ray.models.checks import check_role, check_tokenizer
 from rlhf_ray.models.export import is_exported, mark_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
@@ -71,12 +72,22 @@ def resolve_model_paths(config: Config) -> ModelPaths:
         policy = run / "sft" / "model"
     else:
         policy = resolve_model(config.model.name_or_path)
+    policy = require_safetensors(policy).resolve()
+    check_role(policy, "policy")
+    check_tokenizer(policy)
     if not config.ppo.uses_reward_model:
-        return ModelPaths(require_safetensors(policy).resolve(), None)
+        return ModelPaths(policy, None)
     reward = Path(config.ppo.reward_model) if config.ppo.reward_model else run / "rm" / "model"
     if not (reward / "config.json").is_file():
         raise FileNotFoundError(f"reward model not found at {reward}: run `rlhf-ray rm` first or set ppo.reward_model")
-    return ModelPaths(require_safetensors(policy).resolve(), require_safetensors(reward).resolve())
+    reward = require_safetensors(reward).resolve()
+    check_role(reward, "reward model")
+    if config.ppo.normalize_reward and not (reward / "reward_stats.json").is_file():
+        raise FileNotFoundError(
+            f"{reward / 'reward_stats.json'} not found: ppo.normalize_reward needs the RM job's reward statistics "
+            "(or set ppo.normalize_reward=false)"
+        )
+    return ModelPaths(policy, reward)
 
 
 def model_identity(config: Config, paths: ModelPaths) -> dict:

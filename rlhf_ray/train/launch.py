@@ -11,6 +11,7 @@ from rlhf_ray import ray_session
 from rlhf_ray.config import Config, save_config
 from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
+from rlhf_ray.models.checks import check_tokenizer
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.optim import deepspeed_config
 from rlhf_ray.models.precision import resolve_precision
@@ -85,6 +86,7 @@ def stage_model_paths(config: Config, base_model: str | None = None) -> tuple[Pa
     """The model folder a stage starts from (safetensors weights required) and its tokenizer folder."""
     model_path = require_safetensors(resolve_model(base_model or config.model.name_or_path)).resolve()
     tokenizer_path = resolve_model(config.model.tokenizer).resolve() if config.model.tokenizer else model_path
+    check_tokenizer(tokenizer_path)
     return model_path, tokenizer_path
 
 
