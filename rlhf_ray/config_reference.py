@@ -10,12 +10,12 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from rlhf_ray.config import Config
+from rlhf_ray.typed_yaml import flow_yaml, section_model
 
 HEADER = """# Configuration reference
 
@@ -54,19 +54,6 @@ def bounds(info: FieldInfo) -> str:
     return ", ".join(found)
 
 
-def value_text(value: Any) -> str:
-    """A default as YAML in one line (a list of sections as plain mappings)."""
-    if isinstance(value, list):
-        value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
-    return "`" + yaml.safe_dump([value], default_flow_style=True, width=1 << 16).strip()[1:-1] + "`"
-
-
-def section_model(annotation: Any) -> type[BaseModel] | None:
-    if typing.get_origin(annotation) is list:
-        (annotation,) = typing.get_args(annotation)
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
 def section_lines(defaults: BaseModel, prefix: str, title: str) -> list[str]:
     """One table for the section's plain settings (defaults as the parent section sets them), then one part per
     subsection and per list of them."""
@@ -82,7 +69,7 @@ def section_lines(defaults: BaseModel, prefix: str, title: str) -> list[str]:
             subsections.append((inner(), f"{prefix}{name}[].", what))
         kind = type_name(info.annotation) + (f" ({bounds(info)})" if bounds(info) else "")
         description = (info.description or "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{name}` | {kind} | {value_text(value)} | {description} |")
+        rows.append(f"| `{prefix}{name}` | {kind} | `{flow_yaml(value)}` | {description} |")
     lines = [f"## `{prefix.rstrip('.')}`: {title}", ""] if prefix else []
     if rows:
         lines += ["| key | type | default | what it does |", "|---|---|---|---|", *rows, ""]

@@ -110,7 +110,7 @@ def validate(cls: type[BaseModel], data: Any, origin: Origin) -> Any:
         raise ConfigError(min(problems)[1]) from None
 
 
-def _section_model(annotation: Any) -> type[BaseModel] | None:
+def section_model(annotation: Any) -> type[BaseModel] | None:
     """The model a field holds: `Model`, or the item of `list[Model]`; None for a plain value."""
     if typing.get_origin(annotation) is list:
         (annotation,) = typing.get_args(annotation)
@@ -127,7 +127,7 @@ def _field_at(cls: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], FieldI
         if model is None or part not in model.model_fields:
             break
         info = model.model_fields[part]
-        model = _section_model(info.annotation) or model
+        model = section_model(info.annotation) or model
     return model, info
 
 
@@ -173,7 +173,7 @@ def _explain(cls: type[BaseModel], error: dict, origin: Origin) -> tuple[int, st
 def _is_leaf(cls: type[BaseModel], keys: list[str]) -> bool:
     """True when `keys` names a plain value, not a section or a list of them (nor the top level)."""
     _, info = _field_at(cls, tuple(keys))
-    return info is not None and _section_model(info.annotation) is None
+    return info is not None and section_model(info.annotation) is None
 
 
 def _bounds(cls: type[BaseModel], keys: list[str], kind: str) -> str:
@@ -272,6 +272,13 @@ def dump(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
 
 
+def flow_yaml(value: Any) -> str:
+    """A setting's value as YAML in one line (a list of sections as plain mappings)."""
+    if isinstance(value, list):
+        value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
+    return yaml.safe_dump([value], default_flow_style=True, width=1 << 16).strip()[1:-1]
+
+
 def dump_described(model: BaseModel, indent: str = "") -> str:
     """`dump`, with each field's description as a comment on its line (the result loads back the same)."""
     lines = []
@@ -281,8 +288,6 @@ def dump_described(model: BaseModel, indent: str = "") -> str:
         if isinstance(value, BaseModel):
             lines.append(f"{indent}{name}:{comment}\n" + dump_described(value, indent + "  "))
         else:
-            if isinstance(value, list):  # a list of sections is written as plain mappings, in one line
-                value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
-            flow = yaml.safe_dump([value], default_flow_style=True, width=1 << 16).strip()[1:-1]
+            flow = flow_yaml(value)
             lines.append(f"{indent}{name}: {flow}{comment}\n")
     return "".join(lines)
