@@ -265,11 +265,11 @@ def ppo_step(
     # 2. score by every reward source (unless already scored), 3. reference log-probs, and the learner's
     #    old log-probs/values, all at once
     with timer("score_reference_values"):
-        roles = [role for role, _ in reward_sources(ppo)]
-        scoring = score_calls(batch, rollouts, roles) if sampled is None else []
+        reward_weights = dict(reward_sources(ppo))
+        scoring = score_calls(batch, rollouts, list(reward_weights)) if sampled is None else []
         scored, ref_logprobs, (old_logprobs, values) = score_reference_values(crew, packed, scoring)
-        source_scores = sampled.scores if sampled is not None else dict(zip(roles, scored))
-        scores = sum(weight * source_scores[role] for role, weight in reward_sources(ppo))
+        source_scores = sampled.scores if sampled is not None else dict(zip(reward_weights, scored))
+        scores = sum(weight * source_scores[role] for role, weight in reward_weights.items())
 
     # 4. advantages: per-token rewards, then GAE with the values, or a critic-free estimator
     with timer("advantages"):
