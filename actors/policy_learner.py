@@ -25,6 +25,7 @@ from rlhf_ray.models.learner_backend import all_finite, make_backend
 from rlhf_ray.models.loading import default_device, load_tokenizer
 from rlhf_ray.models.policy import build_learner_module, has_dropout, merged_lora_weights
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
+from rlhf_ray.models.safe_load import weights_only_load
 from rlhf_ray.wire import AdapterPayload, Experience, MergedWeights, PackedBatch, UpdateStats
 
 
@@ -272,7 +273,7 @@ class PolicyLearner:
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
         if self.value_head is not None:
             self.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
-        state = torch.load(folder / "learner_state.pt", weights_only=True)
+        state = weights_only_load(folder / "learner_state.pt")
         self.backend.load(folder, state)
         self.generator.set_state(state["generator"])
         self.version = json.loads((folder / "learner.json").read_text())["version"]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(RuntimeError):
@@ -55,15 +58,41 @@ def read_manifest(folder: Path, name: str = MANIFEST) -> dict:
     return json.loads((folder / name).read_text())
 
 
-def problem_with(folder: Path, name: str = MANIFEST, checksums: bool = True) -> str | None:
-    """None if `folder` matches its manifest, else what is wrong (for the warning)."""
+def shape_problem(manifest, name: str = MANIFEST) -> str | None:
+    """None if `manifest` has the shape `write_manifest` writes: an object whose `files` maps paths inside the
+    folder to an integer `size` and a hex SHA-256."""
+    if not isinstance(manifest, dict):
+        return f"{name} is not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"{name} has no `files` object"
+    for relative, entry in files.items():
+        if relative.startswith("/") or ".." in Path(relative).parts:
+            return f"{name} lists {relative!r}, a path outside the checkpoint folder"
+        size, digest = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if type(size) is not int or size < 0 or not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+            return f"{name}: the entry of {relative} needs a `size` (bytes) and a `sha256` (64 hex digits)"
+    return None
+
+
+def problem_with(
+    folder: Path, name: str = MANIFEST, checksums: bool = True, required: Iterable[str] = ()
+) -> str | None:
+    """None if `folder` matches its manifest and the manifest lists every `required` file, else what is wrong
+    (for the warning)."""
     try:
         manifest = read_manifest(folder, name)
     except FileNotFoundError:
         return f"no {name} (the write did not finish)"
     except (OSError, ValueError) as err:
         return f"unreadable {name}: {err}"
-    for relative, expected in manifest.get("files", {}).items():
+    shape = shape_problem(manifest, name)
+    if shape:
+        return shape
+    unlisted = [relative for relative in required if relative not in manifest["files"]]
+    if unlisted:
+        return f"{name} does not list {', '.join(unlisted)}, which a resume needs"
+    for relative, expected in manifest["files"].items():
         path = folder / relative
         if not path.is_file():
             return f"{relative} is missing"
@@ -86,15 +115,15 @@ def commit(staging: Path, target: Path) -> Path:
     return target
 
 
-def newest_valid(folder: Path, pattern: str, log=print) -> Path | None:
-    """The newest folder matching `pattern` (sorted by name) whose manifest checks out.
+def newest_valid(folder: Path, pattern: str, log=print, required: Iterable[str] = ()) -> Path | None:
+    """The newest folder matching `pattern` (sorted by name) whose manifest checks out and lists `required`.
 
     Every newer one that does not is named in a warning through `log`.
     """
     if not folder.is_dir():
         return None
     for candidate in sorted(folder.glob(pattern), reverse=True):
-        problem = problem_with(candidate)
+        problem = problem_with(candidate, required=required)
         if problem is None:
             return candidate
         log(f"WARNING: skipping checkpoint {candidate}: {problem}")

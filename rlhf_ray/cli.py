@@ -10,10 +10,12 @@ from pathlib import Path
 from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.formats.names import FORMATS
 from rlhf_ray.formats.rows import DataError
+from rlhf_ray.ray_session import ClusterUnreachable
 from rlhf_ray.typed_yaml import ConfigError
 
 # Shown as one line without a traceback. The OSErrors are paths in the config that cannot be used
-# (run.output_dir under a file, a folder without write permission).
+# (run.output_dir under a file, a folder without write permission), or a Ray address where nothing answers.
+# (ValueError covers the resource requests no node can hold: placement.ResourcesUnavailable.)
 USER_ERRORS = (
     ConfigError,
     DataError,
@@ -24,6 +26,7 @@ USER_ERRORS = (
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
+    ClusterUnreachable,
 )
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 
 from rlhf_ray.config import ResourcesConfig
+from rlhf_ray.placement import Node, Request, ResourcesUnavailable, first_unplaceable
 
 DEFAULT_DASHBOARD_PORT = 8265
 
@@ -18,9 +19,30 @@ def connect(resources: ResourcesConfig) -> str:
         return "already connected"
     address = resources.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, "resources.address" if resources.address else "RAY_ADDRESS")
         ray.init(address=address)
         return f"attached to {address}"
     return _start_local_ray()
+
+
+class ClusterUnreachable(ConnectionError):
+    """Nothing answers at the Ray address the run was given."""
+
+
+def check_reachable(address: str, where: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to the address's host and port (GCS or Ray Client), so that a stale address fails in
+    seconds naming itself instead of Ray retrying for minutes. `auto`, `local` and forms without a port are
+    left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterUnreachable(
+            f"{where} {address}: nothing answers at {host}:{port} ({err.strerror or err}). Start a cluster there "
+            "(`ray start --head`), fix the address, or leave it unset to start a local Ray"
+        ) from None
 
 
 def _start_local_ray() -> str:
@@ -64,3 +86,13 @@ def dashboard_port() -> int:
                 continue
             return sock.getsockname()[1]
     raise OSError("no free TCP port on 127.0.0.1 for the Ray dashboard")
+
+
+def require_fits(stage: str, requests: list[Request]) -> None:
+    """Fail now, naming the request, when the connected cluster's alive nodes can never hold `requests` at once."""
+    import ray
+
+    nodes = [Node(n["NodeManagerAddress"], dict(n["Resources"])) for n in ray.nodes() if n["Alive"]]
+    problem = first_unplaceable(requests, nodes)
+    if problem:
+        raise ResourcesUnavailable(f"{stage}: {problem}")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -492,6 +494,34 @@ CASES = [
 ]
 
 
+# Cases that only a running cluster can tell: they pass every check made before Ray starts, so they run
+# against the suite's real local Ray (2 CPUs, no GPU) and must still fail in seconds, in one line, with
+# nothing written under run.output_dir.
+THROUGH_RAY = [
+    Case(
+        "sft-workers-larger-than-any-node",
+        ["sft", "{config}"],
+        ["sft: sft worker 1 of 1 needs CPU 4 (resources.cpus_per_worker), and no node of the cluster can hold it"],
+        config={"resources.num_workers": 1, "resources.cpus_per_worker": 4},
+    ),
+    Case(
+        "rm-workers-that-fit-one-at-a-time-but-not-together",
+        ["rm", "{config}"],
+        ["rm: rm worker 2 of 2 needs CPU 1.5", "beside the other roles placed first", "CPU 2 in all, CPU 1.5 taken"],
+        config={"resources.cpus_per_worker": 1.5},
+    ),
+    Case(
+        "ppo-learner-on-a-gpu-the-cluster-lacks",
+        ["ppo", "{config}"],
+        ["ppo: the policy-learner actor needs CPU 0.5, GPU 1 (resources.actor_num_cpus, resources.learner_num_gpus)"],
+        config={"resources.learner_num_gpus": 1},
+    ),
+]
+
+# A Python stack frame as tracebacks and Ray's remote errors print it (Ray's do not say "Traceback").
+STACK_FRAME = re.compile(r'File "[^"]+", line \d+|line \d+, in ')
+
+
 def write_case_files(case: Case, tmp: Path, model_dir: Path | None, reward_dir: Path | None) -> Path:
     for relative, content in {**GOOD_FILES, **case.files}.items():
         path = tmp / relative
@@ -588,10 +618,28 @@ def test_bad_input_fails_cleanly(case: Case, tmp_path, monkeypatch, request):
     if case.config_line_of:
         line = yaml_key_lines(config_path.read_text())[case.config_line_of]
         assert f"{config_path}:{line}: " in err, f"expected {config_path}:{line} in stderr:\n{err}"
-    assert "Traceback" not in err
+    assert_one_clean_error(err, tmp_path / "runs")
+
+
+def assert_one_clean_error(err: str, runs: Path) -> None:
+    assert "Traceback" not in err and not STACK_FRAME.search(err), f"stack frames in stderr:\n{err}"
     assert "error:" in err
-    runs = tmp_path / "runs"
     assert not runs.exists(), f"the failed run wrote {sorted(str(p.relative_to(runs)) for p in runs.rglob('*'))}"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", THROUGH_RAY, ids=[case.id for case in THROUGH_RAY])
+def test_bad_input_that_reaches_ray_fails_fast_and_cleanly(case: Case, ray_local, tmp_path, request):
+    model_dir, reward_dir = request.getfixturevalue("tiny_model_dir"), request.getfixturevalue("tiny_reward_dir")
+    capsys = request.getfixturevalue("capsys")
+    config_path = write_case_files(case, tmp_path, model_dir, reward_dir)
+    began = time.monotonic()
+    code, err = run_cli([arg.replace("{config}", str(config_path)) for arg in case.argv], capsys)
+    assert code == 2, f"exit code {code}, stderr:\n{err}"
+    assert time.monotonic() - began < 60, "the check should fail before any worker or actor starts"
+    for expected in case.expect:
+        assert expected in err, f"expected {expected!r} in stderr:\n{err}"
+    assert_one_clean_error(err, tmp_path / "runs")
 
 
 @pytest.mark.unit

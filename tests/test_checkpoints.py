@@ -5,7 +5,8 @@ import json
 import pytest
 
 from rlhf_ray.checkpoints import CheckpointError, commit, newest_valid, problem_with, prune, write_manifest
-from rlhf_ray.ppo.run import find_resume_checkpoint
+from rlhf_ray.config import load_config
+from rlhf_ray.ppo.run import files_a_resume_reads, find_resume_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -44,10 +45,31 @@ def flip_bytes(checkpoint):
     path.write_bytes(bytes(data))  # same size: only the checksum can tell
 
 
+def rewrite_manifest(change):
+    def damage(checkpoint):
+        path = checkpoint / "manifest.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+    return damage
+
+
+def without_sha256(manifest):
+    for entry in manifest["files"].values():
+        del entry["sha256"]
+    return manifest
+
+
 CORRUPTIONS = {
     "truncated file": (truncate, "has 1000 bytes, the manifest says 10240"),
     "manifest deleted": (delete_manifest, "no manifest.json"),
     "flipped byte": (flip_bytes, "does not match its SHA-256"),
+    "manifest is a list": (rewrite_manifest(lambda m: []), "manifest.json is not a JSON object"),
+    "manifest without files": (rewrite_manifest(lambda m: {"iteration": 4}), "manifest.json has no `files` object"),
+    "entry without sha256": (rewrite_manifest(without_sha256), "needs a `size` (bytes) and a `sha256` (64 hex"),
+    "path outside the folder": (
+        rewrite_manifest(lambda m: {**m, "files": {"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}}),
+        "lists '../../etc/passwd', a path outside the checkpoint folder",
+    ),
 }
 
 
@@ -68,6 +90,26 @@ def test_resume_refuses_to_start_over_when_every_checkpoint_is_damaged(tmp_path)
         flip_bytes(make_checkpoint(tmp_path, iteration))
     with pytest.raises(CheckpointError, match="none of the 2 checkpoints .* is complete.*refusing to start over"):
         find_resume_checkpoint(tmp_path, IDENTITY)
+
+
+def test_a_consistent_manifest_that_lists_no_learner_state_is_not_a_resumable_checkpoint(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path, 2)  # driver state and adapter weights, nothing else
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints .* is complete"):
+        find_resume_checkpoint(tmp_path, IDENTITY, files_a_resume_reads(load_config("configs/tiny.yaml")))
+    assert f"skipping checkpoint {checkpoint}: manifest.json does not list learner.json, learner_state.pt" in (
+        capsys.readouterr().out
+    )
+
+
+def test_the_files_a_resume_reads_follow_the_estimator_and_the_backend():
+    gae = files_a_resume_reads(load_config("configs/tiny.yaml"))
+    assert "value_head.safetensors" in gae and "learner_state.pt" in gae and "adapter/adapter_model.safetensors" in gae
+    grpo = files_a_resume_reads(
+        load_config("configs/tiny.yaml", ["ppo.advantage_estimator=grpo", "ppo.responses_per_prompt=2"])
+    )
+    assert "value_head.safetensors" not in grpo
+    deepspeed = files_a_resume_reads(load_config("configs/tiny.yaml", ["ppo.learner_backend=deepspeed"]))
+    assert "deepspeed/learner/mp_rank_00_model_states.pt" in deepspeed
 
 
 def test_resume_with_no_checkpoint_yet_starts_from_the_beginning_and_says_so(tmp_path, capsys):

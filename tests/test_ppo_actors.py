@@ -9,7 +9,9 @@ import torch
 from actors.policy_learner import PolicyLearner
 from actors.reference_model import ReferenceModel
 from rlhf_ray.config import LoraConfig, PPOConfig
+from rlhf_ray.models.safe_load import UnsafeCheckpoint
 from rlhf_ray.wire import Experience, UpdateStats, pack
+from tests.faults import plant_pickle
 
 pytestmark = pytest.mark.component
 PROMPTS = [[5, 6, 7, 8], [9, 10]]
@@ -177,6 +179,12 @@ def test_save_load_and_adapter_export(learner, tiny_model_dir, tmp_path):
     s1 = learner.train_step(make_experience(learner, batch))
     s2 = again.train_step(make_experience(again, batch))
     assert s1["policy_loss"] == pytest.approx(s2["policy_loss"], rel=1e-5, abs=1e-7)
+    # a pickle planted as the optimizer state is refused on resume, without running
+    marker = tmp_path / "the-pickle-ran"
+    plant_pickle(tmp_path / "ckpt" / "learner_state.pt", marker)
+    with pytest.raises(UnsafeCheckpoint, match="learner_state.pt: refused to load"):
+        again.load(tmp_path / "ckpt")
+    assert not marker.exists()
 
 
 def test_merged_weights_give_the_trained_policy_in_a_plain_transformers_model(learner, tiny_model_dir):
@@ -329,6 +337,13 @@ def test_deepspeed_learner_matches_the_torch_learner(learner, tiny_model_dir, tm
     # a torch-backend learner refuses the DeepSpeed checkpoint, with the reason
     with pytest.raises(ValueError, match="deepspeed learner backend"):
         learner.load(tmp_path / "ckpt")
+    # DeepSpeed's files are read by the weights-only loader: a planted pickle is refused, unrun
+    marker = tmp_path / "the-pickle-ran"
+    (optimizer_file,) = (tmp_path / "ckpt" / "deepspeed").rglob("*optim_states.pt")
+    plant_pickle(optimizer_file, marker)
+    with pytest.raises(UnsafeCheckpoint, match="optim_states.pt: refused to load"):
+        again.load(tmp_path / "ckpt")
+    assert not marker.exists()
 
 
 def test_deepspeed_learner_needs_zero_stage_1_or_2():

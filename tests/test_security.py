@@ -5,6 +5,8 @@ naming file:line, on:
 
 - trust_remote_code=True written as a literal (it must come from config.model.trust_remote_code),
 - torch.load(...) without weights_only=True (a pickle can run code),
+- <engine>.load_checkpoint(...) outside rlhf_ray/models/safe_load.py (DeepSpeed unpickles with
+  weights_only=False; `load_deepspeed_checkpoint` reads its files with the weights-only loader),
 - save_pretrained(..., safe_serialization=False) (pickled weights instead of safetensors),
 - yaml.load / full_load / unsafe_load (YAML tags can build arbitrary objects; use safe_load),
 - the address "0.0.0.0" (in Python strings, configs/*.yaml, the Makefile and README commands),
@@ -26,7 +28,15 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
-RULES = ("trust_remote_code", "torch_load", "safe_serialization", "yaml_load", "any_address", "dashboard_host")
+RULES = (
+    "trust_remote_code",
+    "torch_load",
+    "deepspeed_load",
+    "safe_serialization",
+    "yaml_load",
+    "any_address",
+    "dashboard_host",
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ def _check_call(node: ast.Call, torch_loads: set[str], yaml_loads: set[str]) -> 
         )
     if (name == "torch.load" or name in torch_loads) and not _is_const(kwargs.get("weights_only"), True):
         found.append(("torch_load", f"{name}(...) without weights_only=True"))
+    if name.split(".")[-1] == "load_checkpoint" and "." in name:
+        found.append(("deepspeed_load", f"{name}(...): use models.safe_load.load_deepspeed_checkpoint"))
     if name.split(".")[-1] == "save_pretrained" and _is_const(kwargs.get("safe_serialization"), False):
         found.append(("safe_serialization", f"{name}(..., safe_serialization=False): save safetensors"))
     if (
@@ -170,10 +182,15 @@ def python_sources() -> list[Path]:
     return files + [REPO / "data" / "make_demo.py"]
 
 
+# The one module that calls DeepSpeed's load_checkpoint, with its file reads swapped for the weights-only loader.
+SAFE_DEEPSPEED_LOADER = REPO / "rlhf_ray" / "models" / "safe_load.py"
+
+
 def scan_project() -> list[Finding]:
     findings = []
     for path in python_sources():
-        findings += scan_python(path.read_text(), str(path.relative_to(REPO)))
+        found = scan_python(path.read_text(), str(path.relative_to(REPO)))
+        findings += [f for f in found if not (path == SAFE_DEEPSPEED_LOADER and f.rule == "deepspeed_load")]
     for path in [*sorted((REPO / "configs").glob("*.yaml")), REPO / "Makefile"]:
         findings += scan_text(path.read_text(), str(path.relative_to(REPO)))
     for start, block in readme_commands((REPO / "README.md").read_text()):
@@ -189,6 +206,7 @@ VIOLATIONS = [
     ("torch_load", "state = torch.load(path)"),
     ("torch_load", "state = torch.load(path, weights_only=False)"),
     ("torch_load", "from torch import load as tload\nstate = tload(path, map_location='cpu')"),
+    ("deepspeed_load", "engine.load_checkpoint(folder, tag='step')"),
     ("safe_serialization", "model.save_pretrained(folder, safe_serialization=False)"),
     ("yaml_load", "config = yaml.load(text, Loader=yaml.Loader)"),
     ("any_address", "serve(host='0.0.0.0')"),

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf_ray.checkpoints import CheckpointError, sha256_of
 from rlhf_ray.config import load_config
 from rlhf_ray.models.export import is_exported
 from rlhf_ray.train.launch import prepare_rows, run_stage
-from tests.faults import FailOnce
+from tests.faults import FailOnce, plant_pickle
 
 pytestmark = pytest.mark.ray
 ZERO2, ZERO3 = (
@@ -205,6 +206,29 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     assert [r["step"] for r in metrics(again.output_dir)] == [0, 1, 2, 3, 4]
     other = weights(again.model_dir)
     assert max((reference[k] - other[k]).abs().max().item() for k in reference) <= 1e-6
+
+    # a pickle that runs a shell command, planted in the newest checkpoint with its manifest entry rewritten to
+    # match (the checksum proves integrity, not origin): the rerun refuses it on the workers, unrun, in one line
+    newest = checkpoint_dirs()[-1]
+    marker = tmp_path / "the-pickle-ran"
+    (model_states,) = newest.rglob("mp_rank_00_model_states.pt")
+    plant_pickle(model_states, marker)
+    relist_in_manifest(newest, model_states)
+    with pytest.raises(CheckpointError, match=f"{model_states}: refused to load: it asks for the global posix.system"):
+        run_stage(tiny_config(tmp_path, tiny_model_dir, "straight", *common), "sft")
+    assert not marker.exists()
+
+
+def relist_in_manifest(folder, path):
+    """Rewrite the size and checksum of `path` in whichever rank manifest of `folder` lists it."""
+    key = path.relative_to(folder).as_posix()
+    for manifest in folder.glob("manifest_rank*.json"):
+        listed = json.loads(manifest.read_text())
+        if key in listed["files"]:
+            listed["files"][key] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+            manifest.write_text(json.dumps(listed))
+            return
+    raise AssertionError(f"no manifest in {folder} lists {key}")
 
 
 def test_nan_losses_stop_the_job_after_k_steps_in_a_row_and_nothing_is_exported(

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from rlhf_ray.models.optim import LEARNER_ADAMW
+from rlhf_ray.models.safe_load import load_deepspeed_checkpoint
 
 
 class LearnerBackend(Protocol):
@@ -104,7 +105,7 @@ class DeepSpeedEngine:
     def load(self, folder: Path, state: dict) -> None:
         if not (folder / "deepspeed").is_dir():
             raise ValueError(f"{folder} was written by the torch learner backend; it has no DeepSpeed state")
-        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="learner", load_module_strict=False)
+        load_deepspeed_checkpoint(self.engine, folder / "deepspeed", tag="learner", load_module_strict=False)
 
 
 def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec
 
+from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.rewards.checks import RewardError
 from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, check_arguments
 
@@ -74,8 +75,9 @@ class RoleLost(RuntimeError):
         self.role, self.phase = role, phase
 
 
-# Errors raised inside an actor whose message names what went wrong and where (a reward function's row).
-SELF_EXPLAINING = (RewardError,)
+# Errors raised inside an actor whose message names what went wrong and where (a reward function's row,
+# a checkpoint file refused on resume).
+SELF_EXPLAINING = (RewardError, CheckpointError)
 
 
 class RoleKeepsDying(RuntimeError):

@@ -13,6 +13,7 @@ from actors.reward_sources import FunctionReward, HttpReward
 from actors.rollout_generator import RolloutGenerator
 from rlhf_ray.config import Config
 from rlhf_ray.models.optim import learner_deepspeed_config
+from rlhf_ray.placement import Request
 from rlhf_ray.ppo.crew import ActorCrew, RoleSpec, wait_until_names_free
 from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, reward_role
 from rlhf_ray.tokenization import response_ids
@@ -130,6 +131,24 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
     for spec in specs:
         spec.options["name"] = spec.name
     return specs
+
+
+def role_requests(specs: list[RoleSpec]) -> list[Request]:
+    """What each PPO actor holds while it lives, for the start-up check that the cluster can hold them all."""
+
+    def gpu_setting(role: str) -> str:
+        if role.startswith(GENERATOR_PREFIX):
+            return "generator_num_gpus"
+        return {LEARNER: "learner_num_gpus", REFERENCE: "reference_num_gpus"}.get(role, "reward_num_gpus")
+
+    return [
+        Request(
+            f"the {spec.name} actor",
+            {"CPU": spec.options.get("num_cpus", 1.0), "GPU": spec.options.get("num_gpus", 0.0)},
+            f"resources.actor_num_cpus, resources.{gpu_setting(spec.name)}",
+        )
+        for spec in specs
+    ]
 
 
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:

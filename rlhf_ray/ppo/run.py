@@ -30,7 +30,7 @@ from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.ppo.crew import RoleLost
 from rlhf_ray.ppo.driver import GeneratorWeights, finite_only, ppo_step
-from rlhf_ray.ppo.launch import ModelPaths, actor_specs, function_name, launch_actors
+from rlhf_ray.ppo.launch import ModelPaths, actor_specs, function_name, launch_actors, role_requests
 from rlhf_ray.ppo.prompts import load_prompt_set
 from rlhf_ray.ppo.rollouts import OverlappedRollouts, PromptBatch, SyncRollouts
 from rlhf_ray.rewards.function import load_function
@@ -121,10 +121,22 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
         )
 
 
-def find_resume_checkpoint(folder: Path, identity: dict) -> Path | None:
-    """The newest complete checkpoint under `folder`; an error if there are checkpoints but none is usable."""
+def files_a_resume_reads(config: Config) -> tuple[str, ...]:
+    """The files of a checkpoint folder that `PolicyLearner.load` and the driver read: its manifest must list them."""
+    files = [DRIVER_STATE, "learner.json", "learner_state.pt", "adapter/adapter_config.json"]
+    files.append("adapter/adapter_model.safetensors")
+    if config.ppo.uses_critic:
+        files.append("value_head.safetensors")
+    if config.ppo.learner_backend == "deepspeed":
+        files.append("deepspeed/learner/mp_rank_00_model_states.pt")
+    return tuple(files)
+
+
+def find_resume_checkpoint(folder: Path, identity: dict, required: tuple[str, ...] = ()) -> Path | None:
+    """The newest complete checkpoint under `folder` (its manifest lists `required`); an error if there are
+    checkpoints but none is usable."""
     candidates = sorted(folder.glob("iter_*")) if folder.is_dir() else []
-    chosen = newest_valid(folder, "iter_*", log=lambda line: print(f"[ppo] {line}", flush=True))
+    chosen = newest_valid(folder, "iter_*", log=lambda line: print(f"[ppo] {line}", flush=True), required=required)
     if chosen is None and candidates:
         raise CheckpointError(
             f"--resume: none of the {len(candidates)} checkpoints under {folder} is complete "
@@ -178,19 +190,20 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
             load_function(function_name(source.function))
     identity = model_identity(config, paths)
     if checkpoint is not None:
-        problem = problem_with(checkpoint)
+        problem = problem_with(checkpoint, required=files_a_resume_reads(config))
         if problem:
             raise CheckpointError(f"checkpoint {checkpoint} is not usable: {problem}")
         check_identity(checkpoint, identity)
     elif resume:
-        checkpoint = find_resume_checkpoint(out / "checkpoints", identity)
+        checkpoint = find_resume_checkpoint(out / "checkpoints", identity, files_a_resume_reads(config))
     elif (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a PPO run; pass --resume to continue it or use another run.name")
-    save_config(config, out)
-    print(f"[ppo] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
-
     max_model_len = config.data.max_prompt_length + config.ppo.max_new_tokens
-    crew = launch_actors(config, actor_specs(config, paths, tokenizer, max_model_len))
+    specs = actor_specs(config, paths, tokenizer, max_model_len)
+    print(f"[ppo] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
+    ray_session.require_fits("ppo", role_requests(specs))
+    save_config(config, out)
+    crew = launch_actors(config, specs)
     try:
         loop = PPOLoop(config, crew, prompts, tokenizer, out, identity, on_iteration)
         state, metrics = loop.run(checkpoint)

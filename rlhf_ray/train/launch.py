@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_ray import ray_session
-from rlhf_ray.config import Config, save_config
+from rlhf_ray.checkpoints import CheckpointError
+from rlhf_ray.config import Config, ResourcesConfig, save_config
 from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
 from rlhf_ray.models.checks import check_tokenizer
@@ -16,6 +17,7 @@ from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.optim import deepspeed_config
 from rlhf_ray.models.precision import resolve_precision
 from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.placement import Request
 from rlhf_ray.run_log import plot_curves, read_metrics
 from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
@@ -118,9 +120,10 @@ def run_stage(
     if not config.resources.use_gpu:
         chosen = resolve_precision(config.model.precision).why
         print(f"[{stage}] precision on this node's CPU: {chosen} (each worker prints its own)", flush=True)
+    print(f"[{stage}] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
+    ray_session.require_fits(stage, worker_requests(stage, config.resources))
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
-    print(f"[{stage}] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
 
     loop_config = {
         "config": _as_dict(config),
@@ -154,7 +157,8 @@ def run_stage(
     stopped.unlink(missing_ok=True)  # (a reason left by an earlier attempt of this run)
     result = trainer.fit()
     if stopped.is_file():
-        raise NonFiniteTraining(json.loads(stopped.read_text())["reason"])
+        why = json.loads(stopped.read_text())
+        raise (CheckpointError if why.get("kind") == "checkpoint" else NonFiniteTraining)(why["reason"])
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: {stage}")
     print(f"[{stage}] done: model {out / 'model'}" + (f", curves {png}" if png else ""), flush=True)
     evals = [row for row in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval_") for k in row)]
@@ -166,6 +170,14 @@ def run_stage(
             flush=True,
         )
     return StageResult(out, out / "model", dict(result.metrics or {}))
+
+
+def worker_requests(stage: str, resources: ResourcesConfig) -> list[Request]:
+    """What each Ray Train worker of the stage holds."""
+    settings = "resources.cpus_per_worker" + (", resources.use_gpu" if resources.use_gpu else "")
+    each = {"CPU": resources.cpus_per_worker, "GPU": 1.0 if resources.use_gpu else 0.0}
+    count = resources.num_workers
+    return [Request(f"{stage} worker {i + 1} of {count}", each, settings) for i in range(count)]
 
 
 def _as_dict(config: Config) -> dict:

@@ -23,6 +23,7 @@ from rlhf_ray.checkpoints import CheckpointError, problem_with, write_manifest
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.models.optim import warmup_cosine
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
+from rlhf_ray.models.safe_load import load_deepspeed_checkpoint, weights_only_load
 from rlhf_ray.run_log import MetricsLog
 from rlhf_ray.train.batches import epoch_batches
 from rlhf_ray.train.export import export_model
@@ -54,12 +55,17 @@ def add_sums(total: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
         total[key] = total.get(key, 0.0) + float(value)
 
 
-def all_ranks_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every worker (all workers skip a micro-batch together, or none does)."""
-    flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0])
+def all_ranks_true(mine: bool) -> bool:
+    """True when `mine` is true on every worker."""
+    flag = torch.tensor([1.0 if mine else 0.0])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
+
+
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every worker (all workers skip a micro-batch together, or none does)."""
+    return all_ranks_true(bool(torch.isfinite(loss.detach()).all()))
 
 
 def zero_gradient_loss(model: torch.nn.Module) -> torch.Tensor:
@@ -117,8 +123,10 @@ def checkpoint_problem(folder: Path, world: int) -> str | None:
     manifests = sorted(p.name for p in folder.glob("manifest_rank*.json"))
     if len(manifests) != world:
         return f"{len(manifests)} rank manifests for {world} workers"
-    for name in manifests:
-        problem = problem_with(folder, name)
+    for rank in range(world):
+        name = f"manifest_rank{rank}.json"
+        needed = [f"rng_rank{rank}.pt", *(["position.json"] if rank == 0 else [])]
+        problem = problem_with(folder, name, required=needed)
         if problem:
             return problem
     return None
@@ -146,11 +154,11 @@ def restore_checkpoint(engine, rank: int, world: int) -> Position:
     if checkpoint is None:
         return Position()
     folder = usable_checkpoint(Path(checkpoint.path), world, rank)  # run_stage keeps checkpoints on a file system
-    engine.load_checkpoint(str(folder), tag=DS_TAG)
+    load_deepspeed_checkpoint(engine, folder, tag=DS_TAG)
     position = Position(**json.loads(Path(folder, "position.json").read_text()))
     rng = Path(folder, f"rng_rank{rank}.pt")
     if rng.exists():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+        torch.set_rng_state(weights_only_load(rng))
     return position
 
 
@@ -195,7 +203,8 @@ class WorkerJob:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         skip_lone_allreduce(self.engine, self.world)
-        self.position = restore_checkpoint(self.engine, self.rank, self.world)
+        self.stopped: str | None = None  # why training stopped early (then nothing is exported)
+        self.position = self._restore(loop_config["output_dir"])
         self.log = None
         on_cpu = self.engine.device.type == "cpu"
         # on GPUs DeepSpeed's own bf16 setting (deepspeed.bf16) casts the model; no autocast on top
@@ -220,8 +229,20 @@ class WorkerJob:
         self.eval_sums: dict[str, float] = {}
         self.nonfinite_steps = 0  # optimizer steps with a micro-batch whose loss was not finite (this process)
         self.nonfinite_in_a_row = 0
-        self.stopped: str | None = None  # why training stopped early (then nothing is exported)
         self.since = time.perf_counter()  # start of the current logging interval (excludes eval and checkpoints)
+
+    def _restore(self, output_dir: str) -> Position:
+        """The checkpoint's position. A checkpoint refused on any worker (none complete, or a file that asks to
+        run code) stops every worker: a restarted group would meet it again. A refusing worker writes its
+        reason to `stopped.json` before the workers agree, so rank 0 (in `finish`) never overwrites it."""
+        try:
+            position = restore_checkpoint(self.engine, self.rank, self.world)
+        except CheckpointError as err:
+            Path(output_dir, STOPPED).write_text(json.dumps({"reason": str(err), "kind": "checkpoint"}) + "\n")
+            position, self.stopped = Position(), str(err)
+        if not all_ranks_true(self.stopped is None):
+            self.stopped = self.stopped or "another worker refused the checkpoint"
+        return position
 
     def _epoch_micro_batches(self, epoch: int, truncate: bool = True) -> list[list[int]]:
         micro = epoch_batches(
@@ -274,6 +295,8 @@ class WorkerJob:
         from tqdm import tqdm
 
         position, task = self.position, self.task
+        if self.stopped is not None:  # the checkpoint was refused
+            return
         if position.step == 0 and self.eval_rows and self.stage.eval_every:
             self._log_untrained_eval()
         bar = tqdm(
@@ -345,14 +368,15 @@ class WorkerJob:
             self.stopped = export_model(
                 self.engine, self.task, self.config, self.loop_config, self.rank, self.eval_sums
             )
-        if self.stopped is not None and self.rank == 0:
-            Path(self.loop_config["output_dir"], STOPPED).write_text(json.dumps({"reason": self.stopped}) + "\n")
+        stopped_file = Path(self.loop_config["output_dir"], STOPPED)
+        if self.stopped is not None and self.rank == 0 and not stopped_file.exists():
+            stopped_file.write_text(json.dumps({"reason": self.stopped, "kind": "nonfinite"}) + "\n")
         if self.log is not None:
             self.log.close()
 
 
 PROGRESS_KEYS = ("loss", "tokens_per_s", "eval_loss", "eval_accuracy")
-STOPPED = "stopped.json"  # why a stage stopped without exporting (NaN/inf), for the driver
+STOPPED = "stopped.json"  # why a stage stopped without exporting (NaN/inf, a refused checkpoint), for the driver
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
