@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
+import traceback
 from pathlib import Path
 
 from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.formats.names import FORMATS
 from rlhf_ray.formats.rows import DataError
-from rlhf_ray.ray_session import ClusterUnreachable
+from rlhf_ray.ray_session import ClusterUnreachable, exit_on_sigterm
 from rlhf_ray.typed_yaml import ConfigError
 
 # Shown as one line without a traceback. The OSErrors are paths in the config that cannot be used
@@ -231,29 +231,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm() -> None:
-    """`ray job stop` sends SIGTERM: exit through the normal path so `finally` blocks stop our actors."""
-    import signal
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _exit_on_sigterm()
+    exit_on_sigterm()
     try:
         args.run(args)
-    except USER_ERRORS as err:
-        print(f"rlhf-ray: error: {err}", file=sys.stderr)
-        return 2
-    except _run_failures() as err:
-        print(f"rlhf-ray: run stopped: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"rlhf-ray: interrupted (Ctrl-C){hint_of(args.command)}", file=sys.stderr)
+        return 130
+    except SystemExit as stop:
+        if stop.code == TERMINATED:
+            print(f"rlhf-ray: stopped by SIGTERM (ray job stop){hint_of(args.command)}", file=sys.stderr)
+        raise
+    except Exception as err:  # noqa: BLE001 - every error ends here, as one line or as a bug report
+        return _report(err)
     return 0
+
+
+TERMINATED = 143  # 128 + SIGTERM, the exit code of ray_session.exit_on_sigterm
+
+
+def hint_of(command: str) -> str:
+    """What an interrupted run of `command` leaves, and how to go on."""
+    resumes = {"sft": "", "rm": "", "pipeline": "", "ppo": " with --resume", "sweep": " with --resume"}
+    if command not in resumes:
+        return ""
+    return f"; its complete checkpoints are kept, and the same command{resumes[command]} resumes it"
+
+
+def _report(err: Exception) -> int:
+    """One line for a user's error or a run that cannot go on, also when a Ray task, actor or Ray Train worker
+    raised it (Ray's wrappers would print remote stack frames); a traceback and a bug line for anything else."""
+    known = _known_inside(err)
+    if isinstance(known, USER_ERRORS):
+        print(f"rlhf-ray: error: {known}", file=sys.stderr)
+        return 2
+    if known is not None:
+        print(f"rlhf-ray: run stopped: {known}", file=sys.stderr)
+        return 1
+    traceback.print_exception(err)
+    print(
+        f"rlhf-ray: internal error ({type(err).__name__}): this is a bug in rlhf-ray, not in your input; "
+        "please report it with the lines above",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _known_inside(err: BaseException) -> BaseException | None:
+    """`err`, or what it wraps (a RayTaskError's cause, a Ray Train worker's or controller's failure), if that is
+    a user error or a self-explaining run failure; else None."""
+    known = (*USER_ERRORS, *_run_failures())
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        wrapped = [getattr(current, "cause", None), getattr(current, "controller_failure", None)]
+        wrapped += list(getattr(current, "worker_failures", {}).values())
+        wrapped = [inner for inner in wrapped if isinstance(inner, BaseException)]
+        if not wrapped and isinstance(current, known):  # (a RayTaskError is also an instance of its cause's type)
+            return current
+        pending += wrapped
+    return None
 
 
 def _run_failures() -> tuple[type, ...]:

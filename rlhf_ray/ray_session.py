@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from rlhf_ray.config import ResourcesConfig
 from rlhf_ray.placement import Node, Request, ResourcesUnavailable, first_unplaceable
 
 DEFAULT_DASHBOARD_PORT = 8265
+T = TypeVar("T")
 
 
 def connect(resources: ResourcesConfig) -> str:
@@ -21,8 +26,21 @@ def connect(resources: ResourcesConfig) -> str:
     if address:
         check_reachable(address, "resources.address" if resources.address else "RAY_ADDRESS")
         ray.init(address=address)
-        return f"attached to {address}"
-    return _start_local_ray()
+        used = f"attached to {address}"
+    else:
+        used = _start_local_ray()
+    exit_on_sigterm()  # ray.init installs a SIGTERM handler of its own that aborts the process
+    return used
+
+
+def exit_on_sigterm() -> None:
+    """`ray job stop` sends SIGTERM: exit with 143 through the normal path, so `finally` blocks stop the actors."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 class ClusterUnreachable(ConnectionError):
@@ -96,3 +114,25 @@ def require_fits(stage: str, requests: list[Request]) -> None:
     problem = first_unplaceable(requests, nodes)
     if problem:
         raise ResourcesUnavailable(f"{stage}: {problem}")
+
+
+def run_interruptibly(call: Callable[[], T]) -> T:
+    """`call()` (a blocking Ray call such as `TorchTrainer.fit`) in a helper thread, so that Ctrl-C and SIGTERM
+    reach this process's own handlers at once. Ray Train installs its own SIGINT handler when `fit` runs in the
+    main thread; that handler aborts the run but ends the process with exit 1 and no word. The worker group
+    belongs to this driver and ends with it; the checkpoints already written stay usable."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="rlhf-ray-blocking-call", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -155,7 +155,7 @@ def run_stage(
     )
     stopped = out / STOPPED
     stopped.unlink(missing_ok=True)  # (a reason left by an earlier attempt of this run)
-    result = trainer.fit()
+    result = ray_session.run_interruptibly(trainer.fit)
     if stopped.is_file():
         why = json.loads(stopped.read_text())
         raise (CheckpointError if why.get("kind") == "checkpoint" else NonFiniteTraining)(why["reason"])
