@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -548,6 +549,20 @@ def save_config(config: Config, folder: str | Path, name: str = "config.yaml") -
     target = folder / name
     target.write_text(typed_yaml.dump(config))
     return target
+
+
+def require_writable(folder: str | Path) -> None:
+    """PermissionError naming `folder` unless it, or the nearest folder above it that exists, can be written:
+    checked before a run starts, so a read-only output folder fails in one line and nothing is created."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output folder {folder}: {existing} is a file, not a folder (run.output_dir)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"output folder {folder}: {existing} cannot be written (read-only or no permission); "
+            "choose another run.output_dir"
+        )
 
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "save_config"]

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from rlhf_ray import ray_session
-from rlhf_ray.config import Config, config_from_dict, save_config
+from rlhf_ray.config import Config, config_from_dict, require_writable, save_config
 from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
 from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
@@ -241,6 +241,7 @@ def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
             "use sweep.rank_by=metric"
         )
     config = with_absolute_paths(config)
+    require_writable(config.run.path)
     print(f"[sweep] Ray: {ray_session.connect(config.resources)}", flush=True)
     save_config(config, config.run.path.resolve())
     results = build_tuner(config, resume).fit()

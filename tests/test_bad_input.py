@@ -409,7 +409,13 @@ CASES = [
     Case(
         "sft-output-dir-under-a-file",
         ["sft", "{config}", "run.output_dir={tmp}/a-file/runs"],
-        ["Not a directory", "a-file"],
+        ["{tmp}/a-file is a file, not a folder (run.output_dir)"],
+        files={"a-file": "not a folder"},
+    ),
+    Case(
+        "ppo-output-dir-under-a-file",
+        ["ppo", "{config}", "run.output_dir={tmp}/a-file/runs"],
+        ["{tmp}/a-file is a file, not a folder (run.output_dir)"],
         files={"a-file": "not a folder"},
     ),
     # ---- config files ----
@@ -625,6 +631,22 @@ def assert_one_clean_error(err: str, runs: Path) -> None:
     assert "Traceback" not in err and not STACK_FRAME.search(err), f"stack frames in stderr:\n{err}"
     assert "error:" in err
     assert not runs.exists(), f"the failed run wrote {sorted(str(p.relative_to(runs)) for p in runs.rglob('*'))}"
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("command", ["sft", "ppo", "pipeline"])
+def test_a_read_only_output_folder_fails_in_one_line_before_anything_starts(command, tmp_path, monkeypatch, request):
+    """(The tests run as root, whom permission bits do not stop, so the file system's answer is stood in for.)"""
+    model_dir, reward_dir = request.getfixturevalue("tiny_model_dir"), request.getfixturevalue("tiny_reward_dir")
+    capsys = request.getfixturevalue("capsys")
+    route_transformers_logs_here(monkeypatch)
+    monkeypatch.setattr("rlhf_ray.ray_session.connect", _ray_must_not_start)
+    config_path = write_case_files(Case("read-only", [command], []), tmp_path, model_dir, reward_dir)
+    monkeypatch.setattr("rlhf_ray.config.os.access", lambda path, mode: Path(path) != tmp_path)
+    code, err = run_cli([command, str(config_path)], capsys)
+    assert code == 2, err
+    assert f"output folder {tmp_path / 'runs'}" in err and f"{tmp_path} cannot be written (read-only" in err
+    assert_one_clean_error(err, tmp_path / "runs")
 
 
 @pytest.mark.ray

@@ -16,7 +16,7 @@ from actors.reward_model import RewardModel
 from actors.rollout_generator import RolloutGenerator
 from rlhf_ray import ray_session
 from rlhf_ray.algo.evaluation import sequence_kl
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, require_writable
 from rlhf_ray.evaluation import policy_eval, rm_eval
 from rlhf_ray.models.export import is_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
@@ -125,6 +125,7 @@ def display_names(paths: list[str], given: list[str]) -> list[str]:
 def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: str, out: Path) -> dict:
     """Every reward model in `models` scores the pairs of `data` (narrowed to `split`); writes eval.json and
     report.md."""
+    require_writable(out)
     folders = [require_safetensors(resolve_model(m)).resolve() for m in models]
     tokenizer = load_tokenizer(folders[0], config.model.trust_remote_code)
     pair_set = rm_eval.load_pair_set(config, data, fmt, split, tokenizer)
@@ -163,6 +164,7 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
 
 def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> dict:
     """Sample, score and compare the policies of `request`; writes eval.json, report.md and the samples tables."""
+    require_writable(out)
     folders = [require_safetensors(resolve_model(p)).resolve() for p in request.policies]
     reward_folders = [require_safetensors(resolve_model(r)).resolve() for r in request.reward_models]
     tokenizer = load_tokenizer(folders[0], config.model.trust_remote_code)

@@ -23,7 +23,7 @@ from rlhf_ray.checkpoints import (
     sha256_of,
     write_manifest,
 )
-from rlhf_ray.config import Config, save_config
+from rlhf_ray.config import Config, require_writable, save_config
 from rlhf_ray.models.checks import check_role, check_tokenizer
 from rlhf_ray.models.export import is_exported, mark_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
@@ -179,6 +179,7 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     `checkpoint` names one explicitly (Tune trials). `on_iteration(iteration, metrics, saved_checkpoint)`
     is called after every iteration (saved_checkpoint is None when none was written)."""
     out = (config.run.path / "ppo").resolve()
+    require_writable(out)
     paths = resolve_model_paths(config)
     tokenizer = load_tokenizer(paths.policy, config.model.trust_remote_code)
     prompts = load_prompt_set(config, tokenizer)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlhf_ray import ray_session
 from rlhf_ray.checkpoints import CheckpointError
-from rlhf_ray.config import Config, ResourcesConfig, save_config
+from rlhf_ray.config import Config, ResourcesConfig, require_writable, save_config
 from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_preference_pairs, load_sft_examples
 from rlhf_ray.models.checks import check_tokenizer
@@ -111,6 +111,7 @@ def run_stage(
 
     stage_config = getattr(config, stage)
     out = (config.run.path / stage).resolve()
+    require_writable(out)
     # Every input is read and checked before anything is written or Ray starts.
     model_path, tokenizer_path = stage_model_paths(config, base_model)
     tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
