@@ -1,6 +1,7 @@
 """Faults that tests inject: into the SFT/RM jobs through `run_stage(after_step=...)`, and into run folders."""
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,21 @@ class FailOnce:
         if step == self.step and rank == min(1, self.world - 1) and not Path(self.marker).exists():
             Path(self.marker).write_text(f"failed at step {step}\n")
             raise RuntimeError(f"injected failure at step {step} on rank {rank}")
+
+
+@dataclass
+class KillOnce:
+    """SIGKILL the worker process of rank min(1, world - 1) after optimizer step `step`, as the OOM killer or a
+    lost node would end it (no exception, no clean-up); the marker file makes it once only."""
+
+    step: int
+    marker: str
+    world: int = 2
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == min(1, self.world - 1) and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"killed at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunsAShellCommand:

@@ -4,6 +4,7 @@ NaN/inf rewards, calls that hang, and roles that keep dying."""
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -152,6 +153,10 @@ def test_each_role_killed_mid_run_and_the_run_matches_an_uninterrupted_one(
     assert len(killer.done) == 4, killer.done
     for role in ("rollout-generator-0", "reward-model", "reference-model", "policy-learner"):
         assert f"[ppo] {role} (pid" in output.out + output.err and "re-creating it (1/3)" in output.out + output.err
+
+    # the learner's weights came back from a checkpoint, not from a replay of the whole run
+    replays = re.findall(r"replaying from (\S+)", output.out + output.err)
+    assert replays and all("/ppo/checkpoints/iter_" in where for where in replays), replays
 
     mine, reference = rows(result.output_dir), rows(uninterrupted.output_dir)
     assert [r["step"] for r in mine] == list(range(1, 13))  # none lost, none repeated (a replay trims the log)

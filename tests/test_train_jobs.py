@@ -11,7 +11,7 @@ from rlhf_ray.checkpoints import CheckpointError, sha256_of
 from rlhf_ray.config import load_config
 from rlhf_ray.models.export import is_exported
 from rlhf_ray.train.launch import prepare_rows, run_stage
-from tests.faults import FailOnce, plant_pickle
+from tests.faults import FailOnce, KillOnce, plant_pickle
 
 pytestmark = pytest.mark.ray
 ZERO2, ZERO3 = (
@@ -157,7 +157,7 @@ def test_rm_job_in_bf16_mixed_precision_training_only_the_top_layer(ray_local, t
 
 
 def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, tiny_model_dir, capfd):
-    """4 steps straight == 4 steps with a worker dying at step 3 (Ray Train restarts it from the
+    """4 steps straight == 4 steps with a worker SIGKILLed at step 3 (Ray Train restarts the group from the
     step-2 checkpoint) == 4 steps stopped at step 3 and rerun under the same name == the straight run
     rerun after its step-4 checkpoint was damaged (it goes back to step 2 and trains steps 3 and 4 again)."""
     common = (ZERO2, "sft.lr=1e-3", "sft.checkpoint_every=2")
@@ -166,7 +166,7 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     recovered = run_stage(
         tiny_config(tmp_path, tiny_model_dir, "recovered", *common, "sft.max_failures=1"),
         "sft",
-        after_step=FailOnce(3, str(tmp_path / "recovered" / "sft" / ".injected-failure")),
+        after_step=KillOnce(3, str(tmp_path / "recovered" / "sft" / ".injected-failure")),
     )
     assert (recovered.output_dir / ".injected-failure").is_file()
 
