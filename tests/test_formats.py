@@ -282,3 +282,13 @@ def test_real_hh_rlhf_rejection_sampled_quirks():
 def test_real_self_instruct():
     loaded = load_sft_examples(str(shared_file("self-instruct/seed_tasks.jsonl")), "self-instruct")
     assert loaded.rows_read == 175 and len(loaded.examples) >= 175 and loaded.problems.total == 0
+
+
+def test_a_typo_in_a_relative_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`data/pairz` looks like a hub name `owner/name`; since `data/` is a local folder it is a local typo,
+    refused at once (the hub client would retry for about 25 s on a machine without the hub)."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("rlhf_ray.formats.sources._hub_rows", lambda name, split: pytest.fail("asked the hub"))
+    with pytest.raises(DataError, match=f"data/pairz: no such file or folder in {tmp_path}/data"):
+        load_preference_pairs("data/pairz")

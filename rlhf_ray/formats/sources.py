@@ -79,6 +79,8 @@ def iter_rows(source: str, problems: RowProblems, split: str = "train") -> Itera
     if path.exists():
         for file in jsonl_files(path):
             yield from _file_rows(file, problems)
+    elif path.parent.name and path.parent.is_dir():  # `data/pairz`: a typo in a local path, not a hub `owner/name`
+        raise DataError(source, "<source>", f"no such file or folder in {path.parent.resolve()}")
     elif _HUB_NAME.match(source) and not source.endswith(JSONL_SUFFIXES):
         yield from _hub_rows(source, split)
     else:
