@@ -292,3 +292,14 @@ def test_a_typo_in_a_relative_local_path_is_not_looked_up_on_the_hub(tmp_path, m
     monkeypatch.setattr("rlhf_ray.formats.sources._hub_rows", lambda name, split: pytest.fail("asked the hub"))
     with pytest.raises(DataError, match=f"data/pairz: no such file or folder in {tmp_path}/data"):
         load_preference_pairs("data/pairz")
+
+
+def test_a_mixed_format_folder_says_which_file_fixed_the_format(tmp_path):
+    """`format: auto` reads the format from the first row; a valid hh-rlhf file read later as pairs says so."""
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}])
+    write_jsonl(tmp_path / "b.jsonl", [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "x"}])
+    with pytest.raises(DataError) as refused:
+        load_preference_pairs(str(tmp_path))
+    said = str(refused.value)
+    assert said.startswith(f"{tmp_path}/b.jsonl:1: field 'prompt'")
+    assert f"read as 'pairs' rows: `format: auto` took the format from {tmp_path}/a.jsonl:1" in said

@@ -96,16 +96,24 @@ def load_examples(
     examples: list = []
     rows_read = row_problems = 0
     parse = parser_for(fmt) if fmt != "auto" else None
+    detected_at = None  # the row `format: auto` read the format from
     for ref, row in iter_rows(source, problems, split):
         rows_read += 1
         if parse is None:
-            fmt = detect_format(row, ref)
+            fmt, detected_at = detect_format(row, ref), ref
             if fmt not in allowed:
                 raise DataError(ref, "<format>", f"looks like {fmt!r} rows, which cannot be read as {kind} data")
             parse = parser_for(fmt)
         try:
             examples.extend(parse(row, ref))
         except DataError as err:
+            if detected_at is not None and detected_at.file != ref.file:
+                err = DataError(
+                    err.ref,
+                    err.field,
+                    f"{err.problem} (read as {fmt!r} rows: `format: auto` took the format from {detected_at}; "
+                    "set the format, or keep one format per folder)",
+                )
             problems.handle(err)
             row_problems += 1
         if limit is not None and len(examples) >= limit:
