@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rlhf_ray import typed_yaml
 from rlhf_ray.algo.choices import GROUP_ESTIMATORS, AdvantageEstimator, KLEstimator, LossAggregationMode
@@ -418,6 +418,33 @@ class PPOConfig(Section):
         return self
 
 
+CustomResources = dict[str, Float]
+
+
+class RoleResources(Section):
+    """Custom Ray resources per role (name -> amount); CPUs and GPUs have their own settings."""
+
+    generator: CustomResources = Field(default_factory=dict, description="each RolloutGenerator actor")
+    learner: CustomResources = Field(default_factory=dict, description="the PolicyLearner actor")
+    reference: CustomResources = Field(default_factory=dict, description="the ReferenceModel actor")
+    reward: CustomResources = Field(default_factory=dict, description="the RewardModel actor")
+    train_worker: CustomResources = Field(default_factory=dict, description="each SFT/RM Ray Train worker")
+
+    @field_validator("generator", "learner", "reference", "reward", "train_worker")
+    @classmethod
+    def _custom_and_positive(cls, value: dict, info: ValidationInfo) -> dict:
+        own = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if own:
+            raise ValueError(
+                f"{info.field_name}: {', '.join(own)} have their own settings (actor_num_cpus, cpus_per_worker, "
+                "*_num_gpus); role_resources is for custom resources"
+            )
+        for name, amount in value.items():
+            if not amount > 0:
+                raise ValueError(f"{info.field_name}: the amount of {name} must be > 0, got {amount}")
+        return value
+
+
 class ResourcesConfig(Section):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS if set, else start a local Ray")
     num_workers: int = Field(2, gt=0, description="Ray Train workers for SFT/RM")
@@ -450,6 +477,21 @@ class ResourcesConfig(Section):
     )
     call_timeout_s: Float = Field(
         1800.0, gt=0, description="longest one PPO actor call (generate, score, update, push) may take"
+    )
+    role_resources: RoleResources = Field(
+        default_factory=lambda: RoleResources(),
+        description=(
+            "custom Ray resources each role's actors or each SFT/RM worker ask for, to place them on the nodes that "
+            "offer them: start a node with `ray start --resources='{\"gen_node\": 4}'` and set "
+            "`role_resources: {generator: {gen_node: 1}}`"
+        ),
+    )
+    spread_roles: bool = Field(
+        False,
+        description=(
+            "place PPO's actors and the SFT/RM workers on as many nodes as possible (Ray's SPREAD); false = "
+            "Ray's default, which packs them onto few nodes"
+        ),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from rlhf_ray import ray_session
 from rlhf_ray.config import Config, config_from_dict, require_writable, save_config
 from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
+from rlhf_ray.ppo.launch import role_options
 from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
 from rlhf_ray.typed_yaml import to_dict
@@ -45,7 +46,10 @@ def with_absolute_paths(config: Config) -> Config:
 
 
 def trial_config(base: dict, kl_coef: float, lr: float, trial_name: str) -> Config:
+    """The trial's config. Its actors run in the trial's placement group, which spreads them if asked
+    (`trial_resources`); a SPREAD strategy of their own would take them out of it."""
     data = {**base, "ppo": {**base["ppo"], "kl_coef": kl_coef, "lr": lr}, "run": {**base["run"], "name": trial_name}}
+    data["resources"] = {**base.get("resources", {}), "spread_roles": False}
     return config_from_dict(data)
 
 
@@ -104,19 +108,19 @@ def best_trial(rows: list[dict], kl_budget: float) -> dict | None:
 
 
 def trial_resources(config: Config):
-    """One bundle for the trial's driver and one per actor, packed on as few nodes as possible."""
+    """One bundle for the trial's driver and one per actor (the actors' own options: CPUs, GPUs, custom
+    resources), packed on as few nodes as possible, or spread with `resources.spread_roles`."""
     from ray import tune
 
-    res = config.resources
-    actor = {"CPU": res.actor_num_cpus}
-    bundles = [{"CPU": 0.1}]
-    bundles += [{**actor, "GPU": res.generator_num_gpus} if res.generator_num_gpus else actor] * res.generator_replicas
-    gpus_of_roles = [res.learner_num_gpus, res.reference_num_gpus]
-    if config.ppo.uses_reward_model:  # (function and HTTP reward actors take no resources)
-        gpus_of_roles.append(res.reward_num_gpus)
-    for gpus in gpus_of_roles:
-        bundles.append({**actor, "GPU": gpus} if gpus else actor)
-    return tune.PlacementGroupFactory(bundles, strategy="PACK")
+    def bundle(role: str) -> dict:
+        options = role_options(config, role)
+        gpus = {"GPU": options["num_gpus"]} if options["num_gpus"] else {}
+        return {"CPU": options["num_cpus"], **gpus, **options.get("resources", {})}
+
+    roles = ["generator"] * config.resources.generator_replicas + ["learner", "reference"]
+    roles += ["reward"] if config.ppo.uses_reward_model else []  # (function and HTTP reward actors take nothing)
+    strategy = "SPREAD" if config.resources.spread_roles else "PACK"
+    return tune.PlacementGroupFactory([{"CPU": 0.1}, *map(bundle, roles)], strategy=strategy)
 
 
 def build_tuner(config: Config, resume: bool):

@@ -69,3 +69,47 @@ def test_an_address_that_answers_and_the_forms_left_to_ray_pass():
         check_reachable(f"127.0.0.1:{server.getsockname()[1]}", "resources.address")
     for address in ("auto", "local", "some-host"):
         check_reachable(address, "resources.address")
+
+
+def test_role_resources_and_spread_reach_the_actors_the_workers_and_the_sweeps_bundles():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.ppo.crew import RoleSpec
+    from rlhf_ray.ppo.launch import role_options, role_requests
+    from rlhf_ray.sweep import trial_resources
+    from rlhf_ray.train.launch import worker_requests
+
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            "resources.role_resources={generator: {gen_node: 1}, train_worker: {trainer: 0.5}}",
+            "resources.spread_roles=true",
+            "resources.learner_num_gpus=1",
+        ],
+    )
+    generator = role_options(config, "generator")
+    assert generator["resources"] == {"gen_node": 1.0} and generator["scheduling_strategy"] == "SPREAD"
+    assert role_options(config, "learner")["num_gpus"] == 1.0 and "resources" not in role_options(config, "learner")
+
+    spec = RoleSpec("rollout-generator-0", object, (), {}, generator)
+    (request,) = role_requests([spec])
+    assert request.needs() == {"CPU": 0.5, "gen_node": 1.0}
+    problem = first_unplaceable([request], [Node("10.0.0.1", {"CPU": 2.0})])
+    assert problem.startswith(
+        "the rollout-generator-0 actor needs CPU 0.5, gen_node 1 (resources.actor_num_cpus, "
+        "resources.generator_num_gpus, resources.role_resources.generator)"
+    )
+    assert first_unplaceable([request], [Node("a", {"CPU": 2.0}), Node("b", {"CPU": 2.0, "gen_node": 1.0})]) is None
+
+    workers = worker_requests("sft", config.resources)
+    assert [w.needs() for w in workers] == [{"CPU": 0.5, "trainer": 0.5}] * 2
+    assert workers[0].settings == "resources.cpus_per_worker, resources.role_resources.train_worker"
+
+    bundles = trial_resources(config)
+    assert bundles.strategy == "SPREAD"
+    assert bundles.bundles == [
+        {"CPU": 0.1},
+        {"CPU": 0.5, "gen_node": 1.0},
+        {"CPU": 0.5, "GPU": 1.0},
+        {"CPU": 0.5},
+        {"CPU": 0.5},
+    ]

@@ -88,8 +88,11 @@ class ActorCallTimeout(TimeoutError):
     pass
 
 
-def _actor_pid(_actor) -> int:
-    return os.getpid()
+def _actor_place(_actor) -> tuple[int, str]:
+    """The actor's process id and its node's IP address."""
+    import ray
+
+    return os.getpid(), ray.util.get_node_ip_address()
 
 
 def _death_errors() -> tuple[type, ...]:
@@ -148,10 +151,13 @@ class ActorCrew:
         )
 
     def _wait_started(self, roles: list[str]) -> None:
-        """Wait for the constructors (model load, vLLM engine start) and note each actor's process id."""
-        refs = {role: self.handles[role].__ray_call__.remote(_actor_pid) for role in roles}
-        for role, pid in zip(refs, self._get_all("start", refs)):
+        """Wait for the constructors (model load, vLLM engine start); note and say each actor's process and node."""
+        refs = {role: self.handles[role].__ray_call__.remote(_actor_place) for role in roles}
+        places = []
+        for role, (pid, node) in zip(refs, self._get_all("start", refs)):
             self.pids[role] = pid
+            places.append(f"{role} on {node} (pid {pid})")
+        self.log(f"[ppo] actors: {'; '.join(places)}")
 
     def _get_all(self, phase: str, refs: dict[str, Any]) -> list:
         import ray

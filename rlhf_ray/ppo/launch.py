@@ -73,13 +73,34 @@ def function_name(name: str) -> str:
     return f"{Path(module).resolve()}:{function}" if module.endswith(".py") else name
 
 
+ROLE_GPUS = {  # the setting of each placed role's GPUs
+    "generator": "generator_num_gpus",
+    "learner": "learner_num_gpus",
+    "reference": "reference_num_gpus",
+    "reward": "reward_num_gpus",
+}
+
+
+def role_options(config: Config, role: str) -> dict:
+    """Ray options of a `role` actor ("generator", "learner", "reference", "reward"): its namespace, CPUs, GPUs,
+    custom resources (`resources.role_resources`) and, with `resources.spread_roles`, the SPREAD strategy."""
+    res = config.resources
+    options = {
+        "namespace": f"rlhf-ray-{config.run.name}",
+        "num_cpus": res.actor_num_cpus,
+        "num_gpus": getattr(res, ROLE_GPUS[role]),
+    }
+    custom = getattr(res.role_resources, role)
+    if custom:
+        options["resources"] = dict(custom)
+    if res.spread_roles:
+        options["scheduling_strategy"] = "SPREAD"
+    return options
+
+
 def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int) -> list[RoleSpec]:
     """The PPO roles, each a named actor with the resources the config gives it."""
     res, ppo, model = config.resources, config.ppo, config.model
-    namespace = f"rlhf-ray-{config.run.name}"
-
-    def options(gpus: float) -> dict:
-        return {"namespace": namespace, "num_cpus": res.actor_num_cpus, "num_gpus": gpus}
 
     generators = [
         RoleSpec(
@@ -100,7 +121,7 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
                 threads_shared_by=res.generator_replicas,
                 precision=model.precision,
             ),
-            options(res.generator_num_gpus),
+            role_options(config, "generator"),
         )
         for i in range(res.generator_replicas)
     ]
@@ -117,16 +138,16 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
             deepspeed_config=learner_ds,
             update_threads=res.learner_update_threads,
         ),
-        options(res.learner_num_gpus),
+        role_options(config, "learner"),
     )
     reference = RoleSpec(
         REFERENCE,
         ReferenceModel,
         (str(paths.policy), model.dtype, ppo.temperature, model.trust_remote_code),
         dict(precision=model.precision),
-        options(res.reference_num_gpus),
+        role_options(config, "reference"),
     )
-    rewards = reward_specs(config, paths, tokenizer, options(res.reward_num_gpus))
+    rewards = reward_specs(config, paths, tokenizer, role_options(config, "reward"))
     specs = [*generators, learner, *rewards, reference]
     for spec in specs:
         spec.options["name"] = spec.name
@@ -136,19 +157,21 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
 def role_requests(specs: list[RoleSpec]) -> list[Request]:
     """What each PPO actor holds while it lives, for the start-up check that the cluster can hold them all."""
 
-    def gpu_setting(role: str) -> str:
+    def kind(role: str) -> str:
         if role.startswith(GENERATOR_PREFIX):
-            return "generator_num_gpus"
-        return {LEARNER: "learner_num_gpus", REFERENCE: "reference_num_gpus"}.get(role, "reward_num_gpus")
+            return "generator"
+        return {LEARNER: "learner", REFERENCE: "reference"}.get(role, "reward")
 
-    return [
-        Request(
-            f"the {spec.name} actor",
-            {"CPU": spec.options.get("num_cpus", 1.0), "GPU": spec.options.get("num_gpus", 0.0)},
-            f"resources.actor_num_cpus, resources.{gpu_setting(spec.name)}",
-        )
-        for spec in specs
-    ]
+    def request(spec: RoleSpec) -> Request:
+        options, role = spec.options, kind(spec.name)
+        needs = {"CPU": options.get("num_cpus", 1.0), "GPU": options.get("num_gpus", 0.0)}
+        settings = f"resources.actor_num_cpus, resources.{ROLE_GPUS[role]}"
+        if options.get("resources"):
+            needs.update(options["resources"])
+            settings += f", resources.role_resources.{role}"
+        return Request(f"the {spec.name} actor", needs, settings)
+
+    return [request(spec) for spec in specs]
 
 
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:

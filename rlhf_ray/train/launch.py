@@ -144,7 +144,8 @@ def run_stage(
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker},
+            resources_per_worker={"CPU": resources.cpus_per_worker, **resources.role_resources.train_worker},
+            placement_strategy="SPREAD" if resources.spread_roles else "PACK",
         ),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -176,7 +177,9 @@ def run_stage(
 def worker_requests(stage: str, resources: ResourcesConfig) -> list[Request]:
     """What each Ray Train worker of the stage holds."""
     settings = "resources.cpus_per_worker" + (", resources.use_gpu" if resources.use_gpu else "")
+    settings += ", resources.role_resources.train_worker" if resources.role_resources.train_worker else ""
     each = {"CPU": resources.cpus_per_worker, "GPU": 1.0 if resources.use_gpu else 0.0}
+    each.update(resources.role_resources.train_worker)
     count = resources.num_workers
     return [Request(f"{stage} worker {i + 1} of {count}", each, settings) for i in range(count)]
 
