@@ -17,7 +17,7 @@ from pathlib import Path
 from rlhf_ray import ray_session
 from rlhf_ray.config import Config, config_from_dict, require_writable, save_config
 from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
-from rlhf_ray.ppo.launch import role_options
+from rlhf_ray.ppo.launch import role_requests
 from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
 from rlhf_ray.typed_yaml import to_dict
@@ -108,19 +108,13 @@ def best_trial(rows: list[dict], kl_budget: float) -> dict | None:
 
 
 def trial_resources(config: Config):
-    """One bundle for the trial's driver and one per actor (the actors' own options: CPUs, GPUs, custom
-    resources), packed on as few nodes as possible, or spread with `resources.spread_roles`."""
+    """One bundle for the trial's driver and one per actor that takes resources (CPUs, GPUs, custom resources),
+    packed on as few nodes as possible, or spread with `resources.spread_roles`."""
     from ray import tune
 
-    def bundle(role: str) -> dict:
-        options = role_options(config, role)
-        gpus = {"GPU": options["num_gpus"]} if options["num_gpus"] else {}
-        return {"CPU": options["num_cpus"], **gpus, **options.get("resources", {})}
-
-    roles = ["generator"] * config.resources.generator_replicas + ["learner", "reference"]
-    roles += ["reward"] if config.ppo.uses_reward_model else []  # (function and HTTP reward actors take nothing)
     strategy = "SPREAD" if config.resources.spread_roles else "PACK"
-    return tune.PlacementGroupFactory([{"CPU": 0.1}, *map(bundle, roles)], strategy=strategy)
+    bundles = [{"CPU": 0.1}, *(request.needs() for request in role_requests(config))]
+    return tune.PlacementGroupFactory(bundles, strategy=strategy)
 
 
 def build_tuner(config: Config, resume: bool):

@@ -73,7 +73,6 @@ def test_an_address_that_answers_and_the_forms_left_to_ray_pass():
 
 def test_role_resources_and_spread_reach_the_actors_the_workers_and_the_sweeps_bundles():
     from rlhf_ray.config import load_config
-    from rlhf_ray.ppo.crew import RoleSpec
     from rlhf_ray.ppo.launch import role_options, role_requests
     from rlhf_ray.sweep import trial_resources
     from rlhf_ray.train.launch import worker_requests
@@ -90,9 +89,8 @@ def test_role_resources_and_spread_reach_the_actors_the_workers_and_the_sweeps_b
     assert generator["resources"] == {"gen_node": 1.0} and generator["scheduling_strategy"] == "SPREAD"
     assert role_options(config, "learner")["num_gpus"] == 1.0 and "resources" not in role_options(config, "learner")
 
-    spec = RoleSpec("rollout-generator-0", object, (), {}, generator)
-    (request,) = role_requests([spec])
-    assert request.needs() == {"CPU": 0.5, "gen_node": 1.0}
+    request, learner, *_ = role_requests(config)
+    assert request.needs() == {"CPU": 0.5, "gen_node": 1.0} and learner.needs() == {"CPU": 0.5, "GPU": 1.0}
     problem = first_unplaceable([request], [Node("10.0.0.1", {"CPU": 2.0})])
     assert problem.startswith(
         "the rollout-generator-0 actor needs CPU 0.5, gen_node 1 (resources.actor_num_cpus, "

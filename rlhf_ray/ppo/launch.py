@@ -15,7 +15,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.models.optim import learner_deepspeed_config
 from rlhf_ray.placement import Request
 from rlhf_ray.ppo.crew import ActorCrew, RoleSpec, wait_until_names_free
-from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, reward_role
+from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, REFERENCE, REWARD, reward_role
 from rlhf_ray.tokenization import response_ids
 
 
@@ -154,24 +154,21 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
     return specs
 
 
-def role_requests(specs: list[RoleSpec]) -> list[Request]:
-    """What each PPO actor holds while it lives, for the start-up check that the cluster can hold them all."""
+def role_requests(config: Config) -> list[Request]:
+    """What each PPO actor that takes resources holds while it lives (function and HTTP reward actors take
+    none): for the start-up check that the cluster can hold them all, and for a sweep trial's bundles."""
+    roles = [(f"{GENERATOR_PREFIX}{i}", "generator") for i in range(config.resources.generator_replicas)]
+    roles += [(LEARNER, "learner"), (REFERENCE, "reference")]
+    roles += [(REWARD, "reward")] if config.ppo.uses_reward_model else []
 
-    def kind(role: str) -> str:
-        if role.startswith(GENERATOR_PREFIX):
-            return "generator"
-        return {LEARNER: "learner", REFERENCE: "reference"}.get(role, "reward")
-
-    def request(spec: RoleSpec) -> Request:
-        options, role = spec.options, kind(spec.name)
-        needs = {"CPU": options.get("num_cpus", 1.0), "GPU": options.get("num_gpus", 0.0)}
+    def request(name: str, role: str) -> Request:
+        options = role_options(config, role)
+        needs = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
         settings = f"resources.actor_num_cpus, resources.{ROLE_GPUS[role]}"
-        if options.get("resources"):
-            needs.update(options["resources"])
-            settings += f", resources.role_resources.{role}"
-        return Request(f"the {spec.name} actor", needs, settings)
+        settings += f", resources.role_resources.{role}" if options.get("resources") else ""
+        return Request(f"the {name} actor", needs, settings)
 
-    return [request(spec) for spec in specs]
+    return [request(name, role) for name, role in roles]
 
 
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:

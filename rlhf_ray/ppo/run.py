@@ -202,7 +202,7 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
     max_model_len = config.data.max_prompt_length + config.ppo.max_new_tokens
     specs = actor_specs(config, paths, tokenizer, max_model_len)
     print(f"[ppo] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
-    ray_session.require_fits("ppo", role_requests(specs))
+    ray_session.require_fits("ppo", role_requests(config))
     save_config(config, out)
     crew = launch_actors(config, specs)
     try:
