@@ -214,9 +214,11 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
     (model_states,) = newest.rglob("mp_rank_00_model_states.pt")
     plant_pickle(model_states, marker)
     relist_in_manifest(newest, model_states)
+    logged = (again.output_dir / "metrics.jsonl").read_text()
     with pytest.raises(CheckpointError, match=f"{model_states}: refused to load: it asks for the global posix.system"):
         run_stage(tiny_config(tmp_path, tiny_model_dir, "straight", *common), "sft")
     assert not marker.exists()
+    assert (again.output_dir / "metrics.jsonl").read_text() == logged  # the run's outputs are left as they were
 
 
 def relist_in_manifest(folder, path):

@@ -217,7 +217,7 @@ class WorkerJob:
             f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})",
             flush=True,
         )
-        if self.rank == 0:
+        if self.rank == 0 and self.stopped is None:  # (a refused checkpoint leaves the run's metrics as they are)
             self.log = MetricsLog(loop_config["output_dir"], resume_step=self.position.step)
             if self.position.step:
                 print(
