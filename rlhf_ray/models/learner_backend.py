@@ -118,6 +118,11 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        # A process group destroyed by another library in this process (vLLM's engine shutdown does so)
+        # leaves DeepSpeed's cached groups pointing at it; a new world starts with none.
+        release = getattr(deepspeed.utils.groups, "_release_process_group_references", None)
+        if release is not None:
+            release()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     engine, *_ = deepspeed.initialize(model=module, model_parameters=parameters, config=ds_config)
     return engine
