@@ -10,14 +10,17 @@ class MetricsLog:
     """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard.
 
     On resume from step N, lines logged after N by the interrupted run are dropped first,
-    so the file holds each step once.
+    so the file holds each step once; a start from step 0 (no checkpoint to resume) logs afresh.
     """
 
     def __init__(self, folder: str | Path, resume_step: int = 0, tensorboard: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "metrics.jsonl"
-        trim_jsonl(self.path, "step", resume_step)
+        if resume_step:
+            trim_jsonl(self.path, "step", resume_step)
+        else:  # an interrupted run that saved no checkpoint: its step-0 lines are logged again
+            self.path.unlink(missing_ok=True)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -172,3 +172,30 @@ def test_an_export_with_a_truncated_file_is_not_finished(tmp_path):
     assert is_exported(model) and json.loads((model / "export.json").read_text())["stage"] == "sft"
     (model / "model.safetensors").write_bytes(b"x" * 50)
     assert not is_exported(model)
+
+
+def make_train_checkpoint(folder, name, ranks_done):
+    """A Ray Train checkpoint folder of a 2-worker SFT/RM job in which `ranks_done` finished saving."""
+    checkpoint = folder / name
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "position.json").write_text('{"step": 2}')
+    for rank in ranks_done:
+        (checkpoint / f"rng_rank{rank}.pt").write_bytes(b"rng")
+        write_manifest(checkpoint, {"step": 2, "rank": rank}, name=f"manifest_rank{rank}.json")
+    return checkpoint
+
+
+def test_a_train_job_resumes_from_the_newest_complete_checkpoint_registered_or_not(tmp_path, capsys):
+    from rlhf_ray.train.worker import usable_checkpoint
+
+    assert usable_checkpoint(tmp_path, False, 2, 0) is None  # nothing saved: start afresh
+    make_train_checkpoint(tmp_path, "checkpoint_2026-01-01_00-00-03.000000", [0])  # stopped while saving
+    assert usable_checkpoint(tmp_path, False, 2, 0) is None
+    with pytest.raises(CheckpointError, match="refusing to start over"):
+        usable_checkpoint(tmp_path, True, 2, 0)  # one was registered, so losing every one is an error
+
+    complete = make_train_checkpoint(tmp_path, "checkpoint_2026-01-01_00-00-02.000000", [0, 1])
+    capsys.readouterr()
+    # saved by every worker though Ray Train never registered it (the run stopped right after)
+    assert usable_checkpoint(tmp_path, False, 2, 0) == complete
+    assert "skipping checkpoint" in (said := capsys.readouterr().out) and "1 rank manifests for 2 workers" in said

@@ -21,3 +21,12 @@ def test_resume_drops_lines_after_the_checkpoint_and_plots(tmp_path):
     png = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", "test")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_curves(tmp_path / "missing.jsonl", tmp_path / "none.png", "empty") is None
+
+
+def test_a_start_from_step_0_logs_afresh_over_an_interrupted_run_that_saved_no_checkpoint(tmp_path):
+    interrupted = MetricsLog(tmp_path, tensorboard=False)
+    interrupted.log(0, {"eval_loss": 2.0})  # the untrained eval
+    interrupted.log(1, {"loss": 1.5})
+    restarted = MetricsLog(tmp_path, resume_step=0, tensorboard=False)
+    restarted.log(0, {"eval_loss": 2.0})
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [0]

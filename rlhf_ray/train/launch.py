@@ -131,6 +131,7 @@ def run_stage(
         "stage": stage,
         "deepspeed": ds,
         "output_dir": str(out),
+        "checkpoints": str(out / "ray" / stage),  # RunConfig's storage_path / name
         "model_path": str(model_path),
         "tokenizer_path": str(tokenizer_path),
         "pad_id": tokenizer.pad_token_id,

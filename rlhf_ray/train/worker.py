@@ -1,7 +1,7 @@
 """The per-worker function of the SFT and RM Ray Train jobs (DeepSpeed inside Ray Train).
 
 Runs on every worker: rebuild the typed config, build the model, `deepspeed.initialize`,
-resume from `ray.train.get_checkpoint()` if there is one, train with periodic eval and
+resume from the newest complete checkpoint if there is one, train with periodic eval and
 checkpoints reported through `ray.train.report`, and export the final model on rank 0.
 """
 
@@ -132,28 +132,34 @@ def checkpoint_problem(folder: Path, world: int) -> str | None:
     return None
 
 
-def usable_checkpoint(latest: Path, world: int, rank: int) -> Path:
-    """`latest`, or the newest older checkpoint beside it if `latest` is damaged (each one skipped is named)."""
-    siblings = sorted(p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name <= latest.name)
-    for candidate in reversed(siblings or [latest]):
+def usable_checkpoint(folder: Path, any_registered: bool, world: int, rank: int) -> Path | None:
+    """The newest complete checkpoint in `folder` (each damaged one skipped is named), or None to start afresh.
+
+    A checkpoint that every worker persisted counts even when Ray Train's controller had not registered it
+    yet (a run stopped right after saving); with none complete, a run that registered one refuses to start
+    over, while one that never registered any starts afresh (an interrupted first save)."""
+    candidates = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
+    for candidate in reversed(candidates):
         problem = checkpoint_problem(candidate, world)
         if problem is None:
             return candidate
         if rank == 0:
             print(f"WARNING: skipping checkpoint {candidate}: {problem}", flush=True)
+    if not any_registered:
+        return None
     raise CheckpointError(
-        f"no complete checkpoint under {latest.parent} (see the warnings above); refusing to "
+        f"no complete checkpoint under {folder} (see the warnings above); refusing to "
         "start over. Move the folder away to start afresh."
     )
 
 
-def restore_checkpoint(engine, rank: int, world: int) -> Position:
+def restore_checkpoint(engine, rank: int, world: int, checkpoints: Path) -> Position:
+    """Load the newest complete checkpoint under `checkpoints` (run_stage keeps them on a file system)."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    folder = usable_checkpoint(checkpoints, ray.train.get_checkpoint() is not None, world, rank)
+    if folder is None:
         return Position()
-    folder = usable_checkpoint(Path(checkpoint.path), world, rank)  # run_stage keeps checkpoints on a file system
     load_deepspeed_checkpoint(engine, folder, tag=DS_TAG)
     position = Position(**json.loads(Path(folder, "position.json").read_text()))
     rng = Path(folder, f"rng_rank{rank}.pt")
@@ -236,7 +242,7 @@ class WorkerJob:
         run code) stops every worker: a restarted group would meet it again. A refusing worker writes its
         reason to `stopped.json` before the workers agree, so rank 0 (in `finish`) never overwrites it."""
         try:
-            position = restore_checkpoint(self.engine, self.rank, self.world)
+            position = restore_checkpoint(self.engine, self.rank, self.world, Path(self.loop_config["checkpoints"]))
         except CheckpointError as err:
             Path(output_dir, STOPPED).write_text(json.dumps({"reason": str(err), "kind": "checkpoint"}) + "\n")
             position, self.stopped = Position(), str(err)
