@@ -73,6 +73,7 @@ def ppo_overrides(s: dict, ctx: Context, name: str, shared: dict, batch: int, re
         f"resources.generator_replicas={replicas}",
         f"resources.actor_num_cpus={actor_cpus(replicas, s['actor_num_cpus'])}",
         "model.dtype=float32",
+        "model.precision=fp32",
         f"ppo.vllm_enforce_eager={str(s['vllm_enforce_eager']).lower()}",
     ]
 

@@ -49,6 +49,7 @@ def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
         f"resources.cpus_per_worker={s['cpus_per_worker']}",
         f"deepspeed.zero_stage={s['zero_stage']}",
         "model.dtype=float32",
+        "model.precision=fp32",
     ]
     if s.get("limit"):
         overrides.append(f"data.{section}.limit={s['limit']}")
