@@ -1,22 +1,28 @@
 """`rlhf-ray sweep`: Ray Tune trials of PPO over the KL coefficient and the learning rate.
 
-Each trial is a function trainable that runs PPO with its own four actors inside the trial's
-placement group, reports every iteration to Tune, and hands Tune its checkpoints so a trial
-(or the whole sweep, via `Tuner.restore`) resumes where it stopped. With `sweep.rank_by: heldout`
-a finished trial then evaluates its policy against the start on the eval split of the prompts
-(prompts PPO never trained on) and reports the held-out gain, KL and win-rate as its last result;
-the best trial is the one with the largest held-out gain within `sweep.kl_budget`.
+The trials are listed before Tune starts (`trial_specs`: the grid, or seeded random draws), each with a
+name that fixes its run folder. A trial runs PPO with its own four actors inside the trial's placement
+group and reports every iteration to Tune. `--resume` starts a new Tune experiment over the same list:
+a trial whose run finished reports its logged result again, one that stopped resumes from its own newest
+complete PPO checkpoint (read as any PPO resume is, never unpickled), and one that never started starts.
+Tune's own experiment state (pickles) is never restored. With `sweep.rank_by: heldout` a finished trial
+then evaluates its policy against the start on the eval split of the prompts (prompts PPO never trained
+on) and reports the held-out gain, KL and win-rate as its last result; the best trial is the one with
+the largest held-out gain within `sweep.kl_budget`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import random
 import shutil
 from pathlib import Path
 
 from rlhf_ray import ray_session
-from rlhf_ray.config import Config, config_from_dict, require_writable, save_config
+from rlhf_ray.config import Config, SweepConfig, config_from_dict, require_writable, save_config
 from rlhf_ray.evaluation.launch import default_eval_dir, run_eval_policy, run_start_vs_ppo
+from rlhf_ray.models.export import is_exported
 from rlhf_ray.ppo.launch import role_requests
 from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
@@ -53,38 +59,63 @@ def trial_config(base: dict, kl_coef: float, lr: float, trial_name: str) -> Conf
     return config_from_dict(data)
 
 
+def trial_specs(sweep: SweepConfig, seed: int) -> list[dict]:
+    """Every trial of the sweep, named by its place and values: the grid `num_samples` times over, or
+    `num_samples` draws seeded by `seed`. The same config always lists the same trials."""
+    if sweep.search == "grid":
+        values = [(kl, lr) for _ in range(sweep.num_samples) for kl in sweep.kl_coefs for lr in sweep.lrs]
+    else:
+        draw = random.Random(seed)
+        values = [(draw.choice(sweep.kl_coefs), draw.choice(sweep.lrs)) for _ in range(sweep.num_samples)]
+    return [{"name": f"t{i:02d}-kl{kl:g}-lr{lr:g}", "kl_coef": kl, "lr": lr} for i, (kl, lr) in enumerate(values)]
+
+
 def run_trial(params: dict) -> None:
-    """Tune function trainable: one PPO run with this trial's kl_coef and lr."""
+    """Tune function trainable: one PPO run with this trial's kl_coef and lr, resumed from its own run folder."""
     from ray import tune
 
-    trial_name = f"{params['base']['run']['name']}-{tune.get_context().get_trial_id()}"
-    config = trial_config(params["base"], params["kl_coef"], params["lr"], trial_name)
-    checkpoint = tune.get_checkpoint()
+    spec = params["trial"]
+    config = trial_config(
+        params["base"], spec["kl_coef"], spec["lr"], f"{params['base']['run']['name']}-{spec['name']}"
+    )
+    out = config.run.path.resolve() / "ppo"
+    reported = []
 
     def report(iteration: int, metrics: dict, saved: Path | None) -> None:
-        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
+        reported.append(iteration)
+        tune.report({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "iteration": iteration})
 
-    if checkpoint is None:
-        shutil.rmtree(config.run.path.resolve() / "ppo", ignore_errors=True)  # a restart before any checkpoint
-        result = run_ppo(config, on_iteration=report)
+    def last_logged() -> dict:
+        last = (read_metrics(out / "metrics.jsonl") or [{}])[-1]
+        numbers = {k: v for k, v in last.items() if isinstance(v, (int, float)) and k != "step"}
+        return {**numbers, "iteration": last.get("step", 0)}
+
+    if is_exported(out / "model"):  # finished before the sweep was interrupted
+        print(f"[sweep] {config.run.name}: finished earlier; reporting its logged result", flush=True)
     else:
-        with checkpoint.as_directory() as folder:
-            result = run_ppo(config, checkpoint=Path(folder), on_iteration=report)
+        if not (out / "checkpoints").is_dir():
+            shutil.rmtree(out, ignore_errors=True)  # a trial stopped before its first checkpoint starts afresh
+        run_ppo(config, resume=(out / "checkpoints").is_dir(), on_iteration=report)
     if config.sweep.rank_by == "heldout":
-        last = result.final_metrics or (read_metrics(result.output_dir / "metrics.jsonl") or [{}])[-1]
-        tune.report({**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **heldout_metrics(config)})
+        # one report past the last iteration (ASHA's max_t)
+        tune.report({**last_logged(), **heldout_metrics(config), "iteration": config.ppo.iterations + 1})
+    elif not reported:
+        tune.report(last_logged())
 
 
 HELDOUT_KEYS = ("heldout_gain", "heldout_kl", "heldout_win_rate")
 
 
 def heldout_metrics(config: Config) -> dict:
-    """The trial's PPO policy against its start on `sweep.eval_prompts` prompts of the eval split, by the run's RM."""
+    """The trial's PPO policy against its start on `sweep.eval_prompts` prompts of the eval split, by the run's RM
+    (read back from the trial's eval.json when an interrupted sweep had finished it)."""
+    out = default_eval_dir(config, "heldout")
+    if (out / "eval.json").is_file():
+        return heldout_row(json.loads((out / "eval.json").read_text()))
     request = run_start_vs_ppo(config, "eval", config.sweep.eval_prompts)
     if len(request.policies) < 2:
         raise RuntimeError(f"the trial exported no PPO model under {config.run.path / 'ppo'} to evaluate")
-    return heldout_row(run_eval_policy(config, request, default_eval_dir(config, "heldout")))
+    return heldout_row(run_eval_policy(config, request, out))
 
 
 def heldout_row(results: dict) -> dict:
@@ -126,30 +157,27 @@ def build_tuner(config: Config, resume: bool):
     experiment = storage / "sweep"
     trainable = tune.with_resources(run_trial, trial_resources(config))
     if resume:
-        if not tune.Tuner.can_restore(str(experiment)):
+        if not experiment.is_dir():
             raise FileNotFoundError(f"no sweep to resume at {experiment}")
-        print(f"[sweep] resuming {experiment}", flush=True)
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    if experiment.exists():
+        print(f"[sweep] resuming {experiment}: each trial continues from its own run folder", flush=True)
+    elif experiment.exists():
         raise FileExistsError(
             f"{experiment} already holds a sweep; pass --resume to continue it or use another run.name"
         )
-    pick = tune.grid_search if sweep.search == "grid" else tune.choice
     # The held-out result comes one report after the last iteration: ASHA must not stop a trial before it.
     last_report = config.ppo.iterations + (sweep.rank_by == "heldout")
     scheduler = (
-        ASHAScheduler(max_t=last_report, grace_period=min(2, config.ppo.iterations))
+        ASHAScheduler(time_attr="iteration", max_t=last_report, grace_period=min(2, config.ppo.iterations))
         if sweep.scheduler == "asha"
         else None
     )
     return tune.Tuner(
         trainable,
-        param_space={"base": to_dict(config), "kl_coef": pick(sweep.kl_coefs), "lr": pick(sweep.lrs)},
+        param_space={"base": to_dict(config), "trial": tune.grid_search(trial_specs(sweep, config.run.seed))},
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
             mode=sweep.mode,
             scheduler=scheduler,
-            num_samples=sweep.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(name="sweep", storage_path=str(storage)),
@@ -164,11 +192,11 @@ def write_results(config: Config, results) -> tuple[Path, Path, Path]:
         metrics = result.metrics or {}
         rows.append(
             {
-                "trial": result.path.rsplit("/", 1)[-1],
-                "kl_coef": result.config["kl_coef"],
-                "lr": result.config["lr"],
+                "trial": result.config["trial"]["name"],
+                "kl_coef": result.config["trial"]["kl_coef"],
+                "lr": result.config["trial"]["lr"],
                 # the held-out result is one report past the last iteration
-                "iterations": min(metrics.get("training_iteration", 0), config.ppo.iterations),
+                "iterations": min(metrics.get("iteration", 0), config.ppo.iterations),
                 "reward_mean": metrics.get("reward_mean"),
                 "kl": metrics.get("kl"),
                 **{key: metrics.get(key) for key in HELDOUT_KEYS},
@@ -198,7 +226,7 @@ def write_results(config: Config, results) -> tuple[Path, Path, Path]:
         )
     else:
         chosen = results.get_best_result(metric=config.sweep.metric, mode=config.sweep.mode)
-        kl_coef, lr = chosen.config["kl_coef"], chosen.config["lr"]
+        kl_coef, lr = chosen.config["trial"]["kl_coef"], chosen.config["trial"]["lr"]
     best_config = trial_config(to_dict(config), kl_coef, lr, f"{config.run.name}-best")
     best_path = save_config(best_config, out, "best_config.yaml")
     return table, best_path, _plot(rows, out / "sweep.png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from rlhf_ray.formats.rows import DataError, Message, RowRef
@@ -86,3 +87,29 @@ def fit_length(
         return prompt[len(prompt) + longest - max_length :]
     report.counts["skipped"] += 1
     return None
+
+
+@lru_cache(maxsize=8)
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest entry: no token covers more characters of a text than that."""
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
+def over_length_untokenized(
+    texts: Sequence[str], tokenizer, max_length: int, setting: str, report: LengthReport, ref: RowRef
+) -> bool:
+    """Under 'error' and 'skip', a row whose texts hold more characters than `max_length` tokens can cover is
+    refused or skipped (True) before it is tokenized: a 20 MB line would take minutes to tokenize."""
+    chars = sum(len(text) for text in texts)
+    if report.policy == "truncate_prompt" or chars <= max_length * longest_token_chars(tokenizer):
+        return False
+    report.seen += 1
+    if report.policy == "error":
+        raise DataError(
+            ref,
+            "<length>",
+            f"{chars} characters, more than {max_length} tokens can hold ({setting} {max_length}; raise it, or "
+            "set data.overlong to 'skip' or 'truncate_prompt')",
+        )
+    report.counts["skipped"] += 1
+    return True

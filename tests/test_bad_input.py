@@ -199,6 +199,12 @@ CASES = [
         files={"data/sft.jsonl": jsonl(SFT_ROW, {"prompt": LONG_TEXT, "completion": "Sunny."})},
     ),
     Case(
+        "sft-4-mb-line-overlong-error-refused-before-tokenizing",
+        ["sft", "{config}", "data.overlong=error"],
+        ["sft.jsonl:2: field '<length>'", "4000006 characters, more than 64 tokens can hold", "data.max_length"],
+        files={"data/sft.jsonl": jsonl(SFT_ROW, {"prompt": "word " * 800_000, "completion": "Sunny."})},
+    ),
+    Case(
         "ppo-prompt-over-budget-overlong-error",
         ["ppo", "{config}", "data.overlong=error"],
         ["prompts.jsonl:3: field '<length>'", "tokens > max_prompt_length 40", "data.max_prompt_length"],
@@ -666,7 +672,8 @@ def test_bad_input_that_reaches_ray_fails_fast_and_cleanly(case: Case, ray_local
 
 @pytest.mark.unit
 def test_the_table_is_broad():
-    """The issue asks for at least 22 malformed inputs across these subcommands."""
-    assert len(CASES) >= 22 and len({case.id for case in CASES}) == len(CASES)
+    """At least 50 malformed inputs, each with its own name, across these subcommands, some through a real Ray."""
+    assert len(CASES) + len(THROUGH_RAY) >= 50 and len({case.id for case in CASES}) == len(CASES)
+    assert THROUGH_RAY
     commands = {" ".join(case.argv[:2]) if case.argv[0] in ("data", "config") else case.argv[0] for case in CASES}
     assert {"sft", "rm", "ppo", "pipeline", "eval", "data inspect", "config show"} <= commands

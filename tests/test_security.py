@@ -8,6 +8,8 @@ naming file:line, on:
 - <engine>.load_checkpoint(...) outside rlhf_ray/models/safe_load.py (DeepSpeed unpickles with
   weights_only=False; `load_deepspeed_checkpoint` reads its files with the weights-only loader),
 - save_pretrained(..., safe_serialization=False) (pickled weights instead of safetensors),
+- Tuner.restore(...) (Ray Tune unpickles the experiment folder; a resumed sweep lists its trials again
+  and each resumes from its own PPO checkpoint),
 - yaml.load / full_load / unsafe_load (YAML tags can build arbitrary objects; use safe_load),
 - the address "0.0.0.0" (in Python strings, configs/*.yaml, the Makefile and README commands),
 - a Ray dashboard host other than 127.0.0.1 (ray.init(dashboard_host=...), `ray start --dashboard-host`).
@@ -33,6 +35,7 @@ RULES = (
     "torch_load",
     "deepspeed_load",
     "safe_serialization",
+    "tune_restore",
     "yaml_load",
     "any_address",
     "dashboard_host",
@@ -91,6 +94,8 @@ def _check_call(node: ast.Call, torch_loads: set[str], yaml_loads: set[str]) -> 
         found.append(("deepspeed_load", f"{name}(...): use models.safe_load.load_deepspeed_checkpoint"))
     if name.split(".")[-1] == "save_pretrained" and _is_const(kwargs.get("safe_serialization"), False):
         found.append(("safe_serialization", f"{name}(..., safe_serialization=False): save safetensors"))
+    if name.endswith("Tuner.restore"):
+        found.append(("tune_restore", f"{name}(...) unpickles the experiment folder"))
     if (
         name in ("yaml.load", "yaml.full_load", "yaml.unsafe_load", "yaml.load_all", "yaml.unsafe_load_all")
         or name in yaml_loads
@@ -208,6 +213,7 @@ VIOLATIONS = [
     ("torch_load", "from torch import load as tload\nstate = tload(path, map_location='cpu')"),
     ("deepspeed_load", "engine.load_checkpoint(folder, tag='step')"),
     ("safe_serialization", "model.save_pretrained(folder, safe_serialization=False)"),
+    ("tune_restore", "tuner = tune.Tuner.restore(str(experiment), trainable=run_trial)"),
     ("yaml_load", "config = yaml.load(text, Loader=yaml.Loader)"),
     ("any_address", "serve(host='0.0.0.0')"),
     ("dashboard_host", "ray.init(include_dashboard=True, dashboard_host='0.0.0.0')"),

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from rlhf_ray.config import load_config
 from rlhf_ray.sweep import best_trial
+from tests.faults import RunsAShellCommand
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +26,15 @@ def finished_trials(experiment) -> list:
         if rows and "heldout_gain" in rows[-1]:
             done.append(result.parent)
     return done
+
+
+def run_folder(tmp_path, trial):
+    """The PPO run folder of a Tune trial: named by the trial's place and values in the sweep's list."""
+    return tmp_path / f"sw-{json.loads((trial / 'params.json').read_text())['trial']['name']}"
+
+
+def written_at(folder) -> tuple:
+    return tuple((folder / name).stat().st_mtime_ns for name in ("ppo/metrics.jsonl", "eval/heldout/eval.json"))
 
 
 def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, tiny_reward_dir):
@@ -55,10 +66,13 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
         assert sweep.poll() is None, "the sweep ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(1)
-    first = finished_trials(experiment)
+    first = [run_folder(tmp_path, trial) for trial in finished_trials(experiment)]
+    written = {folder: written_at(folder) for folder in first}
     os.kill(sweep.pid, signal.SIGKILL)
     sweep.wait()
     assert not (tmp_path / "sw" / "sweep_results.csv").exists()
+    marker = tmp_path / "the-pickle-ran"
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(RunsAShellCommand(f"touch {marker}")))  # Tune.restore runs it
 
     restored = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert restored.returncode == 0, restored.stdout[-2000:] + restored.stderr[-2000:]
@@ -73,9 +87,10 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
         (0.1, 1e-3),
     ]
     assert all(r["iterations"] == "2" and r["error"] == "" and r["reward_mean"] for r in rows), rows
-    for trial in first:  # a trial finished before the interruption was not run again: 2 iterations + held-out
-        lines = (trial / "result.json").read_text().splitlines()
-        assert len([line for line in lines if line.strip()]) == 3
+    for folder in first:  # a trial finished before the interruption was not trained or evaluated again
+        assert written_at(folder) == written[folder], folder
+        assert len((folder / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not marker.exists(), "the resume unpickled Tune's experiment state"
     # every trial was evaluated on the eval split; the best config is the best held-out gain within the KL budget
     assert all(r["heldout_gain"] and r["heldout_kl"] and r["heldout_win_rate"] for r in rows), rows
     reports = sorted(tmp_path.glob("sw-*/eval/heldout/eval.json"))

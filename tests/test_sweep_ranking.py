@@ -1,4 +1,4 @@
-"""How `rlhf-ray sweep` picks its best trial by held-out quality (pure functions, no Ray)."""
+"""How `rlhf-ray sweep` lists its trials and picks the best one by held-out quality (pure functions, no Ray)."""
 
 from rlhf_ray.sweep import best_trial, heldout_row
 
@@ -70,3 +70,22 @@ def test_trials_get_reward_functions_from_files_by_absolute_path(tmp_path, monke
         load_config(None, [RULE_REWARD, "ppo.advantage_estimator=rloo", "ppo.responses_per_prompt=2"])
     )
     assert config.ppo.rewards[0].function == f"{tmp_path / 'my_reward.py'}:score"
+
+
+def test_the_trials_are_listed_before_tune_starts_and_the_same_config_lists_the_same_trials():
+    from rlhf_ray.config import SweepConfig
+    from rlhf_ray.sweep import trial_specs
+
+    grid = trial_specs(SweepConfig(kl_coefs=[0.01, 0.1], lrs=[1e-4], num_samples=2), seed=0)
+    assert [(t["name"], t["kl_coef"], t["lr"]) for t in grid] == [
+        ("t00-kl0.01-lr0.0001", 0.01, 1e-4),
+        ("t01-kl0.1-lr0.0001", 0.1, 1e-4),
+        ("t02-kl0.01-lr0.0001", 0.01, 1e-4),
+        ("t03-kl0.1-lr0.0001", 0.1, 1e-4),
+    ]
+    random_search = SweepConfig(search="random", kl_coefs=[0.01, 0.02, 0.05], lrs=[1e-5, 1e-4, 1e-3], num_samples=5)
+    drawn = trial_specs(random_search, seed=3)
+    assert drawn == trial_specs(random_search, seed=3)  # a resumed sweep finds its trials' run folders again
+    assert len({t["name"] for t in drawn}) == 5
+    assert all(t["kl_coef"] in random_search.kl_coefs and t["lr"] in random_search.lrs for t in drawn)
+    assert trial_specs(random_search, seed=4) != drawn

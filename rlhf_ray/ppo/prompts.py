@@ -10,7 +10,7 @@ from rlhf_ray.formats import splits
 from rlhf_ray.formats.load import load_prompts
 from rlhf_ray.formats.parsers import PromptExample
 from rlhf_ray.formats.splits import SplitOrAll
-from rlhf_ray.tokenization import LengthReport, fit_length, prompt_ids
+from rlhf_ray.tokenization import LengthReport, fit_length, over_length_untokenized, prompt_ids
 from rlhf_ray.wire import PromptRow
 
 
@@ -59,6 +59,11 @@ def load_prompt_set(config: Config, tokenizer, split: SplitOrAll = "train") -> P
     report = LengthReport(data.overlong)
     examples, token_ids = [], []
     for example in loaded.examples:  # every prompt is checked, also those of other splits
+        texts = [m["content"] for m in example.prompt]
+        if over_length_untokenized(
+            texts, tokenizer, data.max_prompt_length, "data.max_prompt_length", report, example.ref
+        ):
+            continue
         ids = fit_length(prompt_ids(tokenizer, example.prompt), [[]], data.max_prompt_length, report, example.ref)
         if ids is not None and id(example) in wanted:
             examples.append(example)

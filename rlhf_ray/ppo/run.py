@@ -17,7 +17,6 @@ from rlhf_ray.checkpoints import (
     CheckpointError,
     commit,
     newest_valid,
-    problem_with,
     prune,
     read_manifest,
     sha256_of,
@@ -174,10 +173,10 @@ def _write_samples(path: Path, iteration: int, rollouts, experience, prompts, to
             )
 
 
-def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = None, on_iteration=None) -> PPOResult:
-    """Run PPO to `ppo.iterations`. `resume` continues from this run's newest complete checkpoint;
-    `checkpoint` names one explicitly (Tune trials). `on_iteration(iteration, metrics, saved_checkpoint)`
-    is called after every iteration (saved_checkpoint is None when none was written)."""
+def run_ppo(config: Config, resume: bool = False, *, on_iteration=None) -> PPOResult:
+    """Run PPO to `ppo.iterations`. `resume` continues from this run's newest complete checkpoint.
+    `on_iteration(iteration, metrics, saved_checkpoint)` is called after every iteration (saved_checkpoint
+    is None when none was written)."""
     out = (config.run.path / "ppo").resolve()
     require_writable(out)
     paths = resolve_model_paths(config)
@@ -190,12 +189,8 @@ def run_ppo(config: Config, resume: bool = False, *, checkpoint: Path | None = N
         if source.kind == "function":
             load_function(function_name(source.function))
     identity = model_identity(config, paths)
-    if checkpoint is not None:
-        problem = problem_with(checkpoint, required=files_a_resume_reads(config))
-        if problem:
-            raise CheckpointError(f"checkpoint {checkpoint} is not usable: {problem}")
-        check_identity(checkpoint, identity)
-    elif resume:
+    checkpoint = None
+    if resume:
         checkpoint = find_resume_checkpoint(out / "checkpoints", identity, files_a_resume_reads(config))
     elif (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a PPO run; pass --resume to continue it or use another run.name")

@@ -9,7 +9,7 @@ import torch
 
 from rlhf_ray.algo.losses import IGNORE_INDEX
 from rlhf_ray.formats.parsers import PreferencePair, SFTExample
-from rlhf_ray.tokenization import LengthReport, fit_length, prompt_ids, response_ids
+from rlhf_ray.tokenization import LengthReport, fit_length, over_length_untokenized, prompt_ids, response_ids
 
 
 @dataclass
@@ -24,6 +24,9 @@ def tokenize_sft(
     """Prompt + response ids, labels masked to the response tokens only (`report` to count into an existing one)."""
     report, rows = report or LengthReport(policy), []
     for ex in examples:
+        texts = [m["content"] for m in ex.prompt] + [ex.response]
+        if over_length_untokenized(texts, tokenizer, max_length, "data.max_length", report, ex.ref):
+            continue
         p = prompt_ids(tokenizer, ex.prompt)
         r = response_ids(tokenizer, ex.prompt, ex.response, p)
         p = fit_length(p, [r], max_length, report, ex.ref)
@@ -38,6 +41,9 @@ def tokenize_pairs(
     """Full chosen and rejected sequences sharing one (possibly left-truncated) prompt."""
     report, rows = report or LengthReport(policy), []
     for pair in pairs:
+        texts = [m["content"] for m in pair.prompt] + [max(pair.chosen, pair.rejected, key=len)]
+        if over_length_untokenized(texts, tokenizer, max_length, "data.max_length", report, pair.ref):
+            continue
         p = prompt_ids(tokenizer, pair.prompt)
         chosen = response_ids(tokenizer, pair.prompt, pair.chosen, p)
         rejected = response_ids(tokenizer, pair.prompt, pair.rejected, p)
