@@ -528,6 +528,12 @@ THROUGH_RAY = [
         ["ppo: the policy-learner actor needs CPU 0.5, GPU 1 (resources.actor_num_cpus, resources.learner_num_gpus)"],
         config={"resources.learner_num_gpus": 1},
     ),
+    Case(
+        "eval-policy-generator-on-a-gpu-the-cluster-lacks",
+        ["eval", "policy", "{config}", "--policy", "{model}", "--reward-model", "{reward}"],
+        ["eval policy: the eval generator actor needs CPU 0.5, GPU 1 (resources.actor_num_cpus, "],
+        config={"resources.generator_num_gpus": 1},
+    ),
 ]
 
 # A Python stack frame as tracebacks and Ray's remote errors print it (Ray's do not say "Traceback").
@@ -662,7 +668,9 @@ def test_bad_input_that_reaches_ray_fails_fast_and_cleanly(case: Case, ray_local
     capsys = request.getfixturevalue("capsys")
     config_path = write_case_files(case, tmp_path, model_dir, reward_dir)
     began = time.monotonic()
-    code, err = run_cli([arg.replace("{config}", str(config_path)) for arg in case.argv], capsys)
+    places = {"{config}": config_path, "{model}": model_dir, "{reward}": reward_dir, "{tmp}": tmp_path}
+    argv = [places.get(arg, arg) for arg in case.argv]
+    code, err = run_cli([str(arg) for arg in argv], capsys)
     assert code == 2, f"exit code {code}, stderr:\n{err}"
     assert time.monotonic() - began < 60, "the check should fail before any worker or actor starts"
     for expected in case.expect:

@@ -21,6 +21,7 @@ from rlhf_ray.evaluation import policy_eval, rm_eval
 from rlhf_ray.models.export import is_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
+from rlhf_ray.placement import Request
 from rlhf_ray.ppo.launch import end_of_turn_suffix
 from rlhf_ray.ppo.prompts import load_prompt_set
 from rlhf_ray.ppo.run import resolve_model_paths
@@ -83,6 +84,15 @@ def default_eval_dir(config: Config, kind: str) -> Path:
     return (config.run.path / "eval" / kind).resolve()
 
 
+def require_each_fits(stage: str, config: Config, roles: tuple[str, ...]) -> None:
+    """The eval actors run one at a time: fail now, naming the actor, when no alive node can hold one of them."""
+    for role in roles:
+        gpus = getattr(config.resources, f"{role}_num_gpus")
+        needs = {"CPU": config.resources.actor_num_cpus, "GPU": gpus}
+        request = Request(f"the eval {role} actor", needs, f"resources.actor_num_cpus, resources.{role}_num_gpus")
+        ray_session.require_fits(stage, [request])
+
+
 def _actor(cls, config: Config, **options):
     import ray
 
@@ -131,6 +141,7 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
     pair_set = rm_eval.load_pair_set(config, data, fmt, split, tokenizer)
     print(f"[eval rm] data: {pair_set.description}", flush=True)
     print(f"[eval rm] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
+    require_each_fits("eval rm", config, ("reward",))
     results = {"data": pair_set.description, "models": {}}
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
         scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
@@ -177,6 +188,7 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
     ]
     print(f"[eval policy] prompts: {prompt_set.summary}; {len(prompt_ids)} evaluated", flush=True)
     print(f"[eval policy] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
+    require_each_fits("eval policy", config, ("generator", "reference", "reward"))
     names = display_names([str(f) for f in folders], request.names)
     policies = [
         _sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
