@@ -41,6 +41,7 @@ class RolloutGenerator:
         enforce_eager: bool = True,
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
         seed: int = 0,
         trust_remote_code: bool = False,
         enable_lora: bool = True,
@@ -80,6 +81,8 @@ class RolloutGenerator:
         from vllm import LLM
 
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if enable_lora else {}
+        # Sharded over several GPUs, the engine's workers are processes of their own on this actor's GPUs.
+        sharded = {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -90,6 +93,7 @@ class RolloutGenerator:
             trust_remote_code=trust_remote_code,
             **lora,
             **cpu_only,
+            **(sharded if tensor_parallel_size > 1 else {}),
         )
         # vLLM warns about every layer a reload leaves alone (from `reload.inplace` and `reload.layerwise`);
         # `load_merged_weights` sends only the touched modules. (Set once the engine has started: set before

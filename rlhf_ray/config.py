@@ -362,6 +362,15 @@ class PPOConfig(Section):
         1.0, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); on GPU see vllm_gpu_memory_utilization"
     )
     vllm_gpu_memory_utilization: Float = Field(0.3, gt=0, le=1, description="share of GPU memory vLLM may take")
+    vllm_tensor_parallel_size: int = Field(
+        1,
+        gt=0,
+        description=(
+            "GPUs one vLLM engine shards the policy over (GPU only): give each generator that many GPUs "
+            "(resources.generator_num_gpus); its workers run in their own processes, so weights reach them as LoRA "
+            "adapters (ppo.weight_sync=adapter)"
+        ),
+    )
     max_nonfinite_in_a_row: int = Field(
         3, gt=0, description="stop after this many updates in a row skipped for NaN/inf"
     )
@@ -571,6 +580,21 @@ class Config(Section):
             raise ValueError(
                 f"ppo.weight_sync=merged folds LoRA into decoder-layer weights, but lora.target_modules has {outside} "
                 "(tied to the embeddings in many models); use ppo.weight_sync=adapter"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tensor_parallel_generators_hold_their_gpus(self):
+        size, gpus = self.ppo.vllm_tensor_parallel_size, self.resources.generator_num_gpus
+        if size > 1 and gpus < size:
+            raise ValueError(
+                f"ppo.vllm_tensor_parallel_size {size} shards each generator over {size} GPUs, but "
+                f"resources.generator_num_gpus is {gpus:g}; set it to {size}"
+            )
+        if size > 1 and self.ppo.weight_sync != "adapter":
+            raise ValueError(
+                "ppo.vllm_tensor_parallel_size > 1 runs vLLM's workers in their own processes, which take new weights "
+                "as LoRA adapters only; set ppo.weight_sync=adapter"
             )
         return self
 

@@ -249,6 +249,7 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
         enforce_eager=ppo.vllm_enforce_eager,
         kv_cache_gib=ppo.vllm_kv_cache_gib,
         gpu_memory_utilization=ppo.vllm_gpu_memory_utilization,
+        tensor_parallel_size=ppo.vllm_tensor_parallel_size,
         seed=config.run.seed,
         trust_remote_code=model.trust_remote_code,
         enable_lora=False,

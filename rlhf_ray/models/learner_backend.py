@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from rlhf_ray.models.optim import LEARNER_ADAMW
+from rlhf_ray.models.optim import LEARNER_ADAMW, settle_bf16
 from rlhf_ray.models.safe_load import load_deepspeed_checkpoint
 
 
@@ -80,7 +80,7 @@ class TorchAdamW:
 class DeepSpeedEngine:
     def __init__(self, module: torch.nn.Module, parameters: list[torch.nn.Parameter], ds_config: dict):
         self.engine = self.forward = start_deepspeed(module, parameters, ds_config)
-        self.casts_to_bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+        self.casts_to_bf16 = self.engine.bfloat16_enabled()
 
     def zero_grad(self) -> None:
         """Nothing: the engine zeroes the gradients when it steps."""
@@ -124,7 +124,7 @@ def start_deepspeed(module: torch.nn.Module, parameters: list, ds_config: dict):
         if release is not None:
             release()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=parameters, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=parameters, config=settle_bf16(ds_config))
     return engine
 
 

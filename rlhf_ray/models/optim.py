@@ -11,18 +11,32 @@ import torch
 from rlhf_ray.config import Config, TrainStageConfig
 
 
-def use_bf16(config: Config) -> bool:
-    """bf16 where asked, else only on GPUs that support it."""
+def bf16_setting(config: Config, on_gpu: bool) -> bool | str:
+    """DeepSpeed's bf16 for an engine on a GPU (`on_gpu`) or the CPU: deepspeed.bf16 where set; else off on the
+    CPU (model.precision autocasts there) and, on a GPU, as model.precision says: "auto" is settled by the
+    process that holds the GPU (`settle_bf16`), since the driver may run on a node without one."""
     if config.deepspeed.bf16 is not None:
         return config.deepspeed.bf16
-    return config.resources.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if not on_gpu or config.model.precision == "fp32":
+        return False
+    return True if config.model.precision == "bf16-mixed" else "auto"
+
+
+def settle_bf16(ds_config: dict) -> dict:
+    """The DeepSpeed JSON with bf16 "auto" settled on this process's device: on where its GPU supports bf16."""
+    if ds_config.get("bf16", {}).get("enabled") != "auto":
+        return ds_config
+    enabled = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {**ds_config, "bf16": {**ds_config["bf16"], "enabled": enabled}}
 
 
 def deepspeed_config(config: Config, stage: TrainStageConfig, world_size: int) -> dict:
     """The JSON DeepSpeed gets: the file from `deepspeed.config_file`, with batch sizes, lr and precision filled in."""
-    return _filled_deepspeed_config(
+    ds = _filled_deepspeed_config(
         config, stage.batch_size, stage.grad_accum, world_size, stage.max_grad_norm, stage.lr, stage.weight_decay
     )
+    ds["bf16"] = {"enabled": bf16_setting(config, config.resources.use_gpu)}
+    return ds
 
 
 # The PPO learner's AdamW (torch.optim.AdamW defaults), the same on both learner backends. `fused`: one
@@ -48,6 +62,7 @@ def learner_deepspeed_config(config: Config) -> dict:
     ds["optimizer"]["params"].update(
         betas=list(LEARNER_ADAMW["betas"]), eps=LEARNER_ADAMW["eps"], fused=LEARNER_ADAMW["fused"]
     )
+    ds["bf16"] = {"enabled": bf16_setting(config, config.resources.learner_num_gpus > 0)}
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
         raise ValueError(
@@ -75,7 +90,6 @@ def _filled_deepspeed_config(
     ds["optimizer"].setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
     if config.deepspeed.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = config.deepspeed.zero_stage
-    ds["bf16"] = {"enabled": use_bf16(config)}
     ds.pop("scheduler", None)  # the warmup/cosine schedule is ours (see warmup_cosine)
     return ds
 

@@ -114,6 +114,7 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
                 enforce_eager=ppo.vllm_enforce_eager,
                 kv_cache_gib=ppo.vllm_kv_cache_gib,
                 gpu_memory_utilization=ppo.vllm_gpu_memory_utilization,
+                tensor_parallel_size=ppo.vllm_tensor_parallel_size,
                 seed=config.run.seed + i,
                 trust_remote_code=model.trust_remote_code,
                 enable_lora=ppo.weight_sync == "adapter",

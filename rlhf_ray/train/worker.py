@@ -21,7 +21,7 @@ import torch.distributed as dist
 from rlhf_ray import dashboard_metrics
 from rlhf_ray.checkpoints import CheckpointError, problem_with, write_manifest
 from rlhf_ray.config import config_from_dict
-from rlhf_ray.models.optim import warmup_cosine
+from rlhf_ray.models.optim import settle_bf16, warmup_cosine
 from rlhf_ray.models.precision import Precision, autocast, resolve_precision
 from rlhf_ray.models.safe_load import load_deepspeed_checkpoint, weights_only_load
 from rlhf_ray.run_log import MetricsLog
@@ -205,7 +205,7 @@ class WorkerJob:
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=loop_config["deepspeed"],
+            config=settle_bf16(loop_config["deepspeed"]),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         skip_lone_allreduce(self.engine, self.world)
@@ -213,9 +213,11 @@ class WorkerJob:
         self.position = self._restore(loop_config["output_dir"])
         self.log = None
         on_cpu = self.engine.device.type == "cpu"
-        # on GPUs DeepSpeed's own bf16 setting (deepspeed.bf16) casts the model; no autocast on top
+        # on GPUs DeepSpeed casts the model to bf16 itself (deepspeed.bf16, else model.precision); no autocast on top
         self.precision = (
-            resolve_precision(self.config.model.precision) if on_cpu else Precision(False, "as deepspeed.bf16 sets it")
+            resolve_precision(self.config.model.precision)
+            if on_cpu
+            else Precision(False, f"DeepSpeed bf16 {'on' if self.engine.bfloat16_enabled() else 'off'}")
         )
         print(
             f"[{self.task.name}] worker {self.rank}/{self.world}: device {self.engine.device}, "
