@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 from bench.scaling_model import scaling_section
+from rlhf_ray.models.provision import KNOWN_MODELS
 
 SMOKE_BANNER = (
     "> **SMOKE RUN (`--quick`)**: tiny workloads, one repeat, possibly on a machine busy with other work. "
     "It only shows that every suite runs end to end; **its figures are not meaningful** and must not be "
     "quoted. Run `make bench` on a quiet machine for real figures."
 )
+
+
+# Paths of the machine that ran the benchmark, printed so that they say what they are: a model from the model
+# cache by its name (which every command also takes in place of its folder), the run's scratch folder as <work>.
+_PATH_PART = r"(?<![^\s'\"`=(\[,;:])(?:/[^\s/'\"`,;()\[\]]+)*"
+_WORK_FOLDER = re.compile(_PATH_PART + r"/rlhf-ray-bench-[^\s/'\"`,;()\[\]]+")
+_CACHED_MODEL = re.compile(_PATH_PART + r"/models/(" + "|".join(map(re.escape, KNOWN_MODELS)) + r")(?![\w.-])")
+
+
+def neutral(text: str) -> str:
+    """`text` without the temporary and home-folder paths of the machine that ran the benchmark."""
+    return _CACHED_MODEL.sub(r"\1", _WORK_FOLDER.sub("<work>", text))
 
 
 def num(value: float | None) -> str:
@@ -76,7 +91,7 @@ def target_lines(targets: list[dict]) -> list[str]:
 
 
 def settings_lines(settings: dict) -> list[str]:
-    return [f"- {key}: {value}" for key, value in settings.items()]
+    return [neutral(f"- {key}: {value}") for key, value in settings.items()]
 
 
 def failures(result: dict) -> list[str]:
@@ -84,7 +99,7 @@ def failures(result: dict) -> list[str]:
     lines = []
     for r in failed:
         first = (r["error"].strip().splitlines() or ["?"])[0]
-        lines.append(f"- FAILED: {r['system']} repeat {r['repeat'] + 1}: {first} (log {r['log']})")
+        lines.append(neutral(f"- FAILED: {r['system']} repeat {r['repeat'] + 1}: {first} (log {r['log']})"))
     return lines
 
 

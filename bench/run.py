@@ -1,6 +1,6 @@
 """`python -m bench.run [--suite NAME ...] [--repeats N] [--quick]`
 
-Suites: all, ceiling, rm, rm-quality, sft, ppo, rollout, rollout-bf16, scaling.
+Suites: all, ceiling, rm, rm-quality, sft, ppo, grpo, rollout, rollout-bf16, scaling.
 
 Runs the suites, prints a table per suite, writes bench/RESULTS.md and the raw per-run JSON
 (bench/results/ for full runs, bench/out/results/ for --quick smoke runs).
@@ -128,10 +128,35 @@ def write_results(folder: Path, quick: bool, meta: dict) -> Path:
     return target
 
 
+def saved_meta(folder: Path) -> dict:
+    """The header of a report rebuilt from saved JSON: the newest invocation's date, command, machine and versions,
+    and the repeats of the suites that invocation ran (from their runs)."""
+    saved = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    if not saved:
+        raise SystemExit(f"no saved results in {rel(folder)}: run the benchmark first")
+    newest = max(saved, key=lambda result: result.get("date", ""))
+    ran = [r for r in saved if (r.get("date"), r.get("command")) == (newest.get("date"), newest.get("command"))]
+    repeats = {r["suite"]: 1 + max((int(run["repeat"]) for run in r.get("runs", [])), default=0) for r in ran}
+    return {
+        "date": newest.get("date", "?"),
+        "command": newest.get("command", "?"),
+        "machine": newest.get("machine", "?"),
+        "versions": newest.get("versions", "?"),
+        "results_dir": rel(folder),
+        "repeats": "of the suites this command ran: "
+        + ", ".join(f"{suite} {repeats[suite]}" for suite in SUITES if suite in repeats)
+        + " (each other section names the command that measured it)",
+        "load_at_start": newest.get("load_at_start", "n/a"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     folder = results_dir(args.quick)
     folder.mkdir(parents=True, exist_ok=True)
+    if args.report_only:  # the figures and their header as measured, on whatever machine this runs
+        print(f"[bench] wrote {write_results(folder, args.quick, saved_meta(folder))}")
+        return 0
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     meta = {
         "date": now,
@@ -144,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         + " (each other section names the command that measured it)",
         "load_at_start": f"{os.getloadavg()[0]:.2f}",
     }
-    if args.report_only:
-        print(f"[bench] wrote {write_results(folder, args.quick, meta)}")
-        return 0
     from bench.deps import ensure_trl
     from rlhf_ray.models.provision import resolve_model
 
@@ -199,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def save(folder: Path, result: dict, quick: bool, meta: dict) -> None:
     result.update(
-        quick=quick, date=meta["date"], command=meta["command"], machine=meta["machine"], versions=meta["versions"]
+        quick=quick,
+        date=meta["date"],
+        command=meta["command"],
+        machine=meta["machine"],
+        versions=meta["versions"],
+        load_at_start=meta["load_at_start"],
     )
     (folder / f"{result['suite']}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 

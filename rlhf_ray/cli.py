@@ -10,11 +10,12 @@ from pathlib import Path
 from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.formats.names import FORMATS
 from rlhf_ray.formats.rows import DataError
-from rlhf_ray.ray_session import ClusterUnreachable, exit_on_sigterm
+from rlhf_ray.ray_session import ClusterUnreachable, FolderNotShared, exit_on_sigterm
 from rlhf_ray.typed_yaml import ConfigError
 
 # Shown as one line without a traceback. The OSErrors are paths in the config that cannot be used
-# (run.output_dir under a file, a folder without write permission), or a Ray address where nothing answers.
+# (run.output_dir under a file, a folder without write permission, or not shared by every node of the
+# cluster), or a Ray address where nothing answers.
 # (ValueError covers the resource requests no node can hold: placement.ResourcesUnavailable.)
 USER_ERRORS = (
     ConfigError,
@@ -27,6 +28,7 @@ USER_ERRORS = (
     IsADirectoryError,
     PermissionError,
     ClusterUnreachable,
+    FolderNotShared,
 )
 
 
@@ -220,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="Ray Tune PPO trials over sweep.kl_coefs x sweep.lrs")
     sweep.add_argument("file", help="config YAML")
     sweep.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep: the same trials, each from its own newest checkpoint",
+    )
     sweep.set_defaults(run=_sweep)
     pipeline = commands.add_parser("pipeline", help="SFT, then the reward model, then PPO, skipping finished stages")
     pipeline.add_argument("file", help="config YAML")

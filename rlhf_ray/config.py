@@ -50,8 +50,8 @@ class ModelConfig(Section):
             "every stage: fp32, or bf16-mixed (fp32 weights and optimizer state, bf16 matmuls through "
             "torch.autocast; losses, log-probs, KL and rewards in fp32; the vLLM generator in bf16). auto = "
             "bf16-mixed where the device has native bf16 matmuls (a CPU with AMX or AVX512-BF16, a GPU with "
-            "bf16), else fp32; each process decides for its own device and prints its choice. The SFT/RM "
-            "DeepSpeed jobs on GPUs follow deepspeed.bf16"
+            "bf16), else fp32; each process decides for its own device and prints its choice. On GPUs the "
+            "DeepSpeed engines cast to bf16 themselves, as deepspeed.bf16 says where it is set"
         ),
     )
     trainable_layers: int | None = Field(
@@ -82,7 +82,7 @@ class DeepSpeedConfig(Section):
         description="DeepSpeed JSON; batch sizes and lr are filled in from the stage config",
     )
     zero_stage: int | None = Field(None, ge=0, le=3, description="override the file's ZeRO stage (0-3)")
-    bf16: bool | None = Field(None, description="null = bf16 only where the GPU supports it")
+    bf16: bool | None = Field(None, description="DeepSpeed's own bf16 on GPUs; null = as model.precision says")
 
 
 class DatasetConfig(Section):
@@ -378,7 +378,8 @@ class PPOConfig(Section):
         "torch",
         description=(
             "torch: plain AdamW in the learner actor (CPU default). deepspeed: the learner's optimizer runs in a "
-            "DeepSpeed engine (ZeRO stage 1 or 2 from deepspeed.*, bf16 where the hardware has it); for GPUs"
+            "DeepSpeed engine (ZeRO stage 1 or 2 from deepspeed.*; on GPUs bf16 as deepspeed.bf16 or "
+            "model.precision say); for GPUs"
         ),
     )
     weight_sync: Literal["merged", "adapter"] = Field(

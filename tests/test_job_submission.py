@@ -32,10 +32,10 @@ def port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    """The README's cluster steps on a machine where Ray has never run: its own empty HOME, so the token
+    """The cluster steps of docs/cluster.md on a machine where Ray has never run: its own empty HOME, so the token
     `ray get-auth-token --generate` makes is the only one there is. Dashboard and metrics on 127.0.0.1.
 
-    The README ends with `ray stop`, which stops every Ray on the machine (this suite's own included);
+    The steps end with `ray stop`, which stops every Ray on the machine (this suite's own included);
     the fixture starts the head with `--block` and stops exactly that process group instead.
     """
     bin_dir = str(Path(sys.executable).parent)
@@ -180,7 +180,7 @@ def test_a_client_without_the_token_is_refused(head_node, tmp_path):
     )
     assert refused.returncode != 0
     assert "token" in (refused.stdout + refused.stderr).lower(), refused.stdout[-1000:] + refused.stderr[-1000:]
-    assert ray_job(head_node, "list").returncode == 0  # with the README's token
+    assert ray_job(head_node, "list").returncode == 0  # with the token the steps made
 
 
 def test_ppo_job_succeeds_and_exports_metrics(head_node, tmp_path, tiny_model_dir, tiny_reward_dir):

@@ -11,7 +11,8 @@ naming file:line, on:
 - Tuner.restore(...) (Ray Tune unpickles the experiment folder; a resumed sweep lists its trials again
   and each resumes from its own PPO checkpoint),
 - yaml.load / full_load / unsafe_load (YAML tags can build arbitrary objects; use safe_load),
-- the address "0.0.0.0" (in Python strings, configs/*.yaml, the Makefile and README commands),
+- the address "0.0.0.0" (in Python strings, configs/*.yaml, the Makefile and the commands of README.md and
+  docs/*.md),
 - a Ray dashboard host other than 127.0.0.1 (ray.init(dashboard_host=...), `ray start --dashboard-host`).
 
 Each rule is first run on a snippet that breaks it, so a scan that finds nothing is not vacuous.
@@ -132,7 +133,8 @@ def scan_text(text: str, filename: str, first_line: int = 1) -> list[Finding]:
         if "0.0.0.0" in line:
             findings.append(Finding(where, "any_address", "0.0.0.0 listens on every interface"))
         if re.search(r"\bray\s+start\b", line):
-            for host in re.findall(r"--dashboard-host[=\s]+['\"]?([^\s'\"]+)", line):
+            # (the host ends at a quote, or at Markdown's backtick or punctuation in a comment)
+            for host in re.findall(r"--dashboard-host[=\s]+['\"]?([^\s'\"`,;)]+)", line):
                 if host != LOOPBACK:
                     findings.append(
                         Finding(where, "dashboard_host", f"ray start --dashboard-host {host}: keep it on {LOOPBACK}")
@@ -198,8 +200,9 @@ def scan_project() -> list[Finding]:
         findings += [f for f in found if not (path == SAFE_DEEPSPEED_LOADER and f.rule == "deepspeed_load")]
     for path in [*sorted((REPO / "configs").glob("*.yaml")), REPO / "Makefile"]:
         findings += scan_text(path.read_text(), str(path.relative_to(REPO)))
-    for start, block in readme_commands((REPO / "README.md").read_text()):
-        findings += scan_text(block, "README.md", start)
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for start, block in readme_commands(path.read_text()):
+            findings += scan_text(block, str(path.relative_to(REPO)), start)
     return findings
 
 
@@ -252,6 +255,10 @@ def test_text_scan_of_commands():
     ((start, block),) = readme_commands(text)
     findings = scan_text(block, "README.md", start)
     assert {(f.where, f.rule) for f in findings} == {("README.md:2", "any_address"), ("README.md:2", "dashboard_host")}
+    assert scan_text("# Launch: `ray start --head --dashboard-host 127.0.0.1`, then", "c.yaml") == []
+    assert [f.rule for f in scan_text("# `ray start --head --dashboard-host 10.0.0.5`, then", "c.yaml")] == [
+        "dashboard_host"
+    ]
 
 
 # ---- the project ----

@@ -101,7 +101,7 @@ def model_identity(config: Config, paths: ModelPaths) -> dict:
     }
 
 
-# Identity keys added after the first release: checkpoints written before them had these values.
+# Identity keys a checkpoint's manifest may lack: such a checkpoint was written with these values.
 IDENTITY_DEFAULTS = {"learner_backend": "torch", "advantage_estimator": "gae"}
 
 
@@ -198,6 +198,7 @@ def run_ppo(config: Config, resume: bool = False, *, on_iteration=None) -> PPORe
     specs = actor_specs(config, paths, tokenizer, max_model_len)
     print(f"[ppo] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     ray_session.require_fits("ppo", role_requests(config))
+    ray_session.require_shared_folder(out)
     save_config(config, out)
     crew = launch_actors(config, specs)
     try:

@@ -170,7 +170,7 @@ def restore_checkpoint(engine, rank: int, world: int, checkpoints: Path) -> Posi
 
 def skip_lone_allreduce(engine, world: int) -> None:
     """A single worker has no gradients to average, but DeepSpeed's ZeRO stage-0 reduction still copies every
-    gradient into flat buffers and back (0.23 s per step for SmolLM2-135M on 2 cores): turn it off."""
+    gradient into flat buffers and back (a measurable share of a step on 2 CPU cores): turn it off."""
     if world == 1 and engine.zero_optimization_stage() == 0:
         engine.enable_backward_allreduce = False
 
