@@ -6,7 +6,9 @@ import os
 import signal
 import socket
 import threading
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from rlhf_ray.config import ResourcesConfig
@@ -136,3 +138,51 @@ def run_interruptibly(call: Callable[[], T]) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+class FolderNotShared(OSError):
+    """run.output_dir is not the same folder on every node of the cluster."""
+
+
+def _read_marker(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def require_shared_folder(folder: Path, setting: str = "run.output_dir") -> None:
+    """On a cluster of several nodes: fail now, naming the first node that does not see a marker this driver
+    writes into `folder` (checkpoints, metrics and exports are written by whichever node holds the writer).
+    One task per other alive node, pinned to it, reads the marker back."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not others:
+        return
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # a folder to be made lies on its mount
+    marker = existing / f".shared-check-{uuid.uuid4().hex}"
+    marker.write_text(marker.name)
+    try:
+        read = ray.remote(num_cpus=0)(_read_marker)
+        seen = ray.get(
+            [
+                read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                    str(marker)
+                )
+                for n in others
+            ]
+        )
+    finally:
+        marker.unlink(missing_ok=True)
+    for node, text in zip(others, seen):
+        if text != marker.name:
+            raise FolderNotShared(
+                f"{setting} {folder} is not shared: node {node['NodeManagerAddress']} "
+                f"({node['NodeID'][:8]}) does not see a file this driver wrote there. Use a folder every node "
+                "mounts at the same path (checkpoints, metrics and exports are written from the nodes that hold "
+                "the workers and actors)"
+            )

@@ -269,6 +269,7 @@ def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
     config = with_absolute_paths(config)
     require_writable(config.run.path)
     print(f"[sweep] Ray: {ray_session.connect(config.resources)}", flush=True)
+    ray_session.require_shared_folder(config.run.path.resolve())
     save_config(config, config.run.path.resolve())
     results = build_tuner(config, resume).fit()
     table, best, png = write_results(config, results)

@@ -1,11 +1,12 @@
 """The PPO actors as a crew that survives deaths: every call has a deadline, a dead actor is re-created.
 
 The driver never calls an actor handle directly; it hands `ActorCrew.run` a phase name and a list of
-`Call`s. Calls run concurrently. When an actor dies (process killed, node lost) the crew re-creates
-it from its `RoleSpec`, lets `on_restart` restore its state (the driver reloads the generator's
-adapter), and issues the lost call again. A stateful role listed in `replay_roles` (the policy
-learner) is re-created too, but its call is not re-issued: `RoleLost` goes up to the driver, which
-restores the learner from its last checkpoint and replays from there.
+`Call`s. Calls run concurrently. When an actor dies (process killed, node lost) the crew checks that
+an alive node can still hold it, re-creates it from its `RoleSpec`, lets `on_restart` restore its
+state (the driver reloads the generator's adapter), and issues the lost call again. A stateful role
+listed in `replay_roles` (the policy learner) is re-created too, but its call is not re-issued:
+`RoleLost` goes up to the driver, which restores the learner from its last checkpoint and replays
+from there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec
 
 from rlhf_ray.checkpoints import CheckpointError
+from rlhf_ray.placement import Request
+from rlhf_ray.ray_session import require_fits
 from rlhf_ray.rewards.checks import RewardError
 from rlhf_ray.roles import GENERATOR_PREFIX, LEARNER, check_arguments
 
@@ -89,10 +92,10 @@ class ActorCallTimeout(TimeoutError):
 
 
 def _actor_place(_actor) -> tuple[int, str]:
-    """The actor's process id and its node's IP address."""
+    """The actor's process id, and its node's IP address and id (several nodes may share an address)."""
     import ray
 
-    return os.getpid(), ray.util.get_node_ip_address()
+    return os.getpid(), f"{ray.util.get_node_ip_address()} node {ray.get_runtime_context().get_node_id()[:8]}"
 
 
 def _death_errors() -> tuple[type, ...]:
@@ -115,8 +118,10 @@ class ActorCrew:
         timeout_s: float,
         replay_roles: tuple[str, ...] = (LEARNER,),
         log: Callable[[str], None] = print,
+        requests: dict[str, Request] | None = None,
     ):
         self.specs = {spec.name: spec for spec in specs}
+        self.requests = requests or {}  # what each actor that takes resources needs of a node
         self.max_restarts, self.timeout_s, self.replay_roles, self.log = max_restarts, timeout_s, replay_roles, log
         self.handles: dict[str, Any] = {}
         self.pids: dict[str, int] = {}
@@ -173,7 +178,19 @@ class ActorCrew:
         return ray.get(list(refs.values()))
 
     def restart(self, role: str, phase: str, cause: str) -> None:
-        """Kill what is left of `role`, create it again, wait for it, and let `on_restart` restore it."""
+        """Kill what is left of `role`, create it again, wait for it, and let `on_restart` restore it. A new actor
+        that dies while it starts (placed on a node that was dying too) counts as one more restart."""
+        while True:
+            self._create_again(role, phase, cause)
+            try:
+                self._wait_started([role])
+                break
+            except _death_errors() as err:
+                phase, cause = "start", type(err).__name__
+        if self.on_restart is not None:
+            self.on_restart(role, self.handles[role])
+
+    def _create_again(self, role: str, phase: str, cause: str) -> None:
         import ray
 
         self.restarts[role] += 1
@@ -193,10 +210,9 @@ class ActorCrew:
         wait_until_names_free(
             [role], self.specs[role].options.get("namespace"), f"the dead actor {role} still holds its name"
         )
+        if role in self.requests:  # its node may be gone, and with it the only place it could run
+            require_fits(f"ppo: {role} died during {phase} ({cause}) and cannot be re-created", [self.requests[role]])
         self.handles[role] = self._create(self.specs[role])
-        self._wait_started([role])
-        if self.on_restart is not None:
-            self.on_restart(role, self.handles[role])
 
     def run(self, phase: str, calls: list[Call]) -> list:
         """Results of `calls` in order. Lost calls to stateless roles are issued again after a restart."""

@@ -158,6 +158,11 @@ def actor_specs(config: Config, paths: ModelPaths, tokenizer, max_model_len: int
 def role_requests(config: Config) -> list[Request]:
     """What each PPO actor that takes resources holds while it lives (function and HTTP reward actors take
     none): for the start-up check that the cluster can hold them all, and for a sweep trial's bundles."""
+    return list(requests_by_actor(config).values())
+
+
+def requests_by_actor(config: Config) -> dict[str, Request]:
+    """`role_requests` by actor name (the crew checks a lost actor's request before re-creating it)."""
     roles = [(f"{GENERATOR_PREFIX}{i}", "generator") for i in range(config.resources.generator_replicas)]
     roles += [(LEARNER, "learner"), (REFERENCE, "reference")]
     roles += [(REWARD, "reward")] if config.ppo.uses_reward_model else []
@@ -169,7 +174,7 @@ def role_requests(config: Config) -> list[Request]:
         settings += f", resources.role_resources.{role}" if options.get("resources") else ""
         return Request(f"the {name} actor", needs, settings)
 
-    return [request(name, role) for name, role in roles]
+    return {name: request(name, role) for name, role in roles}
 
 
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:
@@ -180,4 +185,9 @@ def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:
         specs[0].options["namespace"],
         "another driver is running this run.name (stop it or choose another run.name)",
     )
-    return ActorCrew(specs, max_restarts=config.resources.max_actor_restarts, timeout_s=config.resources.call_timeout_s)
+    return ActorCrew(
+        specs,
+        max_restarts=config.resources.max_actor_restarts,
+        timeout_s=config.resources.call_timeout_s,
+        requests=requests_by_actor(config),
+    )

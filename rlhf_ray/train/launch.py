@@ -123,6 +123,7 @@ def run_stage(
         print(f"[{stage}] precision on this node's CPU: {chosen} (each worker prints its own)", flush=True)
     print(f"[{stage}] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     ray_session.require_fits(stage, worker_requests(stage, config.resources))
+    ray_session.require_shared_folder(out)
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
 
