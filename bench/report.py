@@ -107,8 +107,11 @@ def suite_section(result: dict) -> list[str]:
     title = {
         "ceiling": "Compute ceiling",
         "rm": "Reward-model training",
+        "rm-bf16": "Reward-model training in bf16",
         "sft": "SFT training",
+        "sft-bf16": "SFT training in bf16",
         "ppo": "PPO iteration",
+        "ppo-bf16": "PPO iteration in bf16",
         "grpo": "GRPO iteration, and what the critic costs",
         "rollout": "Rollout generation",
         "scaling": "PPO scaling on this machine",
@@ -169,7 +172,8 @@ def results_markdown(results: list[dict], meta: dict) -> str:
         "See `bench/README.md`: training 6N per real token (LoRA: 4N), forward 2N, "
         "generation 2N per generated token; N = parameters in matrix multiplies (LM head included for "
         "causal LMs, 1-output score head for reward/value models); attention score FLOPs and prefill of "
-        "generation not counted. MFU = achieved FLOP/s over the fp32 matmul peak of the ceiling suite.",
+        "generation not counted. MFU = achieved FLOP/s over the ceiling suite's matmul peak for the row's precision "
+        "(bf16 for `-bf16` systems and the bf16 rollout suite, fp32 otherwise).",
         "",
     ]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """`python -m bench.run [--suite NAME ...] [--repeats N] [--quick]`
 
-Suites: all, ceiling, rm, rm-quality, sft, ppo, grpo, rollout, rollout-bf16, scaling.
+Suites: all, ceiling, rm, rm-bf16, rm-quality, sft, sft-bf16, ppo, ppo-bf16, grpo, rollout, rollout-bf16, scaling.
 
 Runs the suites, prints a table per suite, writes bench/RESULTS.md and the raw per-run JSON
 (bench/results/ for full runs, bench/out/results/ for --quick smoke runs).
@@ -25,13 +25,29 @@ from bench.common import BENCH, OUT, Progress, fmt_duration, rel
 from bench.context import Context
 from bench.settings import PRECISION
 
-SUITES = ("ceiling", "rm", "rm-quality", "sft", "ppo", "grpo", "rollout", "rollout-bf16", "scaling")
-NEEDS_TRL = {"rm", "rm-quality", "sft", "ppo", "grpo"}
+SUITES = (
+    "ceiling",
+    "rm",
+    "rm-bf16",
+    "rm-quality",
+    "sft",
+    "sft-bf16",
+    "ppo",
+    "ppo-bf16",
+    "grpo",
+    "rollout",
+    "rollout-bf16",
+    "scaling",
+)
+NEEDS_TRL = {"rm", "rm-bf16", "rm-quality", "sft", "sft-bf16", "ppo", "ppo-bf16", "grpo"}
 SYSTEMS = {
     "rm": ["rlhf-ray", "trl"],
+    "rm-bf16": ["rlhf-ray-bf16", "rlhf-ray-fp32", "trl-bf16"],
     "rm-quality": ["rlhf-ray", "trl"],
     "sft": ["rlhf-ray", "trl"],
+    "sft-bf16": ["rlhf-ray-bf16", "rlhf-ray-fp32", "trl-bf16"],
     "ppo": ["rlhf-ray", "trl-ppo", "trl-rloo"],
+    "ppo-bf16": ["rlhf-ray-bf16", "rlhf-ray-fp32", "trl-ppo-bf16"],
     "grpo": ["rlhf-ray-grpo", "trl-grpo", "rlhf-ray-gae"],
     "rollout": ["rlhf-ray", "transformers", "rlhf-ray-adapter"],
     "rollout-bf16": ["rlhf-ray", "transformers"],
@@ -100,9 +116,12 @@ def run_suite(ctx: Context, suite: str) -> dict:
     runners = {
         "ceiling": suites_train.ceiling,
         "rm": lambda c: suites_train.training_suite(c, "rm"),
+        "rm-bf16": lambda c: suites_train.training_suite(c, "rm", "bf16"),
         "rm-quality": suites_train.rm_quality,
         "sft": lambda c: suites_train.training_suite(c, "sft"),
+        "sft-bf16": lambda c: suites_train.training_suite(c, "sft", "bf16"),
         "ppo": suites_ppo.ppo,
+        "ppo-bf16": lambda c: suites_ppo.ppo(c, "bf16"),
         "grpo": suites_ppo.grpo,
         "rollout": suites_rollout.rollout,
         "rollout-bf16": lambda c: suites_rollout.rollout(c, "bfloat16"),
@@ -201,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         print(report.console(ceiling), flush=True)
         for suite in (s for s in args.suites if s != "ceiling"):
             result = run_suite(ctx, suite)
-            dtype = result.get("dtype", "float32")  # the precision the suite measured (its MFU peak)
-            if "settings" in result and ctx.peak.get(dtype):
-                result["settings"][f"MFU peak ({PRECISION[dtype]})"] = (
-                    f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling measured at the start of this invocation"
-                )
+            # the precisions the suite measured (the peaks its MFU rows divide by)
+            for dtype in result.get("dtypes", [result.get("dtype", "float32")]):
+                if "settings" in result and ctx.peak.get(dtype):
+                    result["settings"][f"MFU peak ({PRECISION[dtype]})"] = (
+                        f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling measured at the start of this "
+                        "invocation"
+                    )
             save(folder, result, args.quick, meta)
             print("\n" + report.console(result), flush=True)
     finally:

@@ -11,6 +11,14 @@ import copy
 MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # rlhf-ray's default LoRA target modules
 PRECISION = {"float32": "fp32", "bfloat16": "bf16"}  # short names in suite names and tables
+# rlhf-ray's model.precision for a system named ...-fp32 / ...-bf16: bf16 = fp32 weights, bf16 matmuls (autocast)
+PRECISION_SETTING = {"fp32": "fp32", "bf16": "bf16-mixed"}
+
+
+def dtype_of(system: str) -> str:
+    """The matmul dtype a system's name says it runs (its MFU peak): bfloat16 for `...-bf16`, else float32."""
+    return "bfloat16" if system.endswith("-bf16") else "float32"
+
 
 FULL: dict[str, dict] = {
     "ceiling": {"dtypes": ["float32", "bfloat16"], "sizes": [512, 1024, 2048], "seconds": 1.0, "windows": 4},
@@ -86,9 +94,12 @@ QUICK_CHANGES: dict[str, dict] = {
 DEFAULT_REPEATS = {
     "ceiling": 1,
     "rm": 3,
+    "rm-bf16": 3,
     "rm-quality": 1,
     "sft": 3,
+    "sft-bf16": 3,
     "ppo": 3,
+    "ppo-bf16": 3,
     "grpo": 3,
     "rollout": 3,
     "rollout-bf16": 3,
@@ -101,13 +112,22 @@ ESTIMATE_S = {
     "prep": 15,
     "rm:rlhf-ray": 170,
     "rm:trl": 140,
+    "rm-bf16:rlhf-ray-bf16": 100,
+    "rm-bf16:rlhf-ray-fp32": 170,
+    "rm-bf16:trl-bf16": 90,
     "rm-quality:rlhf-ray": 900,
     "rm-quality:trl": 1800,
     "sft:rlhf-ray": 130,
     "sft:trl": 100,
+    "sft-bf16:rlhf-ray-bf16": 80,
+    "sft-bf16:rlhf-ray-fp32": 130,
+    "sft-bf16:trl-bf16": 70,
     "ppo:rlhf-ray": 245,
     "ppo:trl-ppo": 220,
     "ppo:trl-rloo": 150,
+    "ppo-bf16:rlhf-ray-bf16": 150,
+    "ppo-bf16:rlhf-ray-fp32": 245,
+    "ppo-bf16:trl-ppo-bf16": 150,
     "grpo:rlhf-ray-grpo": 230,
     "grpo:trl-grpo": 150,
     "grpo:rlhf-ray-gae": 245,

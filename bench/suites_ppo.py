@@ -10,7 +10,7 @@ from bench import flops
 from bench.common import SHARED_DATA, median_or_none, rel
 from bench.context import Context, System
 from bench.deps import trl_env
-from bench.settings import LORA_TARGETS, sizes
+from bench.settings import LORA_TARGETS, PRECISION_SETTING, dtype_of, sizes
 from bench.suites_train import cli, print_settings
 from bench.summary import Metric, row, safe, table, target, wall_time_metrics
 
@@ -46,8 +46,11 @@ def prep_prompts(ctx: Context, suite: str, s: dict, reward_model: bool, limit: i
     return {**ctx.prep(suite, spec), "data": spec["data_out"], "path": path, "format": fmt}
 
 
-def ppo_overrides(s: dict, ctx: Context, name: str, shared: dict, batch: int, replicas: int = 1) -> list[str]:
-    """configs/demo.yaml plus these: bench policy and reward model, prompts, batch, lengths, epochs, LoRA, actors."""
+def ppo_overrides(
+    s: dict, ctx: Context, name: str, shared: dict, batch: int, replicas: int = 1, precision: str = "fp32"
+) -> list[str]:
+    """configs/demo.yaml plus these: bench policy and reward model, prompts, batch, lengths, epochs, LoRA, actors,
+    precision (fp32, or bf16: bf16 matmuls over fp32 weights in every actor and a bf16 vLLM generator)."""
     return [
         f"run.output_dir={ctx.work}/runs",
         f"run.name={name}",
@@ -73,12 +76,12 @@ def ppo_overrides(s: dict, ctx: Context, name: str, shared: dict, batch: int, re
         f"resources.generator_replicas={replicas}",
         f"resources.actor_num_cpus={actor_cpus(replicas, s['actor_num_cpus'])}",
         "model.dtype=float32",
-        "model.precision=fp32",
+        f"model.precision={PRECISION_SETTING[precision]}",
         f"ppo.vllm_enforce_eager={str(s['vllm_enforce_eager']).lower()}",
     ]
 
 
-def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
+def ppo_settings(s: dict, shared: dict, ctx: Context, precision: str = "fp32") -> dict:
     batch, mini = s["rollout_batch"], s["minibatch"]
     return {
         "policy": f"{shared['model_path']} + LoRA r={s['lora_r']} alpha={s['lora_alpha']} on {', '.join(LORA_TARGETS)}",
@@ -95,17 +98,24 @@ def ppo_settings(s: dict, shared: dict, ctx: Context) -> dict:
         "lr": s["lr"],
         "KL coef": s["kl_coef"],
         "sampling": "temperature 1, top-p 1",
-        "precision": "fp32",
+        "precision": "fp32 on every side"
+        if precision == "fp32"
+        else "bf16 rows: rlhf-ray model.precision=bf16-mixed (bf16 matmuls over fp32 weights in the learner, "
+        "reference and reward actors; the vLLM generator in bf16); TRL bf16=True (autocast over fp32 weights); "
+        "the rlhf-ray-fp32 row is model.precision=fp32, for the ratio",
         "generation": (
             f"rlhf-ray: vLLM CPU build in a Ray actor (ppo.vllm_enforce_eager={s['vllm_enforce_eager']}; the "
             "default, False, compiles the model at start-up, before the first iteration), the learner's "
             "merged weights reloaded each iteration (ppo.weight_sync=merged); TRL: transformers generate"
         ),
-        "rlhf-ray run (CLI equivalent of repeat 1)": cli("ppo", ppo_overrides(s, ctx, "bench-ppo-0", shared, batch)),
+        "rlhf-ray run (CLI equivalent of repeat 1)": cli(
+            "ppo", ppo_overrides(s, ctx, "bench-ppo-0", shared, batch, precision=precision)
+        ),
     }
 
 
-def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
+def ppo_metrics(s: dict, shared: dict, peak: dict[str, float]) -> list[Metric]:
+    """`peak`: the ceiling's matmul FLOP/s per dtype; each row's MFU divides by the peak of its system's precision."""
     params = flops.model_params(shared["model_path"])
     prompt_tokens = shared["mean_prompt_tokens"] * s["rollout_batch"]
 
@@ -124,18 +134,20 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
         )
 
     def iteration_mfu(record) -> float:
-        trl_ppo = record.system == "trl-ppo"  # old log-probs come from generation; a full value model trains
+        trl_ppo = record.system.startswith("trl-ppo")  # old log-probs come from generation; a full value model trains
         work = flops.ppo_iteration_flops(
             params, prompt_tokens, generated(record), s["epochs"], full_value_model=trl_ppo, value_forward=not trl_ppo
         )
-        return 100 * flops.mfu((work - reused_forward(record)) / per_iteration(record), peak)
+        peak_of_row = peak.get(dtype_of(record.system))
+        return 100 * flops.mfu((work - reused_forward(record)) / per_iteration(record), peak_of_row)
 
     def update_mfu(record) -> float | None:
-        if record.system != "rlhf-ray":
+        if not record.system.startswith("rlhf-ray"):
             return None
         work = s["epochs"] * flops.train_flops(params["lm"], prompt_tokens + generated(record), lora=True)
         work -= reused_forward(record)
-        return 100 * flops.mfu(work / median_or_none(record.result["phase_s"]["update"][1:]), peak)
+        update_s = median_or_none(record.result["phase_s"]["update"][1:])
+        return 100 * flops.mfu(work / update_s, peak.get(dtype_of(record.system)))
 
     return [
         Metric(
@@ -159,7 +171,8 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
         Metric("mfu", "MFU of the whole iteration (see FLOP counting)", "%", True, safe(iteration_mfu)),
         Metric(
             "update_mfu",
-            "MFU of rlhf-ray's update phase (LoRA, 4N per token per epoch, less any reused forward)",
+            "MFU of rlhf-ray's update phase (LoRA, 4N per token per epoch, less any reused forward; over the peak "
+            "of the row's precision)",
             "%",
             True,
             safe(update_mfu),
@@ -168,11 +181,14 @@ def ppo_metrics(s: dict, shared: dict, peak: float | None) -> list[Metric]:
     ]
 
 
-def ppo(ctx: Context) -> dict:
+def ppo(ctx: Context, precision: str = "fp32") -> dict:
+    """In fp32, rlhf-ray against TRL PPOTrainer and RLOOTrainer; in bf16 (the ppo-bf16 suite), rlhf-ray bf16 against
+    its own fp32 and TRL PPOTrainer bf16, side by side."""
+    name = "ppo" if precision == "fp32" else f"ppo-{precision}"
     s = sizes("ppo", ctx.quick)
-    shared = prep_prompts(ctx, "ppo", s, reward_model=True)
-    settings = ppo_settings(s, shared, ctx)
-    print_settings("ppo", settings)
+    shared = prep_prompts(ctx, name, s, reward_model=True)
+    settings = ppo_settings(s, shared, ctx, precision)
+    print_settings(name, settings)
     trl_spec = {
         "model_path": shared["model_path"],
         "reward_model": str(ctx.work / "reward-model"),
@@ -188,36 +204,48 @@ def ppo(ctx: Context) -> dict:
         "lora_alpha": s["lora_alpha"],
         "lora_target_modules": LORA_TARGETS,
     }
-    systems = [
-        System(
-            "rlhf-ray",
+
+    def ours(system: str, run_precision: str) -> System:
+        return System(
+            system,
             "bench.workers.ppo_rlhf",
             lambda i: {
                 "config": "configs/demo.yaml",
-                "overrides": ppo_overrides(s, ctx, f"bench-ppo-{i}", shared, s["rollout_batch"]),
+                "overrides": ppo_overrides(
+                    s, ctx, f"bench-{name}-{system}-{i}", shared, s["rollout_batch"], precision=run_precision
+                ),
             },
-        ),
-        System("trl-ppo", "bench.workers.rl_trl", lambda i: {**trl_spec, "trainer": "ppo"}, trl_env()),
-        System("trl-rloo", "bench.workers.rl_trl", lambda i: {**trl_spec, "trainer": "rloo"}, trl_env()),
-    ]
-    runs = ctx.alternate("ppo", systems)
+        )
+
+    def trl(system: str, trainer: str, bf16: bool) -> System:
+        return System(
+            system, "bench.workers.rl_trl", lambda i: {**trl_spec, "trainer": trainer, "bf16": bf16}, trl_env()
+        )
+
+    if precision == "fp32":
+        systems = [ours("rlhf-ray", "fp32"), trl("trl-ppo", "ppo", False), trl("trl-rloo", "rloo", False)]
+    else:
+        systems = [ours("rlhf-ray-bf16", "bf16"), ours("rlhf-ray-fp32", "fp32"), trl("trl-ppo-bf16", "ppo", True)]
+    runs = ctx.alternate(name, systems)
     names = [system.name for system in systems]
-    rows = table(runs, names, ppo_metrics(s, shared, ctx.peak.get("float32")))
-    targets = [
-        target(
-            "PPO seconds per iteration >= 2x faster than TRL PPOTrainer",
-            row(rows, "s_per_iter")["advantage"]["trl-ppo"],
-            2.0,
-        ),
-        target(
-            "PPO update phase (rlhf-ray, LoRA) >= 40% of fp32 matmul peak",
-            row(rows, "update_mfu")["values"]["rlhf-ray"]["median"],
-            40.0,
-            "%",
-        ),
-    ]
+    rows = table(runs, names, ppo_metrics(s, shared, ctx.peak))
+    seconds, update_mfu = row(rows, "s_per_iter"), row(rows, "update_mfu")["values"][names[0]]["median"]
+    if precision == "fp32":
+        targets = [
+            target("PPO seconds per iteration >= 2x faster than TRL PPOTrainer", seconds["advantage"]["trl-ppo"], 2.0),
+            target("PPO update phase (rlhf-ray, LoRA) >= 40% of fp32 matmul peak", update_mfu, 40.0, "%"),
+        ]
+    else:
+        targets = [
+            target("PPO bf16 iteration >= 1.5x faster than rlhf-ray fp32", seconds["advantage"]["rlhf-ray-fp32"], 1.5),
+            target(
+                "PPO bf16 iteration >= 2x faster than TRL PPOTrainer bf16", seconds["advantage"]["trl-ppo-bf16"], 2.0
+            ),
+            target("PPO bf16 update phase (rlhf-ray, LoRA) >= 25% of bf16 matmul peak", update_mfu, 25.0, "%"),
+        ]
     return {
-        "suite": "ppo",
+        "suite": name,
+        "dtypes": sorted({dtype_of(n) for n in names}),
         "settings": settings,
         "systems": names,
         "runs": [r.to_dict() for r in runs],
@@ -280,7 +308,7 @@ def grpo(ctx: Context) -> dict:
     ]
     runs = ctx.alternate("grpo", systems)
     names = [system.name for system in systems]
-    metrics = [m for m in ppo_metrics(s, shared, ctx.peak.get("float32")) if m.key not in ("mfu", "update_mfu")]
+    metrics = [m for m in ppo_metrics(s, shared, ctx.peak) if m.key not in ("mfu", "update_mfu")]
     rows = table(runs, names, metrics)
     update_s = {
         name: median_or_none(

@@ -7,7 +7,7 @@ from bench import flops
 from bench.common import SHARED_DATA, rel
 from bench.context import Context, System
 from bench.deps import trl_env
-from bench.settings import sizes
+from bench.settings import PRECISION_SETTING, dtype_of, sizes
 from bench.summary import Metric, row, safe, table, target, wall_time_metrics
 
 
@@ -27,8 +27,9 @@ def ceiling(ctx: Context) -> dict:
     }
 
 
-def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
-    """configs/demo.yaml plus these: the stage's data, lengths, batch, steps, lr, workers."""
+def stage_overrides(suite: str, s: dict, work_dir, name: str, precision: str = "fp32") -> list[str]:
+    """configs/demo.yaml plus these: the stage's data, lengths, batch, steps, lr, workers, precision (fp32 or bf16:
+    bf16-mixed, fp32 weights and optimizer state with bf16 matmuls)."""
     section = "preference" if suite == "rm" else "sft"
     overrides = [
         f"run.output_dir={work_dir}/runs",
@@ -49,14 +50,14 @@ def stage_overrides(suite: str, s: dict, work_dir, name: str) -> list[str]:
         f"resources.cpus_per_worker={s['cpus_per_worker']}",
         f"deepspeed.zero_stage={s['zero_stage']}",
         "model.dtype=float32",
-        "model.precision=fp32",
+        f"model.precision={PRECISION_SETTING[precision]}",
     ]
     if s.get("limit"):
         overrides.append(f"data.{section}.limit={s['limit']}")
     return overrides
 
 
-def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
+def training_settings(suite: str, s: dict, shared: dict, ctx: Context, precision: str) -> dict:
     global_batch = s["batch_per_worker"] * s["workers"]
     unit = "pairs" if suite == "rm" else "examples"
     return {
@@ -82,21 +83,27 @@ def training_settings(suite: str, s: dict, shared: dict, ctx: Context) -> dict:
             f"(rm.shared_prompt), so its prompt is computed once; {shared['computed_share']:.1%} of the "
             "real tokens are computed"
         ),
-        "precision": "fp32 (DeepSpeed enables bf16 only on GPUs; TRL bf16=False)",
+        "precision": "fp32 on both sides (model.precision=fp32; TRL bf16=False)"
+        if precision == "fp32"
+        else "bf16 rows: bf16 matmuls over fp32 weights and optimizer state on both sides (rlhf-ray "
+        "model.precision=bf16-mixed, torch.autocast; TRL bf16=True, which autocasts the same way); the "
+        "rlhf-ray-fp32 row is model.precision=fp32, for the ratio",
         "LoRA": "none (full fine-tuning)",
         "gradient checkpointing": "off on both sides",
         "held-out": f"{shared['n_eval']} {unit} (rlhf-ray's own split, used by both)",
         "rlhf-ray run (CLI equivalent of repeat 1)": cli(
-            suite, stage_overrides(suite, s, ctx.work, f"bench-{suite}-0")
+            suite, stage_overrides(suite, s, ctx.work, f"bench-{suite}-0", precision)
         ),
     }
 
 
-def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric]:
+def training_metrics(suite: str, params: int, peak: dict[str, float]) -> list[Metric]:
+    """`peak`: the ceiling's matmul FLOP/s per dtype; each row's MFU divides by the peak of its system's precision."""
+
     def mfu(record) -> float:
         """On the tokens run through the model (TRL's are its real tokens; rlhf-ray's RM runs shared prompts once)."""
         tokens_per_s = record.result.get("computed_tokens_per_s") or record.result["tokens_per_s"]
-        return 100 * flops.mfu(flops.train_flops(params, tokens_per_s), peak)
+        return 100 * flops.mfu(flops.train_flops(params, tokens_per_s), peak.get(dtype_of(record.system)))
 
     metrics = [
         Metric(
@@ -113,7 +120,13 @@ def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric
             True,
             safe(lambda r: r.result["rows_per_s"]),
         ),
-        Metric("mfu", f"MFU (6N x tokens computed/s over fp32 peak, N={params / 1e6:.1f}M)", "%", True, safe(mfu)),
+        Metric(
+            "mfu",
+            f"MFU (6N x tokens computed/s over the matmul peak of the row's precision, N={params / 1e6:.1f}M)",
+            "%",
+            True,
+            safe(mfu),
+        ),
         *wall_time_metrics("run_stage / trainer set-up to saved model"),
     ]
     if suite == "rm":
@@ -129,62 +142,79 @@ def training_metrics(suite: str, params: int, peak: float | None) -> list[Metric
     return metrics
 
 
-def training_suite(ctx: Context, suite: str) -> dict:
-    """rm or sft: prepare the shared rows, run rlhf-ray and TRL alternately, tabulate."""
+def training_suite(ctx: Context, suite: str, precision: str = "fp32") -> dict:
+    """rm or sft: prepare the shared rows, run rlhf-ray and TRL alternately, tabulate. In fp32, rlhf-ray against TRL;
+    in bf16 (the `-bf16` suites), rlhf-ray bf16 against its own fp32 and TRL bf16, side by side."""
     s = sizes(suite, ctx.quick)
-    data_file = ctx.work / f"{suite}-rows.json"
+    name = suite if precision == "fp32" else f"{suite}-{precision}"
+    data_file = ctx.work / f"{name}-rows.json"
     shared = ctx.prep(
-        suite,
+        name,
         {
             "kind": suite,
             "config": "configs/demo.yaml",
             "data_out": str(data_file),
-            "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-prep"),
+            "overrides": stage_overrides(suite, s, ctx.work, f"bench-{name}-prep"),
         },
     )
-    settings = training_settings(suite, s, shared, ctx)
-    print_settings(suite, settings)
-    rlhf = System(
-        "rlhf-ray",
-        "bench.workers.train_rlhf",
-        lambda i: {
-            "stage": suite,
-            "config": "configs/demo.yaml",
-            "data": str(data_file),
-            "overrides": stage_overrides(suite, s, ctx.work, f"bench-{suite}-{i}"),
-        },
-    )
-    trl = System(
-        "trl",
-        "bench.workers.train_trl",
-        lambda i: {
-            "stage": suite,
-            "data": str(data_file),
-            "model_path": shared["model_path"],
-            "steps": s["steps"],
-            "global_batch": s["batch_per_worker"] * s["workers"],
-            "lr": s["lr"],
-            "max_length": s["max_length"],
-        },
-        trl_env(),
-    )
-    runs = ctx.alternate(suite, [rlhf, trl])
+    settings = training_settings(suite, s, shared, ctx, precision)
+    print_settings(name, settings)
+
+    def ours(system: str, run_precision: str) -> System:
+        return System(
+            system,
+            "bench.workers.train_rlhf",
+            lambda i: {
+                "stage": suite,
+                "config": "configs/demo.yaml",
+                "data": str(data_file),
+                "overrides": stage_overrides(suite, s, ctx.work, f"bench-{name}-{system}-{i}", run_precision),
+            },
+        )
+
+    def trl(system: str, bf16: bool) -> System:
+        return System(
+            system,
+            "bench.workers.train_trl",
+            lambda i: {
+                "stage": suite,
+                "data": str(data_file),
+                "model_path": shared["model_path"],
+                "steps": s["steps"],
+                "global_batch": s["batch_per_worker"] * s["workers"],
+                "lr": s["lr"],
+                "max_length": s["max_length"],
+                "bf16": bf16,
+            },
+            trl_env(),
+        )
+
+    if precision == "fp32":
+        systems = [ours("rlhf-ray", "fp32"), trl("trl", False)]
+    else:
+        systems = [ours("rlhf-ray-bf16", "bf16"), ours("rlhf-ray-fp32", "fp32"), trl("trl-bf16", True)]
+    runs = ctx.alternate(name, systems)
+    names = [system.name for system in systems]
     params = flops.model_params(shared["model_path"])["score" if suite == "rm" else "lm"]
-    rows = table(runs, ["rlhf-ray", "trl"], training_metrics(suite, params, ctx.peak.get("float32")))
-    name = "RM" if suite == "rm" else "SFT"
-    targets = [
-        target(f"{name} training tokens/s >= 1.3x TRL", row(rows, "tokens_per_s")["advantage"]["trl"], 1.3),
-        target(
-            f"{name} training (rlhf-ray) >= 40% of fp32 matmul peak",
-            row(rows, "mfu")["values"]["rlhf-ray"]["median"],
-            40.0,
-            "%",
-        ),
-    ]
+    rows = table(runs, names, training_metrics(suite, params, ctx.peak))
+    label = "RM" if suite == "rm" else "SFT"
+    tokens, mfu = row(rows, "tokens_per_s"), row(rows, "mfu")["values"][names[0]]["median"]
+    if precision == "fp32":
+        targets = [
+            target(f"{label} training tokens/s >= 1.3x TRL", tokens["advantage"]["trl"], 1.3),
+            target(f"{label} training (rlhf-ray) >= 40% of fp32 matmul peak", mfu, 40.0, "%"),
+        ]
+    else:
+        targets = [
+            target(f"{label} training bf16 tokens/s >= 1.8x rlhf-ray fp32", tokens["advantage"]["rlhf-ray-fp32"], 1.8),
+            target(f"{label} training bf16 tokens/s >= 1.3x TRL bf16", tokens["advantage"]["trl-bf16"], 1.3),
+            target(f"{label} training bf16 (rlhf-ray) >= 25% of bf16 matmul peak", mfu, 25.0, "%"),
+        ]
     return {
-        "suite": suite,
+        "suite": name,
+        "dtypes": sorted({dtype_of(n) for n in names}),
         "settings": settings,
-        "systems": ["rlhf-ray", "trl"],
+        "systems": names,
         "runs": [r.to_dict() for r in runs],
         "rows": rows,
         "targets": targets,

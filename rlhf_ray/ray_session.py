@@ -119,10 +119,18 @@ def require_fits(stage: str, requests: list[Request]) -> None:
 
 
 def run_interruptibly(call: Callable[[], T]) -> T:
-    """`call()` (a blocking Ray call such as `TorchTrainer.fit`) in a helper thread, so that Ctrl-C and SIGTERM
-    reach this process's own handlers at once. Ray Train installs its own SIGINT handler when `fit` runs in the
-    main thread; that handler aborts the run but ends the process with exit 1 and no word. The worker group
-    belongs to this driver and ends with it; the checkpoints already written stay usable."""
+    """`call()` (blocking Ray calls such as `TorchTrainer.fit` or PPO's loop) in a helper thread, so that Ctrl-C and
+    SIGTERM reach this process's own handlers at once, in the main thread, outside Ray. Ray Train installs its own
+    SIGINT handler when `fit` runs in the main thread (it aborts the run but ends the process with exit 1 and no
+    word), and an exception raised by a signal handler inside Ray's blocking `wait` can end the process with exit
+    1 and no word too. The worker group or actors belong to this driver and end with it; the checkpoints already
+    written stay usable."""
+    import ray
+
+    if threading.current_thread() is not threading.main_thread() or (
+        ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    ):
+        return call()  # (signals reach only a driver's main thread: here there is none to hand over to)
     outcome: dict = {}
 
     def target() -> None:

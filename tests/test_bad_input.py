@@ -685,3 +685,29 @@ def test_the_table_is_broad():
     assert THROUGH_RAY
     commands = {" ".join(case.argv[:2]) if case.argv[0] in ("data", "config") else case.argv[0] for case in CASES}
     assert {"sft", "rm", "ppo", "pipeline", "eval", "data inspect", "config show"} <= commands
+
+
+@pytest.mark.component
+def test_a_damaged_sft_checkpoint_is_refused_before_ray_starts_and_nothing_is_written(tmp_path, monkeypatch, request):
+    """A run folder whose only checkpoint (registered with Ray Train) has a manifest that is not an object: SFT
+    names the checkpoint and the problem and refuses to start over, before Ray starts, touching nothing."""
+    model_dir = request.getfixturevalue("tiny_model_dir")
+    capsys = request.getfixturevalue("capsys")
+    route_transformers_logs_here(monkeypatch)
+    monkeypatch.setattr("rlhf_ray.ray_session.connect", _ray_must_not_start)
+    config_path = write_case_files(Case("damaged-checkpoint", ["sft"], []), tmp_path, model_dir, None)
+    checkpoints = tmp_path / "runs" / "tiny" / "sft" / "ray" / "sft"
+    damaged = checkpoints / "checkpoint_2026-01-01_00-00-00.000000"
+    damaged.mkdir(parents=True)
+    for rank in range(2):
+        (damaged / f"manifest_rank{rank}.json").write_text("[]")
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": damaged.name, "metrics": {"step": 2}}]}
+    (checkpoints / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    code = main(["sft", str(config_path), "resources.num_workers=2"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert f"skipping checkpoint {damaged}: manifest_rank0.json is not a JSON object" in out, out
+    assert f"no complete checkpoint under {checkpoints}" in err and "refusing to start over" in err, err
+    assert "Traceback" not in err and not STACK_FRAME.search(err), err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == before

@@ -17,12 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start_sft(tiny_model_dir: Path, out: Path, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "rlhf_ray.cli", "sft", "configs/tiny.yaml", f"model.name_or_path={tiny_model_dir}"]
-    command += [f"run.output_dir={out}", "sft.max_steps=400", "resources.num_workers=1"]
+    command = ["sft", "configs/tiny.yaml", f"model.name_or_path={tiny_model_dir}"]
+    return start([*command, f"run.output_dir={out}", "sft.max_steps=400", "resources.num_workers=1"], log)
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """`rlhf-ray ARGS` in its own process, output to `log`."""
     return subprocess.Popen(
-        command,
+        [sys.executable, "-m", "rlhf_ray.cli", *args],
         cwd=REPO,
-        stdout=log.open("w"),
+        stdout=log.open("a"),
         stderr=subprocess.STDOUT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's Ctrl-C would find it
     )
@@ -63,6 +67,55 @@ def test_ctrl_c_and_sigterm_stop_a_training_stage_in_seconds_and_the_rerun_resum
     assert code == 143 and seconds < 30, f"exit {code} after {seconds:.0f} s:\n{said[-2000:]}"
     assert "rlhf-ray: stopped by SIGTERM (ray job stop); its complete checkpoints are kept" in said
     assert not (out / "tiny" / "sft" / "model").exists()  # nothing was exported as finished
+
+
+def wait_for_file(pattern: str, folder: Path, process: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not list(folder.glob(pattern)):
+        assert process.poll() is None, f"the run ended before {pattern} existed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {pattern} under {folder} within {timeout_s} s"
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+def test_ctrl_c_and_sigterm_stop_ppo_in_seconds_and_resume_continues_from_its_checkpoint(
+    tiny_model_dir, tiny_reward_dir, tmp_path
+):
+    """The four actors and the vLLM engine stop with the driver; the kept checkpoint is what --resume starts from."""
+    out, log = tmp_path / "runs", tmp_path / "ppo.log"
+    args = ["ppo", "configs/tiny.yaml", f"ppo.policy_model={tiny_model_dir}", f"ppo.reward_model={tiny_reward_dir}"]
+    args += [f"run.output_dir={out}", "ppo.iterations=200", "ppo.checkpoint_every=1"]
+    run = start(args, log)
+    wait_for_file("iter_*/manifest.json", out / "tiny" / "ppo" / "checkpoints", run, log)
+    code, seconds = stop_with(run, signal.SIGINT)
+    said = log.read_text()
+    assert code == 130 and seconds < 30, f"exit {code} after {seconds:.0f} s:\n{said[-2000:]}"
+    assert "rlhf-ray: interrupted (Ctrl-C); its complete checkpoints are kept, and the same command with --resume" in (
+        said
+    )
+
+    again = start([*args, "--resume"], log)
+    wait_for(log, "[ppo] resumed from", again, timeout_s=300)
+    code, seconds = stop_with(again, signal.SIGTERM)
+    said = log.read_text()
+    assert code == 143 and seconds < 30, f"exit {code} after {seconds:.0f} s:\n{said[-2000:]}"
+    assert "rlhf-ray: stopped by SIGTERM (ray job stop); its complete checkpoints are kept" in said
+    assert not (out / "tiny" / "ppo" / "model").exists()  # nothing was exported as finished
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_eval_policy_in_seconds_and_marks_nothing_finished(tiny_model_dir, tiny_reward_dir, tmp_path):
+    out, log = tmp_path / "runs", tmp_path / "eval.log"
+    args = ["eval", "policy", "configs/tiny.yaml", f"run.output_dir={out}", "--policy", str(tiny_model_dir)]
+    args += ["--reward-model", str(tiny_reward_dir)]
+    run = start(args, log)
+    wait_for(log, "[eval policy] Ray:", run, timeout_s=120)  # its actors and vLLM engine are starting
+    time.sleep(2)
+    code, seconds = stop_with(run, signal.SIGINT)
+    said = log.read_text()
+    assert code == 130 and seconds < 30, f"exit {code} after {seconds:.0f} s:\n{said[-2000:]}"
+    assert "rlhf-ray: interrupted (Ctrl-C)" in said
+    assert not list(out.rglob("eval.json")), "an interrupted eval wrote its result as finished"
 
 
 @pytest.mark.unit

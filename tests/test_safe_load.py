@@ -1,6 +1,7 @@
 """Resume never unpickles code: a real DeepSpeed checkpoint loads through the weights-only reader, and a
 pickle planted in it (one that runs a shell command) is refused without running, while DeepSpeed's own
-loader, on the same folder, runs it."""
+loader, on the same folder, runs it. On the same small engines: a step whose gradients are not finite
+changes nothing."""
 
 from __future__ import annotations
 
@@ -80,3 +81,45 @@ def test_weights_only_load_reads_tensors_and_refuses_code(tmp_path):
     with pytest.raises(UnsafeCheckpoint, match="bad.pt: refused to load"):
         weights_only_load(tmp_path / "bad.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_finite_loss_with_nonfinite_gradients_leaves_weights_and_optimizer_state_unchanged(zero_stage):
+    """The SFT/RM step: a loss that is finite while a gradient is NaN (as an overflow in backward gives) applies no
+    update on either DeepSpeed path (stage 0's plain optimizer, which the worker checks itself, and ZeRO's), and the
+    next good step applies as usual."""
+    from rlhf_ray.train.worker import step_unless_nonfinite
+
+    engine = small_engine(zero_stage)
+    assert step_unless_nonfinite_after(engine, poison=False, step=step_unless_nonfinite)
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    moments = {k: v.clone() for k, v in adam_state(engine).items()}
+    assert not step_unless_nonfinite_after(engine, poison=True, step=step_unless_nonfinite)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, trained))
+    assert all(torch.equal(moments[k], v) for k, v in adam_state(engine).items())
+    assert step_unless_nonfinite_after(engine, poison=False, step=step_unless_nonfinite)
+    assert not all(torch.equal(a, p.detach()) for a, p in zip(before, trained))
+    assert all(bool(torch.isfinite(p).all()) for p in trained)
+
+
+def step_unless_nonfinite_after(engine, poison: bool, step) -> bool:
+    """One micro-batch with a finite loss; with `poison`, its backward yields a NaN gradient."""
+    out = engine(torch.ones(2, 8))
+    if poison:
+        out.register_hook(lambda grad: grad * float("nan"))  # NaN flows into every gradient
+    loss = out.sum()
+    assert bool(torch.isfinite(loss))
+    engine.backward(loss)
+    return step(engine)
+
+
+def adam_state(engine) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizer state, keyed by parameter and name (ZeRO keeps it in flat partitions)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {
+        f"{i}.{name}": value
+        for i, state in enumerate(optimizer.state.values())
+        for name, value in state.items()
+        if torch.is_tensor(value)
+    }

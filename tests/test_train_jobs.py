@@ -255,7 +255,8 @@ def test_nan_losses_stop_the_job_after_k_steps_in_a_row_and_nothing_is_exported(
     err = capfd.readouterr().err
     assert code == 1
     assert (
-        "rlhf-ray: run stopped: sft: the loss was not finite (NaN/inf) in 3 optimizer steps in a row, up to step 3 "
+        "rlhf-ray: run stopped: sft: the loss or the gradients were not finite (NaN/inf) in 3 optimizer steps in a "
+        "row, up to step 3 "
         "(sft.max_nonfinite_in_a_row=3); nothing was exported" in err
     )
     out = tmp_path / "nan" / "sft"

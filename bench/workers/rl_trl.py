@@ -66,7 +66,8 @@ def common_args(spec: dict, folder: str) -> dict:
         output_dir=folder,
         learning_rate=spec["lr"],
         lr_scheduler_type="constant",
-        bf16=False,
+        bf16=spec.get("bf16", False),  # autocast over fp32 weights
+        use_cpu=spec.get("bf16", False),  # (transformers' bf16 on CPU needs use_cpu)
         gradient_checkpointing=False,
         logging_steps=1,
         save_strategy="no",

@@ -87,6 +87,10 @@ class RoleKeepsDying(RuntimeError):
     pass
 
 
+class CrewStopped(RuntimeError):
+    """A call was lost because the run stopped its actors (Ctrl-C, SIGTERM): nothing is re-created."""
+
+
 class ActorCallTimeout(TimeoutError):
     pass
 
@@ -127,6 +131,7 @@ class ActorCrew:
         self.pids: dict[str, int] = {}
         self.restarts = {name: 0 for name in self.specs}
         self.on_restart: Callable[[str, Any], None] | None = None
+        self.stopped = False  # set by stop(): a role that dies after it is not re-created
         try:
             for spec in specs:
                 self.handles[spec.name] = self._create(spec)
@@ -193,6 +198,8 @@ class ActorCrew:
     def _create_again(self, role: str, phase: str, cause: str) -> None:
         import ray
 
+        if self.stopped:
+            raise CrewStopped(f"{role} was stopped with the run")
         self.restarts[role] += 1
         if self.restarts[role] > self.max_restarts:
             raise RoleKeepsDying(
@@ -258,6 +265,7 @@ class ActorCrew:
     def stop(self) -> None:
         import ray
 
+        self.stopped = True
         for handle in self.handles.values():
             try:
                 ray.kill(handle, no_restart=True)

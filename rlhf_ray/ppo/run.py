@@ -27,7 +27,7 @@ from rlhf_ray.models.checks import check_role, check_tokenizer
 from rlhf_ray.models.export import is_exported, mark_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
-from rlhf_ray.ppo.crew import RoleLost
+from rlhf_ray.ppo.crew import ActorCrew, RoleLost
 from rlhf_ray.ppo.driver import GeneratorWeights, finite_only, ppo_step
 from rlhf_ray.ppo.launch import ModelPaths, actor_specs, function_name, launch_actors, role_requests
 from rlhf_ray.ppo.prompts import load_prompt_set
@@ -200,13 +200,20 @@ def run_ppo(config: Config, resume: bool = False, *, on_iteration=None) -> PPORe
     ray_session.require_fits("ppo", role_requests(config))
     ray_session.require_shared_folder(out)
     save_config(config, out)
-    crew = launch_actors(config, specs)
-    try:
-        loop = PPOLoop(config, crew, prompts, tokenizer, out, identity, on_iteration)
+    crews: list[ActorCrew] = []
+
+    def start_and_train() -> tuple[dict, dict]:
+        crews.append(launch_actors(config, specs))
+        loop = PPOLoop(config, crews[0], prompts, tokenizer, out, identity, on_iteration)
         state, metrics = loop.run(checkpoint)
         loop.export_final(paths)
+        return state, metrics
+
+    try:
+        state, metrics = ray_session.run_interruptibly(start_and_train)
     finally:
-        crew.stop()
+        for crew in crews:
+            crew.stop()
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo", PLOTTED)
     print(
         f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True

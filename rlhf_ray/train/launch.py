@@ -107,16 +107,20 @@ def run_stage(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rlhf_ray.train.worker import STOPPED, train_fn_per_worker
+    from rlhf_ray.train.worker import STOPPED, train_fn_per_worker, usable_checkpoint
 
     stage_config = getattr(config, stage)
     out = (config.run.path / stage).resolve()
     require_writable(out)
     # Every input is read and checked before anything is written or Ray starts.
+    checkpoints = out / "ray" / stage  # RunConfig's storage_path / name
+    resume_from = usable_checkpoint(checkpoints, registered_any(checkpoints), config.resources.num_workers, rank=0)
     model_path, tokenizer_path = stage_model_paths(config, base_model)
     tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
     train, held_out, summary = prepare_rows(config, stage, tokenizer)
     print(f"[{stage}] data: {summary}", flush=True)
+    if resume_from is not None:
+        print(f"[{stage}] resuming from {resume_from}", flush=True)
     ds = deepspeed_config(config, stage_config, config.resources.num_workers)
     if not config.resources.use_gpu:
         chosen = resolve_precision(config.model.precision).why
@@ -132,7 +136,7 @@ def run_stage(
         "stage": stage,
         "deepspeed": ds,
         "output_dir": str(out),
-        "checkpoints": str(out / "ray" / stage),  # RunConfig's storage_path / name
+        "checkpoints": str(checkpoints),
         "model_path": str(model_path),
         "tokenizer_path": str(tokenizer_path),
         "pad_id": tokenizer.pad_token_id,
@@ -174,6 +178,18 @@ def run_stage(
             flush=True,
         )
     return StageResult(out, out / "model", dict(result.metrics or {}))
+
+
+def registered_any(checkpoints: Path) -> bool:
+    """Whether Ray Train's snapshot in a stage's checkpoint folder lists a checkpoint (it then hands the workers one,
+    and a run with none complete refuses to start over). An unreadable snapshot counts as listing one."""
+    snapshot = checkpoints / "checkpoint_manager_snapshot.json"  # Ray Train's file name
+    if not snapshot.is_file():
+        return False
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results", True))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def worker_requests(stage: str, resources: ResourcesConfig) -> list[Request]:

@@ -68,6 +68,30 @@ def all_ranks_finite(loss: torch.Tensor) -> bool:
     return all_ranks_true(bool(torch.isfinite(loss.detach()).all()))
 
 
+def gradients_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
+def step_unless_nonfinite(engine) -> bool:
+    """`engine.step()`; False when it reached an accumulation boundary and skipped the update for NaN/inf gradients
+    (weights, optimizer state and learning-rate schedule unchanged; the gradients cleared).
+
+    DeepSpeed's ZeRO and fp16/bf16 optimizers detect such a step and skip it themselves; its plain path (ZeRO stage
+    0 without DeepSpeed's own fp16/bf16) would apply it, so there the reduced gradients are checked first, on every
+    worker, and the update is replaced by clearing them (the engine's step and micro-batch counters still advance)."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    plain = not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+    if boundary and plain and not all_ranks_true(gradients_finite(engine.module)):
+        engine._take_model_step = lambda *args, **kwargs: engine.zero_grad()  # this one call only
+        try:
+            engine.step()
+        finally:
+            del engine._take_model_step
+        return False
+    engine.step()
+    return not boundary or engine.was_step_applied()
+
+
 def zero_gradient_loss(model: torch.nn.Module) -> torch.Tensor:
     """A loss of 0 whose gradient is exactly 0 for every trainable parameter: what a skipped micro-batch
     backpropagates, so the engine's accumulation and its gradient reduction across workers go on unchanged."""
@@ -235,7 +259,7 @@ class WorkerJob:
                 )
         self.train_sums: dict[str, float] = {}
         self.eval_sums: dict[str, float] = {}
-        self.nonfinite_steps = 0  # optimizer steps with a micro-batch whose loss was not finite (this process)
+        self.nonfinite_steps = 0  # optimizer steps with a NaN/inf loss in a micro-batch or NaN/inf gradients
         self.nonfinite_in_a_row = 0
         self.since = time.perf_counter()  # start of the current logging interval (excludes eval and checkpoints)
 
@@ -323,7 +347,8 @@ class WorkerJob:
                 else:  # NaN/inf: this micro-batch adds no gradient
                     loss, step_skipped_a_micro_batch = zero_gradient_loss(self.engine.module), True
                 self.engine.backward(loss)
-                self.engine.step()
+                if not step_unless_nonfinite(self.engine):  # finite loss, non-finite gradient: no update
+                    step_skipped_a_micro_batch = True
                 position.micro_in_epoch += 1
                 if position.micro_in_epoch % self.stage.grad_accum:
                     continue
@@ -343,15 +368,16 @@ class WorkerJob:
         bar.close()
 
     def _count_nonfinite(self, skipped: bool) -> None:
-        """Count a step that skipped a micro-batch for NaN/inf; stop after `max_nonfinite_in_a_row` in a row."""
+        """Count a step that skipped a micro-batch or its update for NaN/inf; stop after `max_nonfinite_in_a_row` in
+        a row."""
         self.nonfinite_steps += skipped
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         limit = self.stage.max_nonfinite_in_a_row
         if self.nonfinite_in_a_row >= limit:
             self.stopped = (
-                f"{self.task.name}: the loss was not finite (NaN/inf) in {limit} optimizer steps in a row, up to step "
-                f"{self.position.step} ({self.task.name}.max_nonfinite_in_a_row={limit}); nothing was exported. "
-                f"Lower {self.task.name}.lr, check the data and the model's weights"
+                f"{self.task.name}: the loss or the gradients were not finite (NaN/inf) in {limit} optimizer steps "
+                f"in a row, up to step {self.position.step} ({self.task.name}.max_nonfinite_in_a_row={limit}); "
+                f"nothing was exported. Lower {self.task.name}.lr, check the data and the model's weights"
             )
 
     def _log_untrained_eval(self) -> None:
