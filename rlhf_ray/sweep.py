@@ -271,7 +271,7 @@ def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
     print(f"[sweep] Ray: {ray_session.connect(config.resources)}", flush=True)
     ray_session.require_shared_folder(config.run.path.resolve())
     save_config(config, config.run.path.resolve())
-    results = build_tuner(config, resume).fit()
+    results = ray_session.run_interruptibly(build_tuner(config, resume).fit)
     table, best, png = write_results(config, results)
     print(f"[sweep] results {table}\n[sweep] best config {best}\n[sweep] plot {png}", flush=True)
     return table, best, png

@@ -1,4 +1,5 @@
-"""`rlhf-ray sweep`: Ray Tune PPO trials over 2 KL coefficients x 2 learning rates, interrupted and restored."""
+"""`rlhf-ray sweep`: Ray Tune PPO trials over 2 KL coefficients x 2 learning rates, interrupted (Ctrl-C) and
+restored."""
 
 import csv
 import json
@@ -60,7 +61,8 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
     ]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     experiment = tmp_path / "sw" / "sweep"
-    sweep = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sweep.log"
+    sweep = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 600
     while not finished_trials(experiment):
         assert sweep.poll() is None, "the sweep ended before it could be interrupted"
@@ -68,8 +70,14 @@ def test_sweep_interrupted_then_restored(ray_local, tmp_path, tiny_model_dir, ti
         time.sleep(1)
     first = [run_folder(tmp_path, trial) for trial in finished_trials(experiment)]
     written = {folder: written_at(folder) for folder in first}
-    os.kill(sweep.pid, signal.SIGKILL)
-    sweep.wait()
+    began = time.monotonic()
+    sweep.send_signal(signal.SIGINT)  # Ctrl-C: the trials' actors end with the driver
+    sweep.wait(timeout=60)
+    said = log.read_text()
+    assert sweep.returncode == 130 and time.monotonic() - began < 30, said[-2000:]
+    assert "rlhf-ray: interrupted (Ctrl-C); its complete checkpoints are kept, and the same command with --resume" in (
+        said
+    )
     assert not (tmp_path / "sw" / "sweep_results.csv").exists()
     marker = tmp_path / "the-pickle-ran"
     (experiment / "tuner.pkl").write_bytes(pickle.dumps(RunsAShellCommand(f"touch {marker}")))  # Tune.restore runs it
