@@ -45,7 +45,7 @@ quality: setup
 	test -f $(QUALITY_JUDGE)/export.json || $(VENV)/bin/rlhf-ray rm configs/hh-rlhf.yaml run.name=hh-rlhf-judge data.train_part=b rm.max_steps=120
 	$(VENV)/bin/rlhf-ray pipeline configs/hh-rlhf.yaml "eval.extra_reward_models=[$(QUALITY_JUDGE)]"
 
-# Benchmarks vs TRL and this machine's matmul ceiling (not tests; see bench/README.md). About 130 minutes
+# Benchmarks vs TRL and this machine's matmul ceiling (not tests; see bench/README.md). About 180 minutes
 # on 2 quiet cores; `make bench BENCH_ARGS=--quick` is a smoke run of a few minutes.
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)

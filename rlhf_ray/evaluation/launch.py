@@ -143,6 +143,14 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
     print(f"[eval rm] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     require_each_fits("eval rm", config, ("reward",))
     results = {"data": pair_set.description, "models": {}}
+    ray_session.run_interruptibly(lambda: _score_pairs_with_each(config, folders, pair_set, tokenizer, results))
+    rm_eval.write_results(results, out)
+    print(f"[eval rm] done: {out / 'eval.json'}, {out / 'report.md'}", flush=True)
+    return results
+
+
+def _score_pairs_with_each(config: Config, folders: list[Path], pair_set, tokenizer, results: dict) -> None:
+    """Each reward model in its own actor, one after the other; its summary into `results["models"]`."""
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
         scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
             str(folder),
@@ -168,9 +176,6 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
             f"{overall['longer_chosen']:.3f})",
             flush=True,
         )
-    rm_eval.write_results(results, out)
-    print(f"[eval rm] done: {out / 'eval.json'}, {out / 'report.md'}", flush=True)
-    return results
 
 
 def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> dict:
@@ -190,15 +195,20 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
     print(f"[eval policy] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     require_each_fits("eval policy", config, ("generator", "reference", "reward"))
     names = display_names([str(f) for f in folders], request.names)
-    policies = [
-        _sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
-        for folder, name in zip(folders, names)
-    ]
-    _kl_to_first(config, folders, policies, prompt_ids, tokenizer)
-    suffix = end_of_turn_suffix(tokenizer)
     reward_names = display_names([str(f) for f in reward_folders], [])
-    for rm_name, rm_folder in zip(reward_names, reward_folders):
-        _score(config, rm_folder, rm_name, policies, prompt_ids, tokenizer, suffix)
+
+    def sample_and_score() -> list:
+        policies = [
+            _sample(config, folder, name, prompt_ids, request.samples_per_prompt, tokenizer)
+            for folder, name in zip(folders, names)
+        ]
+        _kl_to_first(config, folders, policies, prompt_ids, tokenizer)
+        suffix = end_of_turn_suffix(tokenizer)
+        for rm_name, rm_folder in zip(reward_names, reward_folders):
+            _score(config, rm_folder, rm_name, policies, prompt_ids, tokenizer, suffix)
+        return policies
+
+    policies = ray_session.run_interruptibly(sample_and_score)
     sampling = {
         "temperature": config.ppo.temperature,
         "top_p": config.ppo.top_p,
