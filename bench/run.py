@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for suite in (s for s in args.suites if s != "ceiling"):
             result = run_suite(ctx, suite)
             # the precisions the suite measured (the peaks its MFU rows divide by)
-            for dtype in result.get("dtypes", [result.get("dtype", "float32")]):
+            for dtype in result.get("dtypes", ["float32"]):
                 if "settings" in result and ctx.peak.get(dtype):
                     result["settings"][f"MFU peak ({PRECISION[dtype]})"] = (
                         f"{ctx.peak[dtype] / 1e9:.1f} GFLOP/s, from the ceiling measured at the start of this "

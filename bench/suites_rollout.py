@@ -115,7 +115,7 @@ def rollout(ctx: Context, dtype: str = "float32") -> dict:
     targets = [target(name, row(rows, f"tps_{b64}")["advantage"]["transformers"], 2.0)]
     return {
         "suite": suite,
-        "dtype": dtype,
+        "dtypes": [dtype],
         "settings": settings,
         "systems": names,
         "runs": [r.to_dict() for r in runs],

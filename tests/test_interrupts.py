@@ -33,10 +33,15 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_for(log: Path, text: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    wait_until(lambda: text in log.read_text(), repr(text), process, log, timeout_s)
+
+
+def wait_until(done, what: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll `done()` until it holds; fail if the run ends first or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
-    while text not in log.read_text():
-        assert process.poll() is None, f"the run ended before {text!r}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {text!r} within {timeout_s} s"
+    while not done():
+        assert process.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.5)
 
 
@@ -69,14 +74,6 @@ def test_ctrl_c_and_sigterm_stop_a_training_stage_in_seconds_and_the_rerun_resum
     assert not (out / "tiny" / "sft" / "model").exists()  # nothing was exported as finished
 
 
-def wait_for_file(pattern: str, folder: Path, process: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not list(folder.glob(pattern)):
-        assert process.poll() is None, f"the run ended before {pattern} existed:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {pattern} under {folder} within {timeout_s} s"
-        time.sleep(0.5)
-
-
 @pytest.mark.ray
 def test_ctrl_c_and_sigterm_stop_ppo_in_seconds_and_resume_continues_from_its_checkpoint(
     tiny_model_dir, tiny_reward_dir, tmp_path
@@ -86,7 +83,8 @@ def test_ctrl_c_and_sigterm_stop_ppo_in_seconds_and_resume_continues_from_its_ch
     args = ["ppo", "configs/tiny.yaml", f"ppo.policy_model={tiny_model_dir}", f"ppo.reward_model={tiny_reward_dir}"]
     args += [f"run.output_dir={out}", "ppo.iterations=200", "ppo.checkpoint_every=1"]
     run = start(args, log)
-    wait_for_file("iter_*/manifest.json", out / "tiny" / "ppo" / "checkpoints", run, log)
+    checkpoints = out / "tiny" / "ppo" / "checkpoints"
+    wait_until(lambda: any(checkpoints.glob("iter_*/manifest.json")), "a complete checkpoint", run, log, 300)
     code, seconds = stop_with(run, signal.SIGINT)
     said = log.read_text()
     assert code == 130 and seconds < 30, f"exit {code} after {seconds:.0f} s:\n{said[-2000:]}"

@@ -91,27 +91,29 @@ def test_a_finite_loss_with_nonfinite_gradients_leaves_weights_and_optimizer_sta
     from rlhf_ray.train.worker import step_unless_nonfinite
 
     engine = small_engine(zero_stage)
-    assert step_unless_nonfinite_after(engine, poison=False, step=step_unless_nonfinite)
+    backward_of_a_finite_loss(engine, nan_gradient=False)
+    assert step_unless_nonfinite(engine)
     trained = [p for p in engine.module.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
     moments = {k: v.clone() for k, v in adam_state(engine).items()}
-    assert not step_unless_nonfinite_after(engine, poison=True, step=step_unless_nonfinite)
+    backward_of_a_finite_loss(engine, nan_gradient=True)
+    assert not step_unless_nonfinite(engine)
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, trained))
     assert all(torch.equal(moments[k], v) for k, v in adam_state(engine).items())
-    assert step_unless_nonfinite_after(engine, poison=False, step=step_unless_nonfinite)
+    backward_of_a_finite_loss(engine, nan_gradient=False)
+    assert step_unless_nonfinite(engine)
     assert not all(torch.equal(a, p.detach()) for a, p in zip(before, trained))
     assert all(bool(torch.isfinite(p).all()) for p in trained)
 
 
-def step_unless_nonfinite_after(engine, poison: bool, step) -> bool:
-    """One micro-batch with a finite loss; with `poison`, its backward yields a NaN gradient."""
+def backward_of_a_finite_loss(engine, nan_gradient: bool) -> None:
+    """One micro-batch's backward with a finite loss; with `nan_gradient`, every gradient it yields is NaN."""
     out = engine(torch.ones(2, 8))
-    if poison:
-        out.register_hook(lambda grad: grad * float("nan"))  # NaN flows into every gradient
+    if nan_gradient:
+        out.register_hook(lambda grad: grad * float("nan"))
     loss = out.sum()
     assert bool(torch.isfinite(loss))
     engine.backward(loss)
-    return step(engine)
 
 
 def adam_state(engine) -> dict[str, torch.Tensor]:
