@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from rlhf_ray.checkpoints import CheckpointError, sha256_of
 from rlhf_ray.config import load_config
 from rlhf_ray.models.export import is_exported
-from rlhf_ray.train.launch import prepare_rows, run_stage
+from rlhf_ray.train.launch import prepare_rows, registered_any, run_stage
 from tests.faults import FailOnce, KillOnce, plant_pickle
 
 pytestmark = pytest.mark.ray
@@ -193,6 +193,7 @@ def test_resume_and_worker_failure_give_the_same_weights(ray_local, tmp_path, ti
 
     checkpoints = checkpoint_dirs()
     assert len(checkpoints) == 2
+    assert registered_any(straight.output_dir / "ray" / "sft")  # the driver's early check reads Ray Train's snapshot
     damaged = checkpoints[-1]
     shard = max((p for p in damaged.rglob("*.pt")), key=lambda p: p.stat().st_size)
     data = bytearray(shard.read_bytes())
