@@ -142,15 +142,16 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
     print(f"[eval rm] data: {pair_set.description}", flush=True)
     print(f"[eval rm] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     require_each_fits("eval rm", config, ("reward",))
-    results = {"data": pair_set.description, "models": {}}
-    ray_session.run_interruptibly(lambda: _score_pairs_with_each(config, folders, pair_set, tokenizer, results))
+    models_scored = ray_session.run_interruptibly(lambda: _score_pairs_with_each(config, folders, pair_set, tokenizer))
+    results = {"data": pair_set.description, "models": models_scored}
     rm_eval.write_results(results, out)
     print(f"[eval rm] done: {out / 'eval.json'}, {out / 'report.md'}", flush=True)
     return results
 
 
-def _score_pairs_with_each(config: Config, folders: list[Path], pair_set, tokenizer, results: dict) -> None:
-    """Each reward model in its own actor, one after the other; its summary into `results["models"]`."""
+def _score_pairs_with_each(config: Config, folders: list[Path], pair_set, tokenizer) -> dict:
+    """Each reward model in its own actor, one after the other: {display name: its path and summary}."""
+    scored = {}
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
         scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
             str(folder),
@@ -168,14 +169,15 @@ def _score_pairs_with_each(config: Config, folders: list[Path], pair_set, tokeni
             )
         finally:
             _stop(scorer)
-        results["models"][name] = {"path": str(folder), **rm_eval.summarise(pair_set.pairs, margins)}
-        overall = results["models"][name]["overall"]
+        scored[name] = {"path": str(folder), **rm_eval.summarise(pair_set.pairs, margins)}
+        overall = scored[name]["overall"]
         print(
             f"[eval rm] {name}: accuracy {overall['accuracy']:.3f} over {overall['pairs']} pairs, mean margin "
             f"{overall['mean_margin']:.3f}, ECE {overall['calibration_error']:.3f} (longer chosen: "
             f"{overall['longer_chosen']:.3f})",
             flush=True,
         )
+    return scored
 
 
 def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> dict:
