@@ -11,11 +11,12 @@ from rlhf_ray.checkpoints import CheckpointError
 from rlhf_ray.formats.names import FORMATS
 from rlhf_ray.formats.rows import DataError
 from rlhf_ray.ray_session import ClusterUnreachable, FolderNotShared, exit_on_sigterm
+from rlhf_ray.storage import StoreUnreachable
 from rlhf_ray.typed_yaml import ConfigError
 
 # Shown as one line without a traceback. The OSErrors are paths in the config that cannot be used
 # (run.output_dir under a file, a folder without write permission, or not shared by every node of the
-# cluster), or a Ray address where nothing answers.
+# cluster), an object store that cannot be reached, or a Ray address where nothing answers.
 # (ValueError covers the resource requests no node can hold: placement.ResourcesUnavailable.)
 USER_ERRORS = (
     ConfigError,
@@ -29,6 +30,7 @@ USER_ERRORS = (
     PermissionError,
     ClusterUnreachable,
     FolderNotShared,
+    StoreUnreachable,
 )
 
 

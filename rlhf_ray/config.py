@@ -10,12 +10,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rlhf_ray import typed_yaml
 from rlhf_ray.algo.choices import GROUP_ESTIMATORS, AdvantageEstimator, KLEstimator, LossAggregationMode
 from rlhf_ray.formats.names import FORMATS_OF_KIND, Format
+from rlhf_ray.storage import RunStore, is_uri, local_copy_path
 from rlhf_ray.typed_yaml import ConfigError, yaml11_float
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -540,7 +542,15 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     name: str = Field("rlhf-run", description="run folder name under output_dir; rerun with the same name to resume")
-    output_dir: str = Field("runs", description="local folder or shared storage path for every stage's outputs")
+    output_dir: str = Field(
+        "runs",
+        description="every stage's outputs: a local folder, a folder every node mounts, or an object-store URI "
+        "(s3://bucket/prefix, gs://bucket/prefix; see docs/cluster.md)",
+    )
+    local_copy_dir: str = Field(
+        "/tmp/rlhf-ray-runs",
+        description="with a URI run.output_dir: where each node keeps its working copy of the run folder",
+    )
     seed: int = Field(0, description="seed of model initialisation, sampling and data order")
 
     @field_validator("name")
@@ -550,9 +560,26 @@ class RunConfig(Section):
             raise ValueError(f"name must be a non-empty folder name, got {name!r}")
         return name
 
+    @field_validator("output_dir")
+    @classmethod
+    def _folder_or_uri(cls, output_dir: str) -> str:
+        if is_uri(output_dir) and not urlsplit(output_dir).scheme.isidentifier():
+            raise ValueError(f"{output_dir!r} is neither a folder nor a URI such as s3://bucket/prefix")
+        return output_dir
+
     @property
     def path(self) -> Path:
+        """The run folder; with a URI output_dir, this node's working copy of it."""
+        if is_uri(self.output_dir):
+            return local_copy_path(self.output_dir, self.name, self.local_copy_dir)
         return Path(self.output_dir) / self.name
+
+    @property
+    def store(self) -> RunStore | None:
+        """The object store holding the run, when output_dir is a URI."""
+        if not is_uri(self.output_dir):
+            return None
+        return RunStore(self.output_dir, self.name, str(self.path))
 
 
 class Config(Section):

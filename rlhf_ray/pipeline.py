@@ -26,6 +26,8 @@ def run_pipeline(config: Config) -> dict[str, Path]:
     then PPO from the SFT policy against that reward model. A finished stage is skipped; an
     interrupted PPO stage resumes from its newest complete checkpoint."""
     run_dir = config.run.path.resolve()
+    if config.run.store is not None:  # the stages finished so far
+        config.run.store.fetch("pipeline")
     pending = [stage for stage in STAGES if not is_exported(run_dir / stage / "model")]
     check_inputs(config, pending[1:])  # the first pending stage checks its own inputs before it starts
     times_file = run_dir / "pipeline_seconds.json"
@@ -45,6 +47,8 @@ def run_pipeline(config: Config) -> dict[str, Path]:
         seconds[stage] = round(time.perf_counter() - began, 1)
         times_file.parent.mkdir(parents=True, exist_ok=True)
         times_file.write_text(json.dumps(seconds, indent=2) + "\n")
+        if config.run.store is not None:
+            config.run.store.push_paths(times_file)
     if config.eval.enabled:
         if (run_dir / EVAL_RESULTS).is_file():
             print(f"[pipeline] eval: finished output exists at {run_dir / EVAL_RESULTS}; skipping", flush=True)
@@ -53,6 +57,8 @@ def run_pipeline(config: Config) -> dict[str, Path]:
             run_eval_stage(config)
             seconds["eval"] = round(time.perf_counter() - began, 1)
             times_file.write_text(json.dumps(seconds, indent=2) + "\n")
+            if config.run.store is not None:
+                config.run.store.push_paths(times_file)
     print(summary_table(run_dir, seconds), flush=True)
     return {stage: run_dir / stage / "model" for stage in STAGES}
 

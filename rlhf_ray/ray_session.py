@@ -7,12 +7,13 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from rlhf_ray.config import ResourcesConfig
+from rlhf_ray.config import ResourcesConfig, RunConfig
 from rlhf_ray.placement import Node, Request, ResourcesUnavailable, first_unplaceable
+from rlhf_ray.storage import RunStore
 
 DEFAULT_DASHBOARD_PORT = 8265
 T = TypeVar("T")
@@ -165,28 +166,17 @@ def require_shared_folder(folder: Path, setting: str = "run.output_dir") -> None
     writes into `folder` (checkpoints, metrics and exports are written by whichever node holds the writer).
     One task per other alive node, pinned to it, reads the marker back."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
-    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
-    if not others:
+    if not any(n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id() for n in ray.nodes()):
         return
     existing = next(p for p in (folder, *folder.parents) if p.exists())  # a folder to be made lies on its mount
     marker = existing / f".shared-check-{uuid.uuid4().hex}"
     marker.write_text(marker.name)
     try:
-        read = ray.remote(num_cpus=0)(_read_marker)
-        seen = ray.get(
-            [
-                read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-                    str(marker)
-                )
-                for n in others
-            ]
-        )
+        seen = _on_each_other_node(_read_marker, str(marker))
     finally:
         marker.unlink(missing_ok=True)
-    for node, text in zip(others, seen):
+    for node, text in seen:
         if text != marker.name:
             raise FolderNotShared(
                 f"{setting} {folder} is not shared: node {node['NodeManagerAddress']} "
@@ -194,3 +184,62 @@ def require_shared_folder(folder: Path, setting: str = "run.output_dir") -> None
                 "mounts at the same path (checkpoints, metrics and exports are written from the nodes that hold "
                 "the workers and actors)"
             )
+
+
+def _on_each_other_node(function, *args) -> list[tuple[dict, object]]:
+    """`function(*args)` in one task pinned to each alive node but this driver's: [(node, result)]."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    task = ray.remote(num_cpus=0)(function)
+    pinned = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
+        for n in others
+    ]
+    return list(zip(others, ray.get(pinned)))
+
+
+def require_store_on_every_node(store: RunStore, inputs: Sequence[Path]) -> None:
+    """With run.output_dir an object-store URI: check that every node reaches the store (a marker this driver
+    writes is read back on each other node), then bring every node's working copy of `inputs` (those inside
+    the run folder) up to date, so actors read them locally wherever they start."""
+    marker = store.check()
+    try:
+        for node, text in _on_each_other_node(_read_store_marker, store, marker):
+            if text != marker:
+                raise FolderNotShared(
+                    f"run.output_dir {store.shown}: node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) "
+                    "cannot read a file this driver wrote to the store; give every node the store's credentials "
+                    "and network access"
+                )
+    finally:
+        store.delete(marker)
+    pull_on_every_node(store, inputs)
+
+
+def pull_on_every_node(store: RunStore, inputs: Sequence[Path]) -> None:
+    """Every alive node's working copy of `inputs` (those inside the run folder) brought up to date."""
+    inside = [str(path) for path in inputs if store.relative(path) is not None]
+    if inside:
+        store.pull_paths(*inside)
+        _on_each_other_node(_pull, store, inside)
+
+
+def _read_store_marker(store: RunStore, name: str) -> str | None:
+    return store.read_marker(name)
+
+
+def _pull(store: RunStore, paths: list[str]) -> int:
+    return store.pull_paths(*paths)
+
+
+def require_shared_output(run: RunConfig, folder: Path, inputs: Sequence[Path] = ()) -> None:
+    """Before a stage starts on a cluster: every node must reach the run's outputs, a shared folder or the
+    object store of a URI `run.output_dir` (then every node's working copy of `inputs` is brought up to date:
+    the model folders and checkpoints the stage's actors read)."""
+    if run.store is None:
+        require_shared_folder(folder)
+    else:
+        require_store_on_every_node(run.store, inputs)

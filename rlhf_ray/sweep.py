@@ -47,7 +47,9 @@ def with_absolute_paths(config: Config) -> Config:
         module, _, function = (source["function"] or "").rpartition(":")
         if module.endswith(".py"):
             source["function"] = f"{pin(module)}:{function}"
-    data["run"]["output_dir"] = str(Path(data["run"]["output_dir"]).resolve())
+    if config.run.store is None:
+        data["run"]["output_dir"] = str(Path(data["run"]["output_dir"]).resolve())
+    data["run"]["local_copy_dir"] = str(Path(data["run"]["local_copy_dir"]).expanduser().resolve())
     return config_from_dict(data)
 
 
@@ -79,6 +81,8 @@ def run_trial(params: dict) -> None:
         params["base"], spec["kl_coef"], spec["lr"], f"{params['base']['run']['name']}-{spec['name']}"
     )
     out = config.run.path.resolve() / "ppo"
+    if config.run.store is not None:  # the trial's run so far (an interrupted sweep's checkpoints, its result)
+        config.run.store.fetch("sweep")
     reported = []
 
     def report(iteration: int, metrics: dict, saved: Path | None) -> None:
@@ -180,8 +184,17 @@ def build_tuner(config: Config, resume: bool):
             scheduler=scheduler,
             max_concurrent_trials=sweep.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(storage)),
+        run_config=tune.RunConfig(name="sweep", **tune_storage(config)),
     )
+
+
+def tune_storage(config: Config) -> dict:
+    """Ray Tune's storage: the run folder, in the object store when run.output_dir is a URI."""
+    store = config.run.store
+    if store is None:
+        return {"storage_path": str(config.run.path.resolve())}
+    fs, root = store.filesystem()
+    return {"storage_path": root, "storage_filesystem": fs}
 
 
 def write_results(config: Config, results) -> tuple[Path, Path, Path]:
@@ -229,7 +242,10 @@ def write_results(config: Config, results) -> tuple[Path, Path, Path]:
         kl_coef, lr = chosen.config["trial"]["kl_coef"], chosen.config["trial"]["lr"]
     best_config = trial_config(to_dict(config), kl_coef, lr, f"{config.run.name}-best")
     best_path = save_config(best_config, out, "best_config.yaml")
-    return table, best_path, _plot(rows, out / "sweep.png")
+    png = _plot(rows, out / "sweep.png")
+    if config.run.store is not None:
+        config.run.store.push_paths(table, best_path, png)
+    return table, best_path, png
 
 
 def _plot(rows: list[dict], png: Path) -> Path:
@@ -268,9 +284,13 @@ def run_sweep(config: Config, resume: bool = False) -> tuple[Path, Path, Path]:
         )
     config = with_absolute_paths(config)
     require_writable(config.run.path)
+    if config.run.store is not None:  # an interrupted sweep to resume
+        config.run.store.fetch("sweep")
     print(f"[sweep] Ray: {ray_session.connect(config.resources)}", flush=True)
-    ray_session.require_shared_folder(config.run.path.resolve())
+    ray_session.require_shared_output(config.run, config.run.path.resolve())
     save_config(config, config.run.path.resolve())
+    if config.run.store is not None:
+        config.run.store.push_paths(config.run.path / "config.yaml")
     results = ray_session.run_interruptibly(build_tuner(config, resume).fit)
     table, best, png = write_results(config, results)
     print(f"[sweep] results {table}\n[sweep] best config {best}\n[sweep] plot {png}", flush=True)

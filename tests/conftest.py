@@ -67,6 +67,15 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """host:port of a real S3 server on 127.0.0.1 (tests/s3_server.py), one for the session."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs, like the CI machine)."""
     import ray

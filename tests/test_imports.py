@@ -45,6 +45,7 @@ LAYERS = [
         "rlhf_ray.run_log",
         "rlhf_ray.dashboard_metrics",
         "rlhf_ray.placement",
+        "rlhf_ray.storage",
     },
     {"rlhf_ray.config", "rlhf_ray.tokenization", "rlhf_ray.roles", "rlhf_ray.rewards"},
     {"rlhf_ray.models", "rlhf_ray.ray_session", "rlhf_ray.config_reference"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -205,3 +206,65 @@ def test_an_output_folder_that_a_node_does_not_share_is_refused_before_the_stage
     assert re.search(re.escape(said) + r"\S+ \(\w{8}\) does not see a file this driver wrote there", run.stderr)
     assert "Traceback" not in run.stderr
     assert list(private.iterdir()) == []  # no output folder, no marker left behind
+
+
+def test_a_run_kept_in_an_object_store_with_its_writers_on_a_node_that_shares_no_disk(
+    cluster, tmp_path, tiny_model_dir, tiny_reward_dir, s3_endpoint
+):
+    """run.output_dir is an s3:// URI of a real S3 server on 127.0.0.1. The SFT worker runs on a node whose working
+    copy (run.local_copy_dir) no other node sees: its checkpoints, metrics and model reach the store from there.
+    That node goes; the PPO learner runs on a new one, as private and empty: it reads the SFT model from the
+    store and sends its checkpoints and export; then, with the driver's working copy deleted, PPO resumes from
+    the store alone."""
+    from tests.s3_server import bucket_uri, stored_files
+
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    command = [sys.executable, "-m", "rlhf_ray.cli"]
+    common = [f"run.output_dir={bucket_uri(s3_endpoint, 'cluster')}", f"run.local_copy_dir={copies}"]
+    common += ["run.name=stored", f"model.name_or_path={tiny_model_dir}", f"resources.address={cluster.address}"]
+    sft = ["resources.num_workers=1", "deepspeed.zero_stage=0", "resources.role_resources.train_worker={store_node: 1}"]
+    roles = {"generator": GENERATOR_NODE, "learner": {"store_node": 1}, "reference": ON_TRAIN_NODE}
+    ppo = [
+        f"resources.role_resources.{role}={json.dumps(needs)}"
+        for role, needs in {**roles, "reward": ON_TRAIN_NODE}.items()
+    ]
+    ppo += [f"ppo.reward_model={tiny_reward_dir}", "lora.r=8", "lora.alpha=16", "ppo.checkpoint_every=1"]
+    ppo += ["resources.actor_num_cpus=0.4", "ppo.sample_every=0"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*command, *args], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    cluster.add_node("sft-copies", 1, {"store_node": 1}, private_dir=copies)
+    try:
+        run("sft", "configs/tiny.yaml", *common, *sft)
+    finally:
+        cluster.remove_node("sft-copies")
+    stored = set(stored_files(s3_endpoint, "cluster/runs/stored"))
+    assert {"sft/model/export.json", "sft/model/model.safetensors", "sft/metrics.jsonl"} <= stored, sorted(stored)
+    assert any(k.startswith("sft/ray/sft/checkpoint_") and k.endswith("/manifest_rank0.json") for k in stored)
+    shutil.rmtree(copies / "s3")  # the driver's working copy: from here on the run is only in the store
+
+    cluster.add_node("ppo-copies", 1, {"store_node": 1}, private_dir=copies)
+    try:
+        said = run("ppo", "configs/tiny.yaml", *common, *ppo, "ppo.iterations=2")
+        (places,) = nodes_of(said)
+        assert cluster.name_of(places["policy-learner"]) == "ppo-copies", places
+        assert f"policy {copies}/s3/cluster/runs/stored/sft/model" in said  # the SFT model, fetched from the store
+        stored = set(stored_files(s3_endpoint, "cluster/runs/stored/ppo"))
+        finished = {"model/export.json", "model/model.safetensors", "adapter/adapter_model.safetensors"}
+        assert {"checkpoints/iter_000002/manifest.json", *finished} <= stored, sorted(stored)
+
+        shutil.rmtree(copies / "s3")  # the driver's working copy again (the learner's node keeps its own)
+        said = run("ppo", "configs/tiny.yaml", *common, *ppo, "ppo.iterations=3", "--resume")
+        assert "resumed from" in said and "(iteration 2)" in said, said[-3000:]
+        metrics = copies / "s3" / "cluster" / "runs" / "stored" / "ppo" / "metrics.jsonl"
+        assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+        stored = stored_files(s3_endpoint, "cluster/runs/stored/ppo")
+        kept = {k.split("/")[1] for k in stored if k.startswith("checkpoints/")}
+        assert kept == {"iter_000002", "iter_000003"}  # the pruned one is gone from the store too
+        assert stored["metrics.jsonl"] == metrics.stat().st_size
+    finally:
+        cluster.remove_node("ppo-copies")

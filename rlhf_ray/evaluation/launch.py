@@ -52,6 +52,8 @@ class RunModels:
 
 def run_models(config: Config) -> RunModels:
     """The models a run's stages made (or its config names), as `eval` uses them by default."""
+    if config.run.store is not None:
+        config.run.store.fetch("eval")
     paths = resolve_model_paths(config)
     if paths.reward is None:
         raise ValueError(
@@ -82,6 +84,19 @@ def run_start_vs_ppo(
 
 def default_eval_dir(config: Config, kind: str) -> Path:
     return (config.run.path / "eval" / kind).resolve()
+
+
+def share_run_models(config: Config, folders: list[Path]) -> None:
+    """With an object-store run folder: every node's working copy of the run's models among `folders` up to
+    date, wherever an eval actor starts."""
+    if config.run.store is not None:
+        ray_session.pull_on_every_node(config.run.store, folders)
+
+
+def send_outputs(config: Config, out: Path) -> None:
+    """With an object-store run folder: eval outputs inside the run folder go to the store."""
+    if config.run.store is not None:
+        config.run.store.push_paths(out)
 
 
 def require_each_fits(stage: str, config: Config, roles: tuple[str, ...]) -> None:
@@ -142,9 +157,11 @@ def run_eval_rm(config: Config, models: list[str], data: str, fmt: str, split: s
     print(f"[eval rm] data: {pair_set.description}", flush=True)
     print(f"[eval rm] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     require_each_fits("eval rm", config, ("reward",))
+    share_run_models(config, folders)
     models_scored = ray_session.run_interruptibly(lambda: _score_pairs_with_each(config, folders, pair_set, tokenizer))
     results = {"data": pair_set.description, "models": models_scored}
     rm_eval.write_results(results, out)
+    send_outputs(config, out)
     print(f"[eval rm] done: {out / 'eval.json'}, {out / 'report.md'}", flush=True)
     return results
 
@@ -196,6 +213,7 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
     print(f"[eval policy] prompts: {prompt_set.summary}; {len(prompt_ids)} evaluated", flush=True)
     print(f"[eval policy] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     require_each_fits("eval policy", config, ("generator", "reference", "reward"))
+    share_run_models(config, folders + reward_folders)
     names = display_names([str(f) for f in folders], request.names)
     reward_names = display_names([str(f) for f in reward_folders], [])
 
@@ -225,6 +243,7 @@ def run_eval_policy(config: Config, request: PolicyEvalRequest, out: Path) -> di
         "policies": policy_eval.summarise(policies),
     }
     policy_eval.write_results(results, prompt_texts, policies, out)
+    send_outputs(config, out)
     for line in policy_eval.summary_table(results):
         print(f"[eval policy] {line}", flush=True)
     print(f"[eval policy] done: {out / 'report.md'}, samples in {out / 'samples.html'}", flush=True)

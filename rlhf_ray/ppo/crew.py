@@ -131,6 +131,7 @@ class ActorCrew:
         self.pids: dict[str, int] = {}
         self.restarts = {name: 0 for name in self.specs}
         self.on_restart: Callable[[str, Any], None] | None = None
+        self.before_create: Callable[[], None] | None = None  # runs before an actor is created again
         self.stopped = False  # set by stop(): a role that dies after it is not re-created
         try:
             for spec in specs:
@@ -219,6 +220,8 @@ class ActorCrew:
         )
         if role in self.requests:  # its node may be gone, and with it the only place it could run
             require_fits(f"ppo: {role} died during {phase} ({cause}) and cannot be re-created", [self.requests[role]])
+        if self.before_create is not None:
+            self.before_create()
         self.handles[role] = self._create(self.specs[role])
 
     def run(self, phase: str, calls: list[Call]) -> list:

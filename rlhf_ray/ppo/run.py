@@ -27,7 +27,7 @@ from rlhf_ray.models.checks import check_role, check_tokenizer
 from rlhf_ray.models.export import is_exported, mark_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
-from rlhf_ray.ppo.crew import ActorCrew, RoleLost
+from rlhf_ray.ppo.crew import ActorCrew, Call, RoleLost
 from rlhf_ray.ppo.driver import GeneratorWeights, finite_only, ppo_step
 from rlhf_ray.ppo.launch import ModelPaths, actor_specs, function_name, launch_actors, role_requests
 from rlhf_ray.ppo.prompts import load_prompt_set
@@ -35,9 +35,11 @@ from rlhf_ray.ppo.rollouts import OverlappedRollouts, PromptBatch, SyncRollouts
 from rlhf_ray.rewards.function import load_function
 from rlhf_ray.roles import LEARNER, LearnerRole
 from rlhf_ray.run_log import MetricsLog, plot_curves, trim_jsonl
+from rlhf_ray.storage import RunStore
 from rlhf_ray.wire import SamplingSpec
 
 DRIVER_STATE = "driver_state.json"  # iteration, KL coefficient, samples seen, counters
+DRIVER_LOGS = ("metrics.jsonl", "samples.jsonl", "tensorboard")  # what the driver writes beside the checkpoints
 CHECKPOINTS_KEPT = 2
 EXTRA_ROUND_SEED = 7_919  # dynamic sampling's round r draws prompts and sampling seeds from seed + this * r
 PLOTTED = [
@@ -179,6 +181,9 @@ def run_ppo(config: Config, resume: bool = False, *, on_iteration=None) -> PPORe
     is None when none was written)."""
     out = (config.run.path / "ppo").resolve()
     require_writable(out)
+    store = config.run.store
+    if store is not None:  # the run so far (the SFT and RM models, checkpoints to resume)
+        store.fetch("ppo")
     paths = resolve_model_paths(config)
     tokenizer = load_tokenizer(paths.policy, config.model.trust_remote_code)
     prompts = load_prompt_set(config, tokenizer)
@@ -198,12 +203,17 @@ def run_ppo(config: Config, resume: bool = False, *, on_iteration=None) -> PPORe
     specs = actor_specs(config, paths, tokenizer, max_model_len)
     print(f"[ppo] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     ray_session.require_fits("ppo", role_requests(config))
-    ray_session.require_shared_folder(out)
+    inputs = [path for path in (paths.policy, paths.reward, out / "checkpoints") if path is not None]
+    ray_session.require_shared_output(config.run, out, inputs)
     save_config(config, out)
+    if store is not None:
+        store.push_paths(out / "config.yaml")
     crews: list[ActorCrew] = []
 
     def start_and_train() -> tuple[dict, dict]:
         crews.append(launch_actors(config, specs))
+        if store is not None:  # an actor re-created on another node reads its models and checkpoints there
+            crews[0].before_create = lambda: ray_session.pull_on_every_node(store, inputs)
         loop = PPOLoop(config, crews[0], prompts, tokenizer, out, identity, on_iteration)
         state, metrics = loop.run(checkpoint)
         loop.export_final(paths)
@@ -215,6 +225,8 @@ def run_ppo(config: Config, resume: bool = False, *, on_iteration=None) -> PPORe
         for crew in crews:
             crew.stop()
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: ppo", PLOTTED)
+    if store is not None:
+        store.push_paths(*(out / name for name in DRIVER_LOGS), *([png] if png else []))
     print(
         f"[ppo] done: model {out / 'model'}, adapter {out / 'adapter'}" + (f", curves {png}" if png else ""), flush=True
     )
@@ -242,6 +254,7 @@ class PPOLoop:
             if config.ppo.overlap_generation
             else SyncRollouts(crew)
         )
+        self.store = config.run.store
         self.last_checkpoint: Path | None = None
         self.log = None
         self.state: dict = {}
@@ -385,12 +398,30 @@ class PPOLoop:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         self.crew.call("checkpoint", LEARNER, LearnerRole.save, str(staging))
+        self._from_learner("checkpoint", staging)
         (staging / DRIVER_STATE).write_text(json.dumps(self.state, indent=2) + "\n")
         write_manifest(staging, {"iteration": self.state["iteration"], **self.identity})
         commit(staging, target)
         prune(folder, "iter_*", CHECKPOINTS_KEPT)
+        if self.store is not None:  # the new checkpoint (manifest last), pruned ones deleted, the logs so far
+            self.store.push(self.store.relative(folder), delete_missing=True)
+            self.store.delete(self.store.relative(staging))
+            self._in_learner("checkpoint", _drop_local, str(staging))  # (the learner's node may be another)
+            self.store.push_paths(*(self.out / name for name in DRIVER_LOGS))
         self.last_checkpoint = target
         return target
+
+    def _in_learner(self, phase: str, function, *args) -> None:
+        """With an object-store run folder: `function(store, *args)` in the learner's process, on its node."""
+        if self.store is not None:
+            self.crew.run(phase, [Call(LEARNER, "__ray_call__", (function, self.store, *args))])
+
+    def _from_learner(self, phase: str, written: Path) -> None:
+        """With an object-store run folder: the files the learner wrote to `written` on its node reach the store
+        and this driver's working copy (where a learner on this node left them already)."""
+        if self.store is not None:
+            self._in_learner(phase, _send_files, str(written), str(written))
+            self.store.pull_paths(written)
 
     def export_final(self, paths: ModelPaths) -> None:
         """The merged model and the adapter, each renamed into place; `export.json` in the model last."""
@@ -399,14 +430,20 @@ class PPOLoop:
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 self.crew.call("export", LEARNER, LearnerRole.export_merged, str(staging), str(paths.policy))
+                for name in ("model", "adapter"):  # (with an object-store run folder) into the store
+                    self._in_learner("export", _send_files, str(staging / name), str(self.out / name))
                 break
             except RoleLost as lost:  # the last iteration always checkpoints, so restoring loses nothing
                 print(f"[ppo] {lost}; restoring {self.last_checkpoint} to export", flush=True)
                 self.crew.call("restore", LEARNER, LearnerRole.load, str(self.last_checkpoint))
         for name in ("model", "adapter"):
-            shutil.rmtree(self.out / name, ignore_errors=True)
-            os.replace(staging / name, self.out / name)
+            if self.store is None or (staging / name).exists():  # (else the learner's node is another)
+                shutil.rmtree(self.out / name, ignore_errors=True)
+                os.replace(staging / name, self.out / name)
+            if self.store is not None:
+                self.store.pull_paths(self.out / name)
         shutil.rmtree(staging, ignore_errors=True)
+        self._in_learner("export", _drop_local, str(staging))
         summary = {
             "stage": "ppo",
             "lora": True,
@@ -416,3 +453,15 @@ class PPOLoop:
             "advantage_estimator": self.config.ppo.advantage_estimator,
         }
         mark_exported(self.out / "model", summary)
+        if self.store is not None:
+            self.store.push_paths(self.out / "model")
+
+
+def _send_files(_learner, store: RunStore, written: str, into: str) -> int:
+    """(In the learner's process.) `written` of this node's working copy to `into` in the store, replacing it."""
+    return store.send(store.relative(written), store.relative(into), delete_missing=True)
+
+
+def _drop_local(_learner, store: RunStore, folder: str) -> None:
+    """(In the learner's process.) A staging folder the driver has committed from the store, gone from this node."""
+    shutil.rmtree(folder, ignore_errors=True)

@@ -107,11 +107,14 @@ def run_stage(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rlhf_ray.train.worker import STOPPED, train_fn_per_worker, usable_checkpoint
+    from rlhf_ray.train.worker import METRICS, STOPPED, train_fn_per_worker, usable_checkpoint
 
     stage_config = getattr(config, stage)
     out = (config.run.path / stage).resolve()
     require_writable(out)
+    store = config.run.store
+    if store is not None:  # the run so far (checkpoints to resume, the models a stage starts from)
+        store.fetch(stage, stage)
     # Every input is read and checked before anything is written or Ray starts.
     checkpoints = out / "ray" / stage  # RunConfig's storage_path / name
     resume_from = usable_checkpoint(checkpoints, registered_any(checkpoints), config.resources.num_workers, rank=0)
@@ -127,9 +130,11 @@ def run_stage(
         print(f"[{stage}] precision on this node's CPU: {chosen} (each worker prints its own)", flush=True)
     print(f"[{stage}] Ray: {ray_session.connect(config.resources)}; outputs in {out}", flush=True)
     ray_session.require_fits(stage, worker_requests(stage, config.resources))
-    ray_session.require_shared_folder(out)
+    ray_session.require_shared_output(config.run, out)
     save_config(config, out)
     (out / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n")
+    if store is not None:
+        store.push_paths(out / "config.yaml", out / "deepspeed.json")
 
     loop_config = {
         "config": _as_dict(config),
@@ -156,18 +161,24 @@ def run_stage(
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(
             name=stage,
-            storage_path=str(out / "ray"),
+            **checkpoint_storage(config, out),
             checkpoint_config=CheckpointConfig(num_to_keep=stage_config.num_to_keep),
             failure_config=FailureConfig(max_failures=stage_config.max_failures),
         ),
     )
     stopped = out / STOPPED
     stopped.unlink(missing_ok=True)  # (a reason left by an earlier attempt of this run)
+    if store is not None:
+        store.delete(f"{stage}/{STOPPED}")
     result = ray_session.run_interruptibly(trainer.fit)
+    if store is not None:  # what rank 0 wrote on its node
+        store.pull_paths(*(out / name for name in (METRICS, "tensorboard", STOPPED, "model", "adapter")))
     if stopped.is_file():
         why = json.loads(stopped.read_text())
         raise (CheckpointError if why.get("kind") == "checkpoint" else NonFiniteTraining)(why["reason"])
     png = plot_curves(out / "metrics.jsonl", out / "curves.png", f"{config.run.name}: {stage}")
+    if store is not None and png:
+        store.push_paths(png)
     print(f"[{stage}] done: model {out / 'model'}" + (f", curves {png}" if png else ""), flush=True)
     evals = [row for row in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval_") for k in row)]
     if evals:
@@ -178,6 +189,17 @@ def run_stage(
             flush=True,
         )
     return StageResult(out, out / "model", dict(result.metrics or {}))
+
+
+def checkpoint_storage(config: Config, out: Path) -> dict:
+    """Ray Train's storage: `<stage folder>/ray`, in the object store when run.output_dir is a URI (every
+    worker persists its checkpoint shards there from its own node; workers read them back through their
+    working copies)."""
+    store = config.run.store
+    if store is None:
+        return {"storage_path": str(out / "ray")}
+    fs, root = store.filesystem()
+    return {"storage_path": f"{root}/{store.relative(out)}/ray", "storage_filesystem": fs}
 
 
 def registered_any(checkpoints: Path) -> bool:

@@ -214,6 +214,10 @@ class WorkerJob:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.train_rows, self.eval_rows = loop_config["data"]["train"], loop_config["data"]["eval"]
         self.pad_id = loop_config["pad_id"]
+        self.store = self.config.run.store
+        if self.store is not None:  # this node's working copy of what the worker reads (it may be a new node)
+            reads = ("model_path", "tokenizer_path", "checkpoints")
+            self.store.pull_paths(*(loop_config[key] for key in reads), Path(loop_config["output_dir"], METRICS))
 
         torch.manual_seed(self.config.run.seed)  # identical initial adapter / head on every rank
         model = self.task.build_model(self.config, loop_config["model_path"], self.pad_id)
@@ -271,6 +275,7 @@ class WorkerJob:
             position = restore_checkpoint(self.engine, self.rank, self.world, Path(self.loop_config["checkpoints"]))
         except CheckpointError as err:
             Path(output_dir, STOPPED).write_text(json.dumps({"reason": str(err), "kind": "checkpoint"}) + "\n")
+            self._send(STOPPED)
             position, self.stopped = Position(), str(err)
         if not all_ranks_true(self.stopped is None):
             self.stopped = self.stopped or "another worker refused the checkpoint"
@@ -319,6 +324,8 @@ class WorkerJob:
             position.epoch, position.micro_in_epoch = position.epoch + 1, 0
         if stage.checkpoint_every and position.step % stage.checkpoint_every == 0 or done:
             save_checkpoint(self.engine, position, {"step": position.step, **metrics}, self.rank)
+            if self.rank == 0:
+                self._send(METRICS)
         if not self.train_sums:  # a logging interval closed; the next starts after eval and checkpointing
             self.since = time.perf_counter()
         return metrics
@@ -407,9 +414,17 @@ class WorkerJob:
             stopped_file.write_text(json.dumps({"reason": self.stopped, "kind": "nonfinite"}) + "\n")
         if self.log is not None:
             self.log.close()
+        if self.rank == 0:
+            self._send(METRICS, "tensorboard", STOPPED, "model", "adapter")
+
+    def _send(self, *names: str) -> None:
+        """With an object-store run folder: these files or folders of the stage go to the store from this node."""
+        if self.store is not None:
+            self.store.push_paths(*(Path(self.loop_config["output_dir"], name) for name in names))
 
 
 PROGRESS_KEYS = ("loss", "tokens_per_s", "eval_loss", "eval_accuracy")
+METRICS = "metrics.jsonl"
 STOPPED = "stopped.json"  # why a stage stopped without exporting (NaN/inf, a refused checkpoint), for the driver
 
 
