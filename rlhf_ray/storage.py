@@ -1,11 +1,12 @@
 """`run.output_dir` as an object-store URI (`s3://bucket/prefix`, `gs://...`, anything pyarrow opens).
 
 Every node works in its own copy of the run folder, at the same local path on each node
-(`run.local_copy_dir`), and the store holds the run: a stage brings every node's copy up to date before
-its workers and actors start, and each writer sends what it completed (checkpoints, exports, metrics) to
-the store from the node it runs on. Copies go one file at a time, newer or different-size files only
-(a copied file takes its copy's time, so neither side looks newer afterwards); names that start with a
-dot (staging folders, markers) are neither listed nor sent.
+(`run.local_copy_dir`), and the store holds the run: a stage's driver fetches the run into its copy, each
+worker or actor's node fetches what it reads before it starts, and each writer sends what it completed
+(checkpoints, exports, metrics) to the store from the node it runs on. Copies go one file at a time,
+newer or different-size files only (a copied file takes its copy's time, so neither side looks newer
+afterwards; S3 keeps whole seconds, so a file sent twice within one second at the same size is fetched
+once); names that start with a dot (staging folders, markers) are neither listed nor sent.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class RunStore:
     def relative(self, path: str | Path) -> str | None:
         """`path` relative to the working copy, or None when it lies outside it."""
         try:
-            return Path(path).absolute().relative_to(self.local).as_posix()
+            inside = Path(path).absolute().relative_to(self.local).as_posix()
         except ValueError:
             return None
+        return "" if inside == "." else inside
 
     def fetch(self, label: str, stage: str | None = None) -> None:
         """This node's working copy of the run brought up to date, said on one line: everything but the Ray Train

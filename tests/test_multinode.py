@@ -215,7 +215,7 @@ def test_a_run_kept_in_an_object_store_with_its_writers_on_a_node_that_shares_no
     copy (run.local_copy_dir) no other node sees: its checkpoints, metrics and model reach the store from there.
     That node goes; the PPO learner runs on a new one, as private and empty: it reads the SFT model from the
     store and sends its checkpoints and export; then, with the driver's working copy deleted, PPO resumes from
-    the store alone."""
+    the store alone, and `eval policy` compares the run's start and PPO policies from the store."""
     from tests.s3_server import bucket_uri, stored_files
 
     copies = tmp_path / "copies"
@@ -266,5 +266,12 @@ def test_a_run_kept_in_an_object_store_with_its_writers_on_a_node_that_shares_no
         kept = {k.split("/")[1] for k in stored if k.startswith("checkpoints/")}
         assert kept == {"iter_000002", "iter_000003"}  # the pruned one is gone from the store too
         assert stored["metrics.jsonl"] == metrics.stat().st_size
+
+        # eval of the start and the PPO policy, its reference actor (the KL) on the private node
+        shutil.rmtree(copies / "s3")
+        on_private = 'resources.role_resources.reference={"store_node": 1}'
+        said = run("eval", "policy", "configs/tiny.yaml", *common, *ppo, on_private, "--split=all", "--limit=4")
+        assert "[eval policy] done" in said, said[-3000:]
+        assert {"eval.json", "report.md"} <= set(stored_files(s3_endpoint, "cluster/runs/stored/eval/policy"))
     finally:
         cluster.remove_node("ppo-copies")

@@ -2,6 +2,7 @@
 S3 server on 127.0.0.1. The stages writing into it from several nodes: tests/test_multinode.py."""
 
 import os
+import time
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_a_file_rewritten_at_the_same_size_goes_both_ways_and_a_folder_sent_with
     state.write_text('{"iteration": 1}')
     mine.push("ppo")
     theirs.pull("ppo")
+    time.sleep(1.1)  # (S3 keeps whole seconds)
     state.write_text('{"iteration": 2}')  # same size, written after the upload
     assert mine.push("ppo") == 1
     assert theirs.pull("ppo") == 1 and theirs.local_path("ppo/state.json").read_text() == '{"iteration": 2}'
@@ -81,3 +83,16 @@ def test_a_store_that_cannot_be_reached_stops_the_stage_in_one_line(tmp_path, ca
     assert "k:s@" not in err and "Traceback" not in err
     with pytest.raises(StoreUnreachable):
         store_at(closed, tmp_path).check()
+
+
+def test_a_stage_fetches_the_run_but_the_ray_train_checkpoints_of_other_stages(s3_endpoint, tmp_path, capsys):
+    uri = bucket_uri(s3_endpoint, "fetch")
+    mine, theirs = store_at(uri, tmp_path / "a"), store_at(uri, tmp_path / "b")
+    for relative in ("sft/model/model.safetensors", "sft/ray/sft/checkpoint_1/a.pt", "rm/ray/rm/checkpoint_1/b.pt"):
+        mine.local_path(relative).parent.mkdir(parents=True, exist_ok=True)
+        mine.local_path(relative).write_text(relative)
+    mine.push()
+    theirs.fetch("rm", "rm")
+    fetched = sorted(p.relative_to(theirs.local).as_posix() for p in theirs.local_path().rglob("*") if p.is_file())
+    assert fetched == ["rm/ray/rm/checkpoint_1/b.pt", "sft/model/model.safetensors"]
+    assert f"[rm] run folder s3://fetch/runs/r: 2 files fetched into {theirs.local}" in capsys.readouterr().out

@@ -21,8 +21,7 @@ from rlhf_ray.evaluation import policy_eval, rm_eval
 from rlhf_ray.models.export import is_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
-from rlhf_ray.placement import Request
-from rlhf_ray.ppo.launch import end_of_turn_suffix
+from rlhf_ray.ppo.launch import end_of_turn_suffix, role_options, role_request
 from rlhf_ray.ppo.prompts import load_prompt_set
 from rlhf_ray.ppo.run import resolve_model_paths
 from rlhf_ray.roles import GeneratorRole, ReferenceRole, RewardRole, remote_call
@@ -102,16 +101,15 @@ def send_outputs(config: Config, out: Path) -> None:
 def require_each_fits(stage: str, config: Config, roles: tuple[str, ...]) -> None:
     """The eval actors run one at a time: fail now, naming the actor, when no alive node can hold one of them."""
     for role in roles:
-        gpus = getattr(config.resources, f"{role}_num_gpus")
-        needs = {"CPU": config.resources.actor_num_cpus, "GPU": gpus}
-        request = Request(f"the eval {role} actor", needs, f"resources.actor_num_cpus, resources.{role}_num_gpus")
-        ray_session.require_fits(stage, [request])
+        ray_session.require_fits(stage, [role_request(config, role, f"the eval {role} actor")])
 
 
-def _actor(cls, config: Config, **options):
+def _actor(cls, config: Config, role: str):
+    """An eval actor of `role`, placed as the PPO actor of that role is (CPUs, GPUs, resources.role_resources)."""
     import ray
 
-    return ray.remote(cls).options(num_cpus=config.resources.actor_num_cpus, **options)
+    options = {k: v for k, v in role_options(config, role).items() if k != "namespace"}  # (unnamed actors)
+    return ray.remote(cls).options(**options)
 
 
 def _scores_from(scorer):
@@ -170,7 +168,7 @@ def _score_pairs_with_each(config: Config, folders: list[Path], pair_set, tokeni
     """Each reward model in its own actor, one after the other: {display name: its path and summary}."""
     scored = {}
     for name, folder in zip(display_names([str(f) for f in folders], []), folders):
-        scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
+        scorer = _actor(RewardModel, config, "reward").remote(
             str(folder),
             dtype=config.model.dtype,
             normalize=False,
@@ -272,7 +270,7 @@ def _sample(config: Config, folder: Path, name: str, prompt_ids: list[list[int]]
     spec = SamplingSpec(
         max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p, n=n, seed=config.run.seed
     )
-    generator = _actor(RolloutGenerator, config, num_gpus=config.resources.generator_num_gpus).remote(
+    generator = _actor(RolloutGenerator, config, "generator").remote(
         str(folder),
         max_lora_rank=config.lora.r,
         max_model_len=config.data.max_prompt_length + ppo.max_new_tokens,
@@ -305,7 +303,7 @@ def _logprobs(config: Config, folder: Path, policy, prompt_ids, tokenizer, desc:
     """(per sample) the response-token log-probs of `policy`'s samples under the model in `folder`."""
     import ray
 
-    model = _actor(ReferenceModel, config, num_gpus=config.resources.reference_num_gpus).remote(
+    model = _actor(ReferenceModel, config, "reference").remote(
         str(folder),
         config.model.dtype,
         config.ppo.temperature,
@@ -343,7 +341,7 @@ def _score(config: Config, folder: Path, name: str, policies: list, prompt_ids, 
     """Raw scores of every policy's samples under one reward model."""
     import ray
 
-    scorer = _actor(RewardModel, config, num_gpus=config.resources.reward_num_gpus).remote(
+    scorer = _actor(RewardModel, config, "reward").remote(
         str(folder),
         dtype=config.model.dtype,
         normalize=False,

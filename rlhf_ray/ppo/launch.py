@@ -166,15 +166,16 @@ def requests_by_actor(config: Config) -> dict[str, Request]:
     roles = [(f"{GENERATOR_PREFIX}{i}", "generator") for i in range(config.resources.generator_replicas)]
     roles += [(LEARNER, "learner"), (REFERENCE, "reference")]
     roles += [(REWARD, "reward")] if config.ppo.uses_reward_model else []
+    return {name: role_request(config, role, f"the {name} actor") for name, role in roles}
 
-    def request(name: str, role: str) -> Request:
-        options = role_options(config, role)
-        needs = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
-        settings = f"resources.actor_num_cpus, resources.{ROLE_GPUS[role]}"
-        settings += f", resources.role_resources.{role}" if options.get("resources") else ""
-        return Request(f"the {name} actor", needs, settings)
 
-    return {name: request(name, role) for name, role in roles}
+def role_request(config: Config, role: str, who: str) -> Request:
+    """What one actor of `role` asks of a node, and the settings that ask it."""
+    options = role_options(config, role)
+    needs = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
+    settings = f"resources.actor_num_cpus, resources.{ROLE_GPUS[role]}"
+    settings += f", resources.role_resources.{role}" if options.get("resources") else ""
+    return Request(who, needs, settings)
 
 
 def launch_actors(config: Config, specs: list[RoleSpec]) -> ActorCrew:

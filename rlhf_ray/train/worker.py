@@ -325,7 +325,7 @@ class WorkerJob:
         if stage.checkpoint_every and position.step % stage.checkpoint_every == 0 or done:
             save_checkpoint(self.engine, position, {"step": position.step, **metrics}, self.rank)
             if self.rank == 0:
-                self._send(METRICS)
+                self._send(METRICS, "tensorboard")
         if not self.train_sums:  # a logging interval closed; the next starts after eval and checkpointing
             self.since = time.perf_counter()
         return metrics
