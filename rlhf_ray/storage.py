@@ -119,13 +119,13 @@ class RunStore:
         return sum(self.send(relative, relative, delete_missing) for relative in relatives or ("",))
 
     def send(self, relative: str, remote_relative: str, delete_missing: bool = False) -> int:
-        """Send the working copy's `relative` file or folder to `remote_relative` in the store; manifests go
-        last, so a folder whose manifest is in the store is complete there."""
+        """Send the working copy's `relative` file or folder to `remote_relative` in the store; the files that
+        mark a folder complete go last, so a folder whose marker is in the store is complete there."""
         fs, root = self.filesystem()
         remote = _remote_files(fs, _join(root, remote_relative))
         local = _local_files(self.local_path(relative))
         copied = 0
-        for key, path in sorted(local.items(), key=lambda item: (Path(item[0]).name.startswith("manifest"), item[0])):
+        for key, path in sorted(local.items(), key=lambda item: (_marks_completion(item[0]), item[0])):
             stat = path.stat()
             size, mtime = remote.get(key, (-1, 0.0))
             if size != stat.st_size or stat.st_mtime > mtime:
@@ -198,6 +198,13 @@ def _local_files(source: Path) -> dict[str, Path]:
         for p in source.rglob("*")
         if p.is_file() and not _hidden(p.relative_to(source).as_posix())
     }
+
+
+def _marks_completion(key: str) -> bool:
+    """A checkpoint's manifest (checkpoints.py, and each rank's in Ray Train checkpoints) or a finished export's
+    `export.json` (models/export.py): present only once the rest of its folder is."""
+    name = key.rpartition("/")[2]
+    return name == "export.json" or (name.startswith("manifest") and name.endswith(".json"))
 
 
 def _hidden(key: str) -> bool:

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from rlhf_ray import storage
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.storage import RunStore, StoreUnreachable
 from tests.s3_server import bucket_uri, stored_files
@@ -96,3 +97,19 @@ def test_a_stage_fetches_the_run_but_the_ray_train_checkpoints_of_other_stages(s
     fetched = sorted(p.relative_to(theirs.local).as_posix() for p in theirs.local_path().rglob("*") if p.is_file())
     assert fetched == ["rm/ray/rm/checkpoint_1/b.pt", "sft/model/model.safetensors"]
     assert f"[rm] run folder s3://fetch/runs/r: 2 files fetched into {theirs.local}" in capsys.readouterr().out
+
+
+def test_the_file_that_marks_a_folder_complete_reaches_the_store_last(s3_endpoint, tmp_path):
+    store = store_at(bucket_uri(s3_endpoint, "order"), tmp_path)
+    model = store.local_path("sft/model")
+    model.mkdir(parents=True)
+    for name in ("config.json", "export.json", "model.safetensors", "tokenizer.json"):
+        (model / name).write_text(name)
+    sent = []
+    store_upload = storage._upload
+    try:
+        storage._upload = lambda fs, source, target: (sent.append(source.name), store_upload(fs, source, target))
+        store.push("sft/model")
+    finally:
+        storage._upload = store_upload
+    assert sent[-1] == "export.json" and len(sent) == 4

@@ -410,6 +410,8 @@ class WorkerJob:
                 self.engine, self.task, self.config, self.loop_config, self.rank, self.eval_sums
             )
         stopped_file = Path(self.loop_config["output_dir"], STOPPED)
+        if self.store is not None and self.rank == 0:  # a reason another worker wrote on its node
+            self.store.pull_paths(stopped_file)
         if self.stopped is not None and self.rank == 0 and not stopped_file.exists():
             stopped_file.write_text(json.dumps({"reason": self.stopped, "kind": "nonfinite"}) + "\n")
         if self.log is not None:
@@ -418,9 +420,11 @@ class WorkerJob:
             self._send(METRICS, "tensorboard", STOPPED, "model", "adapter")
 
     def _send(self, *names: str) -> None:
-        """With an object-store run folder: these files or folders of the stage go to the store from this node."""
+        """With an object-store run folder: these files or folders of the stage go to the store from this node,
+        replacing what the store held under those names."""
         if self.store is not None:
-            self.store.push_paths(*(Path(self.loop_config["output_dir"], name) for name in names))
+            out = Path(self.loop_config["output_dir"])
+            self.store.push(*(self.store.relative(out / name) for name in names), delete_missing=True)
 
 
 PROGRESS_KEYS = ("loss", "tokens_per_s", "eval_loss", "eval_accuracy")
