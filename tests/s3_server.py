@@ -1,10 +1,14 @@
-"""A real S3 server on 127.0.0.1 for tests (moto's server, in a thread of the test process), and the
-`run.output_dir` URI of a bucket in it: credentials and endpoint travel in the URI, so every Ray node
-and driver process reaches it without environment set-up."""
+"""A real S3 server on 127.0.0.1 for tests (moto's server, in a process of its own: its web framework stays
+out of the test process, where vLLM's in-process engine walks every loaded module), and the
+`run.output_dir` URI of a bucket in it: credentials and endpoint travel in the URI, so every Ray node and
+driver process reaches it without environment set-up."""
 
 from __future__ import annotations
 
-import logging
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,18 +16,27 @@ ACCESS = "test"  # moto takes any key
 
 
 @contextmanager
-def s3_server() -> Iterator[str]:
-    """Yields the server's host:port."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+def s3_server(timeout_s: float = 60.0) -> Iterator[str]:
+    """Yields the server's host:port once it accepts connections."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        yield f"{host}:{port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def filesystem(endpoint: str):

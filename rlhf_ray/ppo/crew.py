@@ -257,6 +257,11 @@ class ActorCrew:
                 deadline = time.monotonic() + self.timeout_s
         return results
 
+    def run_inside(self, phase: str, role: str, function: Callable[..., Any], *args):
+        """`function(actor, *args)` in the process of the actor of `role` (on its node), a call like any other:
+        its deadline, and the actor's death handled as above."""
+        return self.run(phase, [Call(role, "__ray_call__", (function, *args))])[0]
+
     def call(self, phase: str, role: str, method: Callable[..., Any] | str, *args):
         """One call's result; `method` is a roles.py Protocol method (or a plain name, for tests' own actors)."""
         call = Call(role, method, args) if isinstance(method, str) else Call.to(role, method, *args)

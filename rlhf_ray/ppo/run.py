@@ -27,7 +27,7 @@ from rlhf_ray.models.checks import check_role, check_tokenizer
 from rlhf_ray.models.export import is_exported, mark_exported
 from rlhf_ray.models.loading import load_tokenizer, require_safetensors
 from rlhf_ray.models.provision import resolve_model
-from rlhf_ray.ppo.crew import ActorCrew, Call, RoleLost
+from rlhf_ray.ppo.crew import ActorCrew, RoleLost
 from rlhf_ray.ppo.driver import GeneratorWeights, finite_only, ppo_step
 from rlhf_ray.ppo.launch import ModelPaths, actor_specs, function_name, launch_actors, role_requests
 from rlhf_ray.ppo.prompts import load_prompt_set
@@ -414,7 +414,7 @@ class PPOLoop:
     def _in_learner(self, phase: str, function, *args) -> None:
         """With an object-store run folder: `function(store, *args)` in the learner's process, on its node."""
         if self.store is not None:
-            self.crew.run(phase, [Call(LEARNER, "__ray_call__", (function, self.store, *args))])
+            self.crew.run_inside(phase, LEARNER, function, self.store, *args)
 
     def _from_learner(self, phase: str, written: Path) -> None:
         """With an object-store run folder: the files the learner wrote to `written` on its node reach the store
