@@ -45,10 +45,7 @@ def run_pipeline(config: Config) -> dict[str, Path]:
         began = time.perf_counter()
         start_stage[stage]()
         seconds[stage] = round(time.perf_counter() - began, 1)
-        times_file.parent.mkdir(parents=True, exist_ok=True)
-        times_file.write_text(json.dumps(seconds, indent=2) + "\n")
-        if config.run.store is not None:
-            config.run.store.push_paths(times_file)
+        save_seconds(config, times_file, seconds)
     if config.eval.enabled:
         if (run_dir / EVAL_RESULTS).is_file():
             print(f"[pipeline] eval: finished output exists at {run_dir / EVAL_RESULTS}; skipping", flush=True)
@@ -56,11 +53,17 @@ def run_pipeline(config: Config) -> dict[str, Path]:
             began = time.perf_counter()
             run_eval_stage(config)
             seconds["eval"] = round(time.perf_counter() - began, 1)
-            times_file.write_text(json.dumps(seconds, indent=2) + "\n")
-            if config.run.store is not None:
-                config.run.store.push_paths(times_file)
+            save_seconds(config, times_file, seconds)
     print(summary_table(run_dir, seconds), flush=True)
     return {stage: run_dir / stage / "model" for stage in STAGES}
+
+
+def save_seconds(config: Config, times_file: Path, seconds: dict) -> None:
+    """Each stage's wall time, kept in the run folder (and in its store) for the summary of a later rerun."""
+    times_file.parent.mkdir(parents=True, exist_ok=True)
+    times_file.write_text(json.dumps(seconds, indent=2) + "\n")
+    if config.run.store is not None:
+        config.run.store.push_paths(times_file)
 
 
 def run_eval_stage(config: Config) -> dict:

@@ -168,6 +168,15 @@ class RunStore:
             fs.delete_dir(info.path)
 
 
+def ray_storage(store: RunStore | None, folder: Path) -> dict:
+    """Ray Train's or Ray Tune's storage for `folder` of the run: the folder itself, or, with an object-store
+    run folder, its place in the store (every worker then persists its checkpoints there from its own node)."""
+    if store is None:
+        return {"storage_path": str(folder)}
+    fs, root = store.filesystem()
+    return {"storage_path": _join(root, store.relative(folder)), "storage_filesystem": fs}
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p)
 

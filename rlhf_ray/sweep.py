@@ -26,6 +26,7 @@ from rlhf_ray.models.export import is_exported
 from rlhf_ray.ppo.launch import role_requests
 from rlhf_ray.ppo.run import run_ppo
 from rlhf_ray.run_log import read_metrics
+from rlhf_ray.storage import ray_storage
 from rlhf_ray.typed_yaml import to_dict
 
 
@@ -184,17 +185,8 @@ def build_tuner(config: Config, resume: bool):
             scheduler=scheduler,
             max_concurrent_trials=sweep.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name="sweep", **tune_storage(config)),
+        run_config=tune.RunConfig(name="sweep", **ray_storage(config.run.store, storage)),
     )
-
-
-def tune_storage(config: Config) -> dict:
-    """Ray Tune's storage: the run folder, in the object store when run.output_dir is a URI."""
-    store = config.run.store
-    if store is None:
-        return {"storage_path": str(config.run.path.resolve())}
-    fs, root = store.filesystem()
-    return {"storage_path": root, "storage_filesystem": fs}
 
 
 def write_results(config: Config, results) -> tuple[Path, Path, Path]:

@@ -19,6 +19,7 @@ from rlhf_ray.models.precision import resolve_precision
 from rlhf_ray.models.provision import resolve_model
 from rlhf_ray.placement import Request
 from rlhf_ray.run_log import plot_curves, read_metrics
+from rlhf_ray.storage import ray_storage
 from rlhf_ray.tokenization import LengthReport
 from rlhf_ray.train import batches
 from rlhf_ray.typed_yaml import to_dict
@@ -161,7 +162,7 @@ def run_stage(
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(
             name=stage,
-            **checkpoint_storage(config, out),
+            **ray_storage(config.run.store, out / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=stage_config.num_to_keep),
             failure_config=FailureConfig(max_failures=stage_config.max_failures),
         ),
@@ -189,17 +190,6 @@ def run_stage(
             flush=True,
         )
     return StageResult(out, out / "model", dict(result.metrics or {}))
-
-
-def checkpoint_storage(config: Config, out: Path) -> dict:
-    """Ray Train's storage: `<stage folder>/ray`, in the object store when run.output_dir is a URI (every
-    worker persists its checkpoint shards there from its own node; workers read them back through their
-    working copies)."""
-    store = config.run.store
-    if store is None:
-        return {"storage_path": str(out / "ray")}
-    fs, root = store.filesystem()
-    return {"storage_path": f"{root}/{store.relative(out)}/ray", "storage_filesystem": fs}
 
 
 def registered_any(checkpoints: Path) -> bool:
