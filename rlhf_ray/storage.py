@@ -69,12 +69,18 @@ class RunStore:
         return Path(self.local, relative) if relative else Path(self.local)
 
     def relative(self, path: str | Path) -> str | None:
-        """`path` relative to the working copy, or None when it lies outside it."""
-        try:
-            inside = Path(path).absolute().relative_to(self.local).as_posix()
-        except ValueError:
-            return None
-        return "" if inside == "." else inside
+        """`path` relative to the working copy, or None when it lies outside it. A path with symbolic links
+        resolved (the working copy under a linked folder such as macOS's /tmp) counts as inside too."""
+        for candidate, base in (
+            (Path(path).absolute(), Path(self.local)),
+            (Path(path).resolve(), Path(self.local).resolve()),
+        ):
+            try:
+                inside = candidate.relative_to(base).as_posix()
+            except ValueError:
+                continue
+            return "" if inside == "." else inside
+        return None
 
     def fetch(self, label: str, stage: str | None = None) -> None:
         """This node's working copy of the run brought up to date, said on one line: everything but the Ray Train

@@ -113,3 +113,14 @@ def test_the_file_that_marks_a_folder_complete_reaches_the_store_last(s3_endpoin
     finally:
         storage._upload = store_upload
     assert sent[-1] == "export.json" and len(sent) == 4
+
+
+def test_ray_storage_finds_a_stage_folder_through_a_linked_working_copy(s3_endpoint, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    store = RunStore(bucket_uri(s3_endpoint, "linked"), "r", str(tmp_path / "linked" / "r"))
+    resolved_stage = (tmp_path / "linked" / "r" / "sft").resolve()  # the form train/launch.py passes
+    assert store.relative(resolved_stage / "ray") == "sft/ray"
+    assert store.relative(tmp_path / "linked" / "r" / "sft") == "sft"
+    assert store.relative(tmp_path / "elsewhere") is None
+    assert storage.ray_storage(store, resolved_stage / "ray")["storage_path"] == "linked/runs/r/sft/ray"
